@@ -1,0 +1,3303 @@
+# SPDX-License-Identifier: MIT
+# Copyright (c) 2026 the minichain authors
+# minichain.py: https://github.com/minichain-dev/minichain (one file; copy it into your project)
+"""minichain: LangChain's Runnable streaming interface in one file.
+
+Standard library only, Python >= 3.9, one file you can read in an hour. Code written for
+langchain_core's streaming guide ("How to stream runnables") runs here with only its imports
+changed, with the same chunks, the same events and the same names.
+
+The whole design is four identities::
+
+    stream(x)         = transform(iter([x]))
+    invoke(x)         = the `+`-fold of stream(x)
+    batch(xs)         = [invoke(x) for x in xs], run concurrently
+    astream_events(x) = astream(x) with a listener attached
+
+A runnable is a generator transform from input chunks to output chunks; a step that cannot
+work chunk by chunk folds its input with `+` first, and that is exactly where streaming stops.
+
+>>> prompt = ChatPromptTemplate.from_template("tell me a joke about {topic}")
+>>> model = GenericFakeChatModel(messages=iter(["Why did the parrot talk?"]))
+>>> chain = prompt | model | StrOutputParser()
+>>> [chunk for chunk in chain.stream({"topic": "parrot"})]
+['Why', ' ', 'did', ' ', 'the', ' ', 'parrot', ' ', 'talk?']
+
+Sections (each uses only the ones above it):
+  1. Messages and documents
+  2. Prompts
+  3. Config, runs, events and the fold
+  4. The Runnable protocol: transform, stream, invoke, batch
+  5. Composition: sequence, parallel, lambda, generator, passthrough, @chain
+  6. Event streaming: astream_events, stream_events
+  7. Chat models, LLMs and fakes
+  8. Output parsers: str and incremental JSON
+  9. Retrieval
+ 10. Tools
+ 11. Demo (`python -m minichain`)
+"""
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import json
+import os
+import re
+import string
+import threading
+import time
+from typing import (
+    Any, AsyncIterator, Awaitable, Callable, Dict, Generic, Iterable, Iterator, List,
+    Mapping, Optional, Sequence, Tuple, TypeVar, Union, cast,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # 1. messages and documents
+    "BaseMessage", "SystemMessage", "HumanMessage", "AIMessage", "AIMessageChunk", "ToolMessage",
+    "Document", "AddableDict",
+    # 2. prompts
+    "PromptValue", "StringPromptValue", "ChatPromptValue", "PromptTemplate", "ChatPromptTemplate",
+    "MessagesPlaceholder",
+    # 3-4. config and the protocol
+    "RunnableConfig", "Run", "Runnable",
+    # 5. composition
+    "RunnableSequence", "RunnableParallel", "RunnableLambda", "RunnableGenerator",
+    "RunnablePassthrough", "RunnableAssign", "RunnableBinding", "chain", "coerce_to_runnable",
+    # 6. events
+    "dispatch_custom_event", "adispatch_custom_event",
+    # 7. models
+    "BaseChatModel", "BaseLLM", "GenericFakeChatModel", "FakeListChatModel",
+    "FakeListChatModelError", "FakeListLLM",
+    # 8. parsers
+    "OutputParserException", "BaseOutputParser", "StrOutputParser", "JsonOutputParser",
+    "parse_partial_json",
+    # 9. retrieval
+    "BaseRetriever", "LexicalEmbeddings", "InMemoryVectorStore", "VectorStoreRetriever",
+    # 10. tools
+    "BaseTool", "tool", "ToolException",
+]
+
+T = TypeVar("T")
+Input = TypeVar("Input")
+Output = TypeVar("Output")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """The repr of `value`, cut to `limit` characters for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ==============================================================================================
+# 1. Messages and documents
+#
+# Plain classes with readable reprs. `AIMessageChunk + AIMessageChunk` is how a streamed answer
+# becomes one message; `AddableDict` is how a parallel step's one-key chunks become one dict.
+# ==============================================================================================
+
+def _merge_dicts(left: Dict[str, Any], right: Dict[str, Any]) -> Dict[str, Any]:
+    """Merge metadata dicts of two chunks: strings concatenate, dicts merge, lists extend.
+
+    >>> _merge_dicts({"a": "x", "n": {"p": 1}}, {"a": "y", "n": {"q": 2}, "b": 3})
+    {'a': 'xy', 'n': {'p': 1, 'q': 2}, 'b': 3}
+    """
+    merged = dict(left)
+    for key, value in right.items():
+        old = merged.get(key)
+        if old is None or old == value:
+            merged[key] = value if old is None else old
+        elif value is None:
+            continue
+        elif isinstance(old, str) and isinstance(value, str):
+            merged[key] = old + value
+        elif isinstance(old, dict) and isinstance(value, dict):
+            merged[key] = _merge_dicts(old, value)
+        elif isinstance(old, list) and isinstance(value, list):
+            merged[key] = old + value
+        else:
+            merged[key] = value
+    return merged
+
+
+class BaseMessage:
+    """One message of a conversation: `content` plus metadata.
+
+    Messages compare by value and print like langchain_core's, leaving out empty fields.
+
+    >>> HumanMessage("hi") == HumanMessage(content="hi")
+    True
+    >>> SystemMessage("be brief")
+    SystemMessage(content='be brief')
+    """
+
+    type = "base"
+    _fields: Tuple[str, ...] = ("content", "additional_kwargs", "response_metadata", "name", "id")
+
+    def __init__(self, content: Any = "", *, additional_kwargs: Optional[Dict[str, Any]] = None,
+                 response_metadata: Optional[Dict[str, Any]] = None, name: Optional[str] = None,
+                 id: Optional[str] = None, **kwargs: Any) -> None:
+        if not isinstance(content, (str, list)):
+            raise TypeError(f"{type(self).__name__} content must be a str or a list of content "
+                            f"blocks, not {type(content).__name__}: {_short(content)}")
+        if kwargs:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword arguments "
+                            f"{sorted(kwargs)}; it accepts {list(self._fields)}")
+        self.content = content
+        self.additional_kwargs = additional_kwargs or {}
+        self.response_metadata = response_metadata or {}
+        self.name = name
+        self.id = id
+
+    @property
+    def text(self) -> str:
+        """The text of the content: the string itself, or the text blocks joined.
+
+        >>> AIMessage(["a", {"type": "text", "text": "b"}, {"type": "image"}]).text
+        'ab'
+        """
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(b if isinstance(b, str) else b.get("text", "") for b in self.content
+                       if isinstance(b, str) or b.get("type") == "text")
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and all(
+            getattr(self, f) == getattr(other, f) for f in self._fields)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable value object
+
+    def __repr__(self) -> str:
+        parts = [f"content={self.content!r}"]
+        for field in self._fields[1:]:
+            value = getattr(self, field)
+            if value or (field == "tool_call_id" and value is not None):
+                parts.append(f"{field}={value!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+class SystemMessage(BaseMessage):
+    """A system instruction.
+
+    >>> SystemMessage("You are terse.").type
+    'system'
+    """
+    type = "system"
+
+
+class HumanMessage(BaseMessage):
+    """A message from the user.
+
+    >>> HumanMessage("hello").content
+    'hello'
+    """
+    type = "human"
+
+
+class AIMessage(BaseMessage):
+    """A model's answer; `tool_calls` holds parsed tool calls, `usage_metadata` token counts.
+
+    >>> AIMessage("hi", usage_metadata={"input_tokens": 3, "output_tokens": 1, "total_tokens": 4})
+    AIMessage(content='hi', usage_metadata={'input_tokens': 3, 'output_tokens': 1, 'total_tokens': 4})
+    """
+    type = "ai"
+    _fields = BaseMessage._fields + ("tool_calls", "invalid_tool_calls", "usage_metadata")
+
+    def __init__(self, content: Any = "", *, tool_calls: Optional[List[Dict[str, Any]]] = None,
+                 invalid_tool_calls: Optional[List[Dict[str, Any]]] = None,
+                 usage_metadata: Optional[Dict[str, int]] = None, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.tool_calls = [dict(c, type="tool_call") for c in tool_calls or []]
+        self.invalid_tool_calls = list(invalid_tool_calls or [])
+        self.usage_metadata = usage_metadata
+
+
+def _add_usage(a: Optional[Dict[str, Any]], b: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """Token usage of two chunks: counts add up; None means "the server did not say"."""
+    if a is None or b is None:
+        return a if b is None else b
+    out = dict(a)
+    for key, value in b.items():
+        old = out.get(key)
+        if isinstance(old, dict) and isinstance(value, dict):
+            out[key] = _add_usage(old, value)
+        elif isinstance(old, (int, float)) and isinstance(value, (int, float)):
+            out[key] = old + value
+        else:
+            out[key] = value
+    return out
+
+
+def _pick_id(a: Optional[str], b: Optional[str]) -> Optional[str]:
+    """The id of a sum of chunks: a provider's id beats minichain's `lc_run--` one."""
+    if not a or not b:
+        return a or b
+    if a.startswith("lc_") and not b.startswith("lc_"):
+        return b
+    return a
+
+
+def _merge_tool_call_chunks(a: List[Dict[str, Any]], b: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Tool-call fragments merged by `index`: `args` strings concatenate, id and name are set once."""
+    merged = [dict(c) for c in a]
+    for piece in b:
+        same = [c for c in merged if piece.get("index") is not None
+                and c.get("index") == piece.get("index")]
+        if not same:
+            merged.append(dict(piece))
+            continue
+        into = same[0]
+        into["args"] = (into.get("args") or "") + (piece.get("args") or "")
+        for key in ("id", "name"):
+            if not into.get(key):
+                into[key] = piece.get(key)
+    return merged
+
+
+def _parse_tool_call_chunks(chunks: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """Split tool-call fragments into parsed `tool_calls` and `invalid_tool_calls`."""
+    calls, invalid = [], []
+    for c in chunks:
+        text = c.get("args") or ""
+        try:
+            args = parse_partial_json(text) if text else {}
+        except ValueError:
+            args = None
+        if isinstance(args, dict):
+            calls.append({"name": c.get("name") or "", "args": args, "id": c.get("id"),
+                          "type": "tool_call"})
+        else:
+            invalid.append({"name": c.get("name"), "args": text, "id": c.get("id"),
+                            "error": None, "type": "invalid_tool_call"})
+    return calls, invalid
+
+
+class AIMessageChunk(AIMessage):
+    """A piece of a streamed answer; chunks add up with `+`.
+
+    Content concatenates, metadata merges, usage adds up, tool-call fragments merge by index,
+    and the id survives (a provider's id wins over minichain's `lc_run--` one).
+
+    >>> a = AIMessageChunk("Hel", id="lc_run--1")
+    >>> b = AIMessageChunk("lo", tool_call_chunks=[{"name": "f", "args": '{"x": ', "id": "c1", "index": 0}])
+    >>> c = AIMessageChunk("!", tool_call_chunks=[{"name": None, "args": "1}", "id": None, "index": 0}])
+    >>> total = a + b + c
+    >>> total.content, total.id, total.tool_calls
+    ('Hello!', 'lc_run--1', [{'name': 'f', 'args': {'x': 1}, 'id': 'c1', 'type': 'tool_call'}])
+    """
+    _fields = AIMessage._fields + ("tool_call_chunks", "chunk_position")
+
+    def __init__(self, content: Any = "", *, tool_call_chunks: Optional[List[Dict[str, Any]]] = None,
+                 chunk_position: Optional[str] = None, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.tool_call_chunks = [dict(c, type="tool_call_chunk") for c in tool_call_chunks or []]
+        self.chunk_position = chunk_position
+        if self.tool_call_chunks and not self.tool_calls:
+            self.tool_calls, self.invalid_tool_calls = _parse_tool_call_chunks(self.tool_call_chunks)
+
+    def __add__(self, other: Any) -> "AIMessageChunk":
+        if not isinstance(other, AIMessageChunk):
+            if isinstance(other, BaseMessage):
+                raise TypeError(f"cannot add {type(other).__name__} to AIMessageChunk: only "
+                                "chunks add up; convert whole messages before joining them")
+            return NotImplemented
+        if isinstance(self.content, str) and isinstance(other.content, str):
+            content: Any = self.content + other.content
+        else:
+            content = _as_blocks(self.content) + _as_blocks(other.content)
+        return AIMessageChunk(
+            content,
+            additional_kwargs=_merge_dicts(self.additional_kwargs, other.additional_kwargs),
+            response_metadata=_merge_dicts(self.response_metadata, other.response_metadata),
+            tool_call_chunks=_merge_tool_call_chunks(self.tool_call_chunks, other.tool_call_chunks),
+            usage_metadata=_add_usage(self.usage_metadata, other.usage_metadata),
+            id=_pick_id(self.id, other.id), name=self.name or other.name,
+            chunk_position="last" if "last" in (self.chunk_position, other.chunk_position) else None,
+        )
+
+    def to_message(self) -> AIMessage:
+        """The finished `AIMessage` this chunk adds up to.
+
+        >>> (AIMessageChunk("a", id="x") + AIMessageChunk("b")).to_message()
+        AIMessage(content='ab', id='x')
+        """
+        return AIMessage(self.content, additional_kwargs=self.additional_kwargs,
+                         response_metadata=self.response_metadata, name=self.name, id=self.id,
+                         tool_calls=self.tool_calls, invalid_tool_calls=self.invalid_tool_calls,
+                         usage_metadata=self.usage_metadata)
+
+
+def _as_blocks(content: Any) -> List[Any]:
+    """Content as a list of blocks (a string becomes one text block)."""
+    if isinstance(content, list):
+        return content
+    return [{"type": "text", "text": content}] if content else []
+
+
+class ToolMessage(BaseMessage):
+    """A tool's result, sent back to the model under the id of the call it answers.
+
+    >>> ToolMessage("42", tool_call_id="call_1")
+    ToolMessage(content='42', tool_call_id='call_1')
+    """
+    type = "tool"
+    _fields = BaseMessage._fields + ("tool_call_id",)
+
+    def __init__(self, content: Any = "", *, tool_call_id: str, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.tool_call_id = tool_call_id
+
+
+_ROLES: Dict[str, type] = {"system": SystemMessage, "human": HumanMessage, "user": HumanMessage,
+                           "ai": AIMessage, "assistant": AIMessage}
+
+
+def _to_message(item: Any) -> BaseMessage:
+    """A message from a message, a `(role, text)` pair or a string (a human message)."""
+    if isinstance(item, BaseMessage):
+        return item
+    if isinstance(item, str):
+        return HumanMessage(item)
+    if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str):
+        role, content = item
+        if role not in _ROLES:
+            raise ValueError(f"unknown message role {role!r}; use one of {sorted(_ROLES)}")
+        return cast(BaseMessage, _ROLES[role](content))
+    raise TypeError(f"cannot make a message from {type(item).__name__}: {_short(item)}; "
+                    "pass a message, a (role, text) tuple or a string")
+
+
+class Document:
+    """A piece of text with metadata, as retrievers return it.
+
+    >>> Document("harrison worked at kensho", metadata={"source": "wiki"})
+    Document(metadata={'source': 'wiki'}, page_content='harrison worked at kensho')
+    """
+
+    def __init__(self, page_content: str, *, metadata: Optional[Dict[str, Any]] = None,
+                 id: Optional[str] = None) -> None:
+        self.page_content = page_content
+        self.metadata = metadata or {}
+        self.id = id
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Document) and self.page_content == other.page_content
+                and self.metadata == other.metadata and self.id == other.id)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable value object
+
+    def __repr__(self) -> str:
+        id_part = f"id={self.id!r}, " if self.id else ""
+        return f"Document({id_part}metadata={self.metadata!r}, page_content={self.page_content!r})"
+
+
+class AddableDict(Dict[str, Any]):
+    """A dict whose `+` merges key by key; a parallel step's chunks are these.
+
+    Values under the same key are added; where they do not add (two JSON snapshots), the newer
+    one is kept for that key only.
+
+    >>> AddableDict(a="x") + AddableDict(b=1) + AddableDict(a="y")
+    {'a': 'xy', 'b': 1}
+    >>> AddableDict(j={}) + AddableDict(s="t1") + AddableDict(j={"x": 1})
+    {'j': {'x': 1}, 's': 't1'}
+    """
+
+    def __add__(self, other: Any) -> "AddableDict":
+        if not isinstance(other, dict):
+            return NotImplemented
+        merged = AddableDict(self)
+        for key, value in other.items():
+            merged[key] = _add(merged[key], value) if merged.get(key) is not None else value
+        return merged
+
+    __radd__ = __add__  # plain dict + AddableDict merges the same way
+
+
+# ==============================================================================================
+# 2. Prompts
+#
+# A prompt turns a dict of variables into a prompt value: a string for an LLM, messages for a
+# chat model. Templates use `{name}` placeholders; `{{` and `}}` are literal braces.
+# ==============================================================================================
+
+class PromptValue:
+    """What a prompt produces; a model reads it as a string or as messages."""
+
+    def to_string(self) -> str:
+        """The prompt as one string."""
+        raise NotImplementedError
+
+    def to_messages(self) -> List[BaseMessage]:
+        """The prompt as a list of messages."""
+        raise NotImplementedError
+
+
+class StringPromptValue(PromptValue):
+    """A prompt that is one string.
+
+    >>> StringPromptValue("Q: why?").to_messages()
+    [HumanMessage(content='Q: why?')]
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def to_string(self) -> str:
+        return self.text
+
+    def to_messages(self) -> List[BaseMessage]:
+        return [HumanMessage(self.text)]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StringPromptValue) and self.text == other.text
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"StringPromptValue(text={self.text!r})"
+
+
+class ChatPromptValue(PromptValue):
+    """A prompt that is a list of messages.
+
+    >>> ChatPromptValue([SystemMessage("s"), HumanMessage("h")]).to_string()
+    'System: s\\nHuman: h'
+    """
+
+    def __init__(self, messages: List[BaseMessage]) -> None:
+        self.messages = messages
+
+    def to_string(self) -> str:
+        return "\n".join(f"{m.type.capitalize() if m.type != 'ai' else 'AI'}: {m.text}"
+                         for m in self.messages)
+
+    def to_messages(self) -> List[BaseMessage]:
+        return list(self.messages)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ChatPromptValue) and self.messages == other.messages
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ChatPromptValue(messages={self.messages!r})"
+
+
+def _variables(template: str) -> List[str]:
+    """The `{name}` variables of a template, in order of first use."""
+    names: List[str] = []
+    for _, field, _, _ in string.Formatter().parse(template):
+        if field is not None:
+            name = re.split(r"[.\[]", field, 1)[0]
+            if not name or name.isdigit():
+                raise ValueError(f"template {_short(template)} has a positional placeholder "
+                                 f"'{{{field}}}'; name it, like '{{topic}}'")
+            if name not in names:
+                names.append(name)
+    return names
+
+
+class _MissingVariables(KeyError):
+    """A KeyError (as in langchain_core) whose message reads as plain text."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _check_variables(owner: str, expected: List[str], values: Any) -> None:
+    if not isinstance(values, dict):
+        raise TypeError(f"{owner} expects a dict of variables {expected}, got "
+                        f"{type(values).__name__}: {_short(values)}; pass e.g. "
+                        f"{{{expected[0]!r}: ...}}" if expected else
+                        f"{owner} expects a dict, got {type(values).__name__}")
+    missing = [v for v in expected if v not in values]
+    if missing:
+        raise _MissingVariables(
+            f"{owner} is missing variable{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(repr(m) for m in missing)}; the template expects {expected} and got "
+            f"{sorted(values)}; pass {{{', '.join(f'{m!r}: ...' for m in missing)}}} "
+            f"(or write '{{{{{missing[0]}}}}}' for a literal brace)")
+
+
+# Runnable is defined in section 4; prompts subclass it there (see `_PromptBase`).
+
+
+# ==============================================================================================
+# 3. Config, runs, events and the fold
+#
+# The active config lives in one context variable. A runnable called anywhere below (inside a
+# function, a tool, a task, a worker thread minichain starts) inherits it; its `callbacks` entry
+# is the parent `Run` when someone listens. Events are plain dicts, made only when a listener
+# exists. `_add` is the one fold every step that needs its whole input uses.
+# ==============================================================================================
+
+RunnableConfig = Dict[str, Any]
+"""A call's config: run_name, run_id, tags, metadata, callbacks, max_concurrency, configurable."""
+
+Event = Dict[str, Any]  # one v2 stream event: event, name, run_id, parent_ids, tags, metadata, data
+Handler = Callable[[Event], None]  # a listener: receives every event of a run and its children
+
+_CONFIG_KEYS = ("run_name", "run_id", "tags", "metadata", "callbacks", "max_concurrency",
+                "configurable", "recursion_limit")
+_current: "contextvars.ContextVar[Optional[RunnableConfig]]" = contextvars.ContextVar(
+    "minichain_config", default=None)
+_MISSING: Any = object()  # "no value yet": distinct from None, which is a value
+
+
+def _add(a: Any, b: Any) -> Any:
+    """The fold step: `a + b`, or `b` where the two do not add (the newer value wins).
+
+    >>> _add("a", "b"), _add([1], [2]), _add({"x": 1}, {"y": 2}), _add(_MISSING, 3)
+    ('ab', [1, 2], {'y': 2}, 3)
+    """
+    if a is _MISSING:
+        return b
+    try:
+        return a + b
+    except TypeError:
+        return b
+
+
+def _fold(chunks: Iterable[Any]) -> Any:
+    """All chunks `+`-ed together (`_MISSING` for none)."""
+    out = _MISSING
+    for chunk in chunks:
+        out = _add(out, chunk)
+    return out
+
+
+def _uuid7() -> str:
+    """A time-ordered UUID (version 7) as a string, as langchain_core uses for run ids."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    n = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (rand >> 68) << 64 | 0b10 << 62 | rand & ((1 << 62) - 1)
+    h = f"{n:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _handler(h: Any) -> Handler:
+    """A listener from a callable or an object with methods named after events."""
+    if callable(h):
+        return cast(Handler, h)
+
+    def by_name(event: Event) -> None:
+        method = getattr(h, event["event"], None)
+        if method is not None:
+            method(event)
+    if not any(name.startswith("on_") for name in dir(h)):
+        raise TypeError(f"callbacks entry {_short(h)} is neither callable nor has on_* methods; "
+                        "pass a function taking an event dict, or an object with methods like "
+                        "on_chat_model_stream(event)")
+    return by_name
+
+
+class Run:
+    """One execution of a runnable, as listeners see it: identity, tags and event emission.
+
+    A Run exists only while someone listens. It sits in a child config's `callbacks` so that
+    runnables called below report as its children; it folds its input and output for the end
+    event. `emit` sends an event to every handler.
+
+    >>> seen = []
+    >>> _ = RunnableLambda(lambda x: x + 1).invoke(1, {"callbacks": [seen.append]})
+    >>> [(e["event"], e["name"], e["data"]) for e in seen]
+    [('on_chain_start', 'RunnableLambda', {'input': 1}), ('on_chain_end', 'RunnableLambda', {'output': 2})]
+    """
+
+    __slots__ = ("id", "name", "type", "tags", "metadata", "parent_ids", "handlers", "root",
+                 "streams", "input", "output")
+
+    def __init__(self, name: str, run_type: str, tags: List[str], metadata: Dict[str, Any],
+                 parent: Optional["Run"], handlers: Sequence[Handler], run_id: Optional[str],
+                 streams: bool) -> None:
+        self.id = run_id or _uuid7()
+        self.name, self.type, self.tags, self.metadata = name, run_type, tags, metadata
+        self.parent_ids: List[str] = parent.parent_ids + [parent.id] if parent else []
+        self.handlers, self.root, self.streams = handlers, parent is None, streams
+        self.input: Any = _MISSING
+        self.output: Any = _MISSING
+
+    def emit(self, event: Event) -> None:
+        """Send one event to every handler."""
+        for handler in self.handlers:
+            handler(event)
+
+    def start(self, data: Dict[str, Any]) -> None:
+        """Emit `on_<type>_start`."""
+        self.emit({"event": f"on_{self.type}_start", "data": data, "name": self.name,
+                   "tags": self.tags, "run_id": self.id, "metadata": self.metadata,
+                   "parent_ids": self.parent_ids})
+
+    def chunk(self, chunk: Any) -> None:
+        """Fold one output chunk; emit `on_<type>_stream` for it where this run streams."""
+        self.output = _add(self.output, chunk)
+        if self.streams:
+            self.emit({"event": f"on_{self.type}_stream", "run_id": self.id, "name": self.name,
+                       "tags": self.tags, "metadata": self.metadata, "data": {"chunk": chunk},
+                       "parent_ids": self.parent_ids})
+
+    def end(self, output: Any, extra: Optional[Dict[str, Any]] = None) -> None:
+        """Emit `on_<type>_end` with the output (and the input, except for the root)."""
+        data = {"output": output}
+        if not self.root and self.input is not _MISSING:
+            data["input"] = self.input
+        if extra:
+            data.update(extra)
+        self.emit({"event": f"on_{self.type}_end", "data": data, "run_id": self.id,
+                   "name": self.name, "tags": self.tags, "metadata": self.metadata,
+                   "parent_ids": self.parent_ids})
+
+
+def _merge_configs(base: Optional[RunnableConfig], extra: Optional[Mapping[str, Any]]) -> RunnableConfig:
+    """`extra` over `base`: tags and metadata accumulate, other keys are replaced."""
+    if not extra:
+        return dict(base) if base else {}
+    unknown = [k for k in extra if k not in _CONFIG_KEYS]
+    if unknown:
+        raise TypeError(f"unknown config key{'s' if len(unknown) > 1 else ''} {unknown}; a "
+                        f"config takes {list(_CONFIG_KEYS)}")
+    out = dict(base) if base else {}
+    for key, value in extra.items():
+        if value is None:
+            continue
+        if key == "tags":
+            if isinstance(value, str):
+                raise TypeError(f"config tags must be a list of str, not the str {value!r}; "
+                                f"write tags=[{value!r}]")
+            out[key] = list(dict.fromkeys(list(out.get("tags", ())) + list(value)))
+        elif key == "metadata":
+            out[key] = {**out.get("metadata", {}), **value}
+        elif key == "configurable":
+            out[key] = {**out.get("configurable", {}), **value}
+        else:
+            out[key] = value
+    return out
+
+
+def _child_config(config: RunnableConfig, run: Optional[Run]) -> RunnableConfig:
+    """The config that runnables called inside a run inherit (no name or id of its own)."""
+    child = {k: v for k, v in config.items() if k not in ("run_name", "run_id")}
+    if run is not None:
+        child["callbacks"] = run
+    return child
+
+
+def _open_run(runnable: "Runnable[Any, Any]", config: RunnableConfig, tag: Optional[str],
+              streams: bool) -> Optional[Run]:
+    """A Run for `runnable` if anyone listens, else None (no ids, no events, no cost)."""
+    callbacks = config.get("callbacks")
+    if not callbacks:
+        return None
+    if isinstance(callbacks, Run):
+        parent: Optional[Run] = callbacks
+        handlers: Sequence[Handler] = callbacks.handlers
+    else:
+        parent = None
+        handlers = [_handler(h) for h in callbacks]
+    tags = ([tag] if tag else []) + list(config.get("tags", ())) + runnable._own_tags()
+    metadata = {**config.get("metadata", {}), **runnable._own_metadata()}
+    return Run(config.get("run_name") or runnable.get_name(), runnable.run_type,
+               list(dict.fromkeys(tags)), metadata, parent, handlers, config.get("run_id"),
+               streams)
+
+
+# ==============================================================================================
+# 4. The Runnable protocol: transform, stream, invoke, batch
+#
+# A component writes `_transform` (input chunks -> output chunks) and, where it awaits real I/O,
+# `_atransform`; or, if it needs its whole input, just `_produce(value)`. Everything else below
+# is derived. `_stream_run` is the one place a run opens, streams and ends.
+# ==============================================================================================
+
+_STREAMING_TYPES = ("chain", "parser", "chat_model", "llm")
+
+
+def _scoped(inner: Iterator[T], config: RunnableConfig) -> Iterator[T]:
+    """Run each step of `inner` with `config` as the active config, then restore the caller's."""
+    try:
+        while True:
+            token = _current.set(config)
+            try:
+                chunk = next(inner)
+            except StopIteration:
+                return
+            finally:
+                _current.reset(token)
+            yield chunk
+    finally:
+        _close(inner)
+
+
+async def _ascoped(inner: AsyncIterator[T], config: RunnableConfig) -> AsyncIterator[T]:
+    """The async twin of `_scoped`."""
+    try:
+        while True:
+            token = _current.set(config)
+            try:
+                chunk = await inner.__anext__()
+            except StopAsyncIteration:
+                return
+            finally:
+                _current.reset(token)
+            yield chunk
+    finally:
+        await _aclose(inner)
+
+
+def _close(it: Any) -> None:
+    """Close a generator (or anything with `close`); plain iterators need nothing."""
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
+
+
+async def _aclose(it: Any) -> None:
+    """Close an async generator now, so its `finally` runs before we return."""
+    aclose = getattr(it, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+def _tap(first: Any, rest: Iterator[Any], run: Run) -> Iterator[Any]:
+    """Re-yield the input chunks, folding them into `run.input` for the end event."""
+    run.input = first
+    yield first
+    try:
+        for chunk in rest:
+            run.input = _add(run.input, chunk)
+            yield chunk
+    finally:
+        _close(rest)
+
+
+async def _atap(first: Any, rest: AsyncIterator[Any], run: Run) -> AsyncIterator[Any]:
+    """The async twin of `_tap`."""
+    run.input = first
+    yield first
+    try:
+        async for chunk in rest:
+            run.input = _add(run.input, chunk)
+            yield chunk
+    finally:
+        await _aclose(rest)
+
+
+async def _afold(chunks: AsyncIterator[Any]) -> Any:
+    """All chunks of an async iterator `+`-ed together (`_MISSING` for none)."""
+    out = _MISSING
+    try:
+        async for chunk in chunks:
+            out = _add(out, chunk)
+    finally:
+        await _aclose(chunks)
+    return out
+
+
+async def _aiter(items: Iterable[T]) -> AsyncIterator[T]:
+    """An async iterator over a plain iterable."""
+    for item in items:
+        yield item
+
+
+def _in_thread(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
+    """Run a blocking iterator on its own worker thread, one `next()` per pull.
+
+    Used where a sync-only step runs under `astream`: the event loop keeps running while the
+    step blocks, the context (and so the active run) is copied into the thread, and closing
+    the async iterator closes the sync one on its thread before returning.
+    """
+    import concurrent.futures
+    loop = asyncio.get_running_loop()
+    ctx = contextvars.copy_context()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="minichain")
+
+    async def pull() -> AsyncIterator[T]:
+        it: Optional[Iterator[T]] = None
+        try:
+            it = await loop.run_in_executor(pool, ctx.run, make)
+            while True:
+                chunk = await loop.run_in_executor(pool, ctx.run, _next_or_missing, it)
+                if chunk is _MISSING:
+                    return
+                yield chunk
+        finally:
+            if it is not None:
+                await asyncio.shield(loop.run_in_executor(pool, ctx.run, _close, it))
+            pool.shutdown(wait=False)
+    return pull()
+
+
+def _next_or_missing(it: Iterator[T]) -> Any:
+    return next(it, _MISSING)
+
+
+class _SyncInput(Iterator[T]):
+    """A blocking iterator over an async one, for a sync step running on a worker thread."""
+
+    def __init__(self, source: AsyncIterator[T], loop: asyncio.AbstractEventLoop) -> None:
+        self.source, self.loop = source, loop
+
+    def __next__(self) -> T:
+        try:
+            return asyncio.run_coroutine_threadsafe(
+                self.source.__anext__(), self.loop).result()  # type: ignore[arg-type]
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+
+def _sync_only(name: str, method: str) -> TypeError:
+    return TypeError(f"{name} is async-only and cannot run in {method}(); use "
+                     f"a{method}() (or await it) instead, or give it a sync function")
+
+
+class Runnable(Generic[Input, Output]):
+    """A unit of work that streams: the protocol every component implements.
+
+    A component writes `_transform(inputs, config)` (a generator from input chunks to output
+    chunks), or `_produce(value, config)` if it needs its whole input first; async twins
+    (`_atransform`, `_aproduce`) only where real I/O differs. Every public method is derived:
+
+    - `stream(x)` is `transform(iter([x]))`; `astream` its async twin.
+    - `invoke(x)` is the `+`-fold of the output chunks; `ainvoke` its async twin.
+    - `batch(xs)` is `invoke` over `xs` on threads; `abatch` with a semaphore.
+    - `a | b` is `RunnableSequence(a, b)`.
+
+    >>> double = RunnableLambda(lambda x: x * 2)
+    >>> double.invoke(3), list(double.stream(3)), double.batch([1, 2])
+    (6, [6], [2, 4])
+    >>> (double | double).invoke(1)
+    4
+    """
+
+    name: Optional[str] = None
+    run_type = "chain"  # the event family: on_<run_type>_start / _stream / _end
+    input_in_start = False  # fold the input before the run starts and show it in the start event
+    _user_code = False  # runs user code, which may call runnables or dispatch custom events
+
+    # -- what components write ----------------------------------------------------------------
+
+    def _produce(self, value: Any, config: RunnableConfig) -> Iterator[Any]:
+        """The output chunks for one whole input value (for steps that fold their input)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _transform or _produce")
+
+    async def _aproduce(self, value: Any, config: RunnableConfig) -> AsyncIterator[Any]:
+        """Async twin of `_produce`; by default runs the sync one inline (pure components)."""
+        for chunk in self._produce(value, config):
+            yield chunk
+
+    def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        """Input chunks -> output chunks. By default: fold the input, then `_produce`."""
+        value = _fold(inputs)
+        if value is not _MISSING:
+            yield from self._produce(value, config)
+
+    async def _atransform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        """Async twin of `_transform`."""
+        value = await _afold(inputs)
+        if value is not _MISSING:
+            agen = self._aproduce(value, config)
+            try:
+                async for chunk in agen:
+                    yield chunk
+            finally:
+                await _aclose(agen)
+
+    def _invoke_transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        """`_transform` as `invoke` runs it (a sequence invokes its steps one by one)."""
+        return self._transform(inputs, config)
+
+    def _ainvoke_transform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        """Async twin of `_invoke_transform`."""
+        return self._atransform(inputs, config)
+
+    def _invoked(self, output: Any) -> Any:
+        """What `invoke` returns for the folded output (a chat model makes a whole message)."""
+        return output
+
+    def _streams(self, invoked: bool) -> bool:
+        """Whether this run emits stream events: chains and parsers when streamed, models always."""
+        return self.run_type in _STREAMING_TYPES and (
+            not invoked or self.run_type in ("chat_model", "llm"))
+
+    def _event_output(self, output: Any) -> Any:
+        """The `output` of this run's end event, given the folded output."""
+        return output
+
+    def _event_input(self, value: Any, end: bool) -> Any:
+        """The `input` of this run's start (or end) event, for steps with `input_in_start`."""
+        return value
+
+    def _own_tags(self) -> List[str]:
+        return []
+
+    def _own_metadata(self) -> Dict[str, Any]:
+        return {}
+
+    # -- the run: one place that opens, streams and ends it -----------------------------------
+
+    def _stream_run(self, inputs: Iterator[Any], config: RunnableConfig, tag: Optional[str] = None,
+                    known: Any = _MISSING, invoked: bool = False) -> Iterator[Any]:
+        """Run `_transform` over `inputs` as one run of this runnable, reporting its events."""
+        transform = self._invoke_transform if invoked else self._transform
+        run = _open_run(self, config, tag, self._streams(invoked)) if config.get("callbacks") else None
+        if run is None:
+            child = _child_config(config, None)
+            if child or self._user_code:  # user code may call runnables: give it the config
+                return _scoped(transform(inputs, child), child)
+            return transform(inputs, child)
+        return self._traced(transform, inputs, config, run, known, invoked)
+
+    def _traced(self, transform: Callable[..., Iterator[Any]], inputs: Iterator[Any],
+                config: RunnableConfig, run: Run, known: Any, invoked: bool) -> Iterator[Any]:
+        if self.input_in_start:
+            value = _fold(inputs)
+            if value is _MISSING:
+                return
+            self._start_folded(run, value, known)
+            inputs = iter([value])
+        else:
+            first = next(inputs, _MISSING)
+            if first is _MISSING:
+                return
+            run.start({} if known is _MISSING else {"input": known})
+            inputs = _tap(first, inputs, run)
+        child = _child_config(config, run)
+        chunks = _scoped(transform(inputs, child), child)
+        if not run.streams:  # its run ends before its output moves on, as in langchain_core
+            outputs = list(chunks)
+            for chunk in outputs:
+                run.chunk(chunk)
+            run.end(self._event_output(self._invoked(run.output) if invoked else run.output))
+            yield from outputs
+            return
+        try:
+            for chunk in chunks:
+                run.chunk(chunk)
+                yield chunk
+        finally:
+            _close(chunks)
+        run.end(self._event_output(self._invoked(run.output) if invoked else run.output))
+
+    def _start_folded(self, run: Run, value: Any, known: Any) -> None:
+        run.input = self._event_input(value, end=True)
+        shown = known if run.root and known is not _MISSING else self._event_input(value, end=False)
+        run.start({"input": shown})
+
+    def _astream_run(self, inputs: AsyncIterator[Any], config: RunnableConfig,
+                     tag: Optional[str] = None, known: Any = _MISSING,
+                     invoked: bool = False) -> AsyncIterator[Any]:
+        """Async twin of `_stream_run`."""
+        transform = self._ainvoke_transform if invoked else self._atransform
+        run = _open_run(self, config, tag, self._streams(invoked)) if config.get("callbacks") else None
+        if run is None:
+            child = _child_config(config, None)
+            if child or self._user_code:
+                return _ascoped(transform(inputs, child), child)
+            return transform(inputs, child)
+        return self._atraced(transform, inputs, config, run, known, invoked)
+
+    async def _atraced(self, transform: Callable[..., AsyncIterator[Any]],
+                       inputs: AsyncIterator[Any], config: RunnableConfig, run: Run, known: Any,
+                       invoked: bool) -> AsyncIterator[Any]:
+        if self.input_in_start:
+            value = await _afold(inputs)
+            if value is _MISSING:
+                return
+            self._start_folded(run, value, known)
+            inputs = _aiter([value])
+        else:
+            try:
+                first = await inputs.__anext__()
+            except StopAsyncIteration:
+                return
+            run.start({} if known is _MISSING else {"input": known})
+            inputs = _atap(first, inputs, run)
+        child = _child_config(config, run)
+        agen = _ascoped(transform(inputs, child), child)
+        if not run.streams:
+            outputs = [chunk async for chunk in agen]
+            for chunk in outputs:
+                run.chunk(chunk)
+            run.end(self._event_output(self._invoked(run.output) if invoked else run.output))
+            for chunk in outputs:
+                yield chunk
+            return
+        try:
+            async for chunk in agen:
+                run.chunk(chunk)
+                yield chunk
+        finally:
+            await _aclose(agen)
+        run.end(self._event_output(self._invoked(run.output) if invoked else run.output))
+
+    def _invoke(self, value: Any, config: RunnableConfig, tag: Optional[str] = None) -> Any:
+        out = _fold(self._stream_run(iter([value]), config, tag, value, invoked=True))
+        return None if out is _MISSING else self._invoked(out)
+
+    async def _ainvoke(self, value: Any, config: RunnableConfig, tag: Optional[str] = None) -> Any:
+        out = await _afold(self._astream_run(_aiter([value]), config, tag, value, invoked=True))
+        return None if out is _MISSING else self._invoked(out)
+
+    # -- the public interface -----------------------------------------------------------------
+
+    def get_name(self) -> str:
+        """The run name events show: `name` if set, else the class name.
+
+        >>> RunnableLambda(lambda x: x).with_config(run_name="mine").get_name()
+        'mine'
+        """
+        return self.name or type(self).__name__
+
+    def transform(self, input: Iterator[Input], config: Optional[RunnableConfig] = None) -> Iterator[Output]:
+        """Stream output chunks from an iterator of input chunks.
+
+        >>> list(StrOutputParser().transform(iter(["a", "b"])))
+        ['a', 'b']
+        """
+        return self._stream_run(iter(input), _resolve(config))
+
+    def atransform(self, input: AsyncIterator[Input], config: Optional[RunnableConfig] = None) -> AsyncIterator[Output]:
+        """Async twin of `transform`: an async iterator of input chunks in, output chunks out.
+
+        >>> async def main():
+        ...     return [c async for c in StrOutputParser().atransform(_aiter(["a", "b"]))]
+        >>> asyncio.run(main())
+        ['a', 'b']
+        """
+        return self._astream_run(input, _resolve(config))
+
+    def stream(self, input: Input, config: Optional[RunnableConfig] = None) -> Iterator[Output]:
+        """`transform(iter([input]))`: the output chunks as they are produced.
+
+        >>> list(GenericFakeChatModel(messages=iter(["hi there"])).stream("hello"))[0]  # doctest: +ELLIPSIS
+        AIMessageChunk(content='hi', id='lc_run--...')
+        """
+        return self._stream_run(iter([input]), _resolve(config), None, input)
+
+    def astream(self, input: Input, config: Optional[RunnableConfig] = None) -> AsyncIterator[Output]:
+        """Async twin of `stream`.
+
+        >>> async def main():
+        ...     return [c async for c in RunnableLambda(str.upper).astream("hi")]
+        >>> asyncio.run(main())
+        ['HI']
+        """
+        return self._astream_run(_aiter([input]), _resolve(config), None, input)
+
+    def invoke(self, input: Input, config: Optional[RunnableConfig] = None) -> Output:
+        """The whole output: the `+`-fold of what `stream` would yield.
+
+        >>> (RunnableLambda(lambda x: x + 1) | RunnableLambda(lambda x: x * 10)).invoke(1)
+        20
+        """
+        return cast(Output, self._invoke(input, _resolve(config)))
+
+    async def ainvoke(self, input: Input, config: Optional[RunnableConfig] = None) -> Output:
+        """Async twin of `invoke`.
+
+        >>> asyncio.run(RunnableLambda(lambda x: x + 1).ainvoke(1))
+        2
+        """
+        return cast(Output, await self._ainvoke(input, _resolve(config)))
+
+    def batch(self, inputs: List[Input], config: Union[RunnableConfig, List[RunnableConfig], None] = None,
+              *, return_exceptions: bool = False) -> List[Output]:
+        """`[invoke(x) for x in inputs]`, run on threads (at most `max_concurrency` at once).
+
+        With `return_exceptions=True` a failed input's exception takes its place in the result.
+
+        >>> def check(x):
+        ...     if x == 3:
+        ...         raise ValueError("three")
+        ...     return x * 10
+        >>> RunnableLambda(check).batch([1, 2, 3, 4], return_exceptions=True)
+        [10, 20, ValueError('three'), 40]
+        """
+        if not inputs:
+            return []
+        import concurrent.futures
+        configs = _batch_configs(config, len(inputs))
+        workers = configs[0].get("max_concurrency") or min(32, len(inputs))
+
+        def one(value: Input, cfg: RunnableConfig) -> Any:
+            try:
+                return self._invoke(value, cfg)
+            except Exception as exc:
+                if return_exceptions:
+                    return exc
+                raise
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(contextvars.copy_context().run, one, v, c)
+                       for v, c in zip(inputs, configs)]
+            return [f.result() for f in futures]
+
+    async def abatch(self, inputs: List[Input], config: Union[RunnableConfig, List[RunnableConfig], None] = None,
+                     *, return_exceptions: bool = False) -> List[Output]:
+        """Async twin of `batch`: `ainvoke` over `inputs`, at most `max_concurrency` at once.
+
+        >>> asyncio.run(RunnableLambda(lambda x: -x).abatch([1, 2], {"max_concurrency": 1}))
+        [-1, -2]
+        """
+        configs = _batch_configs(config, len(inputs))
+        limit = configs[0].get("max_concurrency") if configs else None
+        gate = asyncio.Semaphore(limit) if limit else None
+
+        async def one(value: Input, cfg: RunnableConfig) -> Any:
+            if gate is None:
+                return await self._ainvoke(value, cfg)
+            async with gate:
+                return await self._ainvoke(value, cfg)
+        results = await asyncio.gather(*(one(v, c) for v, c in zip(inputs, configs)),
+                                       return_exceptions=return_exceptions)
+        return cast(List[Output], list(results))
+
+    def astream_events(self, input: Any, config: Optional[RunnableConfig] = None, *,
+                       version: str = "v2", include_names: Optional[Sequence[str]] = None,
+                       include_types: Optional[Sequence[str]] = None,
+                       include_tags: Optional[Sequence[str]] = None,
+                       exclude_names: Optional[Sequence[str]] = None,
+                       exclude_types: Optional[Sequence[str]] = None,
+                       exclude_tags: Optional[Sequence[str]] = None) -> AsyncIterator[Event]:
+        """`astream(input)` with a listener attached: every run's events, live, as v2 dicts.
+
+        Each event has `event, name, run_id, parent_ids, tags, metadata, data`. Filters work
+        as in langchain_core: an event is kept if it matches any `include_*` (or none was
+        given) and no `exclude_*`; `types` are run types (`chat_model`, `parser`, ...).
+
+        >>> async def main():
+        ...     chain = RunnableLambda(lambda x: x + 1).with_config(run_name="inc")
+        ...     return [(e["event"], e["data"]) async for e in chain.astream_events(1)]
+        >>> asyncio.run(main())
+        [('on_chain_start', {'input': 1}), ('on_chain_stream', {'chunk': 2}), ('on_chain_end', {'output': 2})]
+        """
+        keep = _event_filter(version, include_names, include_types, include_tags,
+                             exclude_names, exclude_types, exclude_tags)
+        return _astream_events(self, input, config, keep)
+
+    def stream_events(self, input: Any, config: Optional[RunnableConfig] = None, *,
+                      version: str = "v2", include_names: Optional[Sequence[str]] = None,
+                      include_types: Optional[Sequence[str]] = None,
+                      include_tags: Optional[Sequence[str]] = None,
+                      exclude_names: Optional[Sequence[str]] = None,
+                      exclude_types: Optional[Sequence[str]] = None,
+                      exclude_tags: Optional[Sequence[str]] = None) -> Iterator[Event]:
+        """The events `astream_events` yields, synchronously, with no event loop.
+
+        The run executes on a worker thread and its events arrive live; closing the iterator
+        stops the run and waits until every step has closed. (langchain_core raises here.)
+
+        >>> events = RunnableLambda(str.upper).stream_events("hi", include_types=["chain"])
+        >>> [(e["event"], e["data"]) for e in events]
+        [('on_chain_start', {'input': 'hi'}), ('on_chain_stream', {'chunk': 'HI'}), ('on_chain_end', {'output': 'HI'})]
+        """
+        keep = _event_filter(version, include_names, include_types, include_tags,
+                             exclude_names, exclude_types, exclude_tags)
+        return _stream_events(self, input, config, keep)
+
+    def with_config(self, config: Optional[RunnableConfig] = None, **kwargs: Any) -> "Runnable[Input, Output]":
+        """This runnable with config bound to every call: run_name, tags, metadata, callbacks…
+
+        Tags and metadata accumulate (applied twice, both sets apply; a deviation from
+        langchain_core, which replaces them).
+
+        >>> r = RunnableLambda(lambda x: x).with_config(tags=["a"]).with_config(tags=["b"])
+        >>> r.config["tags"]
+        ['a', 'b']
+        """
+        return RunnableBinding(self, _merge_configs({}, {**(config or {}), **kwargs}))
+
+    def pipe(self, *others: Any) -> "RunnableSequence[Input, Any]":
+        """`self | others[0] | others[1] ...`
+
+        >>> RunnableLambda(lambda x: x + 1).pipe(lambda x: x * 2).invoke(1)
+        4
+        """
+        return RunnableSequence(self, *others)
+
+    def __or__(self, other: Any) -> "RunnableSequence[Input, Any]":
+        return RunnableSequence(self, other)
+
+    def __ror__(self, other: Any) -> "RunnableSequence[Any, Output]":
+        return RunnableSequence(other, self)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _resolve(config: Optional[Mapping[str, Any]]) -> RunnableConfig:
+    """The effective config of a call: the inherited one (context var) with `config` over it."""
+    if config is not None and not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict like {{'tags': [...]}}, not "
+                        f"{type(config).__name__}: {_short(config)}")
+    base = _current.get()
+    if not config:
+        return base if base is not None else {}
+    return _merge_configs(base, config)
+
+
+def _batch_configs(config: Union[RunnableConfig, List[RunnableConfig], None], n: int) -> List[RunnableConfig]:
+    if isinstance(config, list):
+        if len(config) != n:
+            raise ValueError(f"batch got {len(config)} configs for {n} inputs; pass one config "
+                             "or one per input")
+        return [_resolve(c) for c in config]
+    return [_resolve(config)] * n
+
+
+class RunnableBinding(Runnable[Input, Output]):
+    """A runnable with config bound to it (what `with_config` returns).
+
+    The bound config is merged under the call's config; the binding itself is not a run, so
+    events show the inner runnable (under `run_name` if one is bound).
+
+    >>> RunnableLambda(lambda x: x).with_config(run_name="echo").invoke("hi")
+    'hi'
+    """
+
+    def __init__(self, bound: Runnable[Input, Output], config: RunnableConfig) -> None:
+        self.bound, self.config = bound, config
+
+    def get_name(self) -> str:
+        return self.config.get("run_name") or self.bound.get_name()
+
+    def _bind(self, config: RunnableConfig) -> RunnableConfig:
+        merged = _merge_configs(self.config, config)
+        if "run_name" in self.config and "run_name" not in config:
+            merged["run_name"] = self.config["run_name"]
+        return merged
+
+    def _stream_run(self, inputs: Iterator[Any], config: RunnableConfig, tag: Optional[str] = None,
+                    known: Any = _MISSING, invoked: bool = False) -> Iterator[Any]:
+        return self.bound._stream_run(inputs, self._bind(config), tag, known, invoked)
+
+    def _astream_run(self, inputs: AsyncIterator[Any], config: RunnableConfig,
+                     tag: Optional[str] = None, known: Any = _MISSING,
+                     invoked: bool = False) -> AsyncIterator[Any]:
+        return self.bound._astream_run(inputs, self._bind(config), tag, known, invoked)
+
+    def _invoked(self, output: Any) -> Any:
+        return self.bound._invoked(output)
+
+    def with_config(self, config: Optional[RunnableConfig] = None, **kwargs: Any) -> "Runnable[Input, Output]":
+        return RunnableBinding(self.bound, _merge_configs(self.config, {**(config or {}), **kwargs}))
+
+    def __repr__(self) -> str:
+        return f"{self.bound!r}.with_config({self.config!r})"
+
+
+# ==============================================================================================
+# 5. Composition: sequence, parallel, lambda, generator, passthrough, @chain
+#
+# `|` builds a RunnableSequence, whose transform is its steps' transforms chained: each chunk
+# flows through every streaming step before the next is pulled. A dict becomes a parallel step,
+# a generator function a streaming step, any other function a step that folds its input.
+# ==============================================================================================
+
+def coerce_to_runnable(thing: Any) -> Runnable[Any, Any]:
+    """A runnable from a runnable, a dict, a generator function or a callable.
+
+    >>> coerce_to_runnable({"n": len}).get_name()
+    'RunnableParallel<n>'
+    >>> coerce_to_runnable(42)
+    Traceback (most recent call last):
+    ...
+    TypeError: cannot use int as a step of a chain: 42; a step must be a Runnable, a callable, or a dict of them
+    """
+    if isinstance(thing, Runnable):
+        return thing
+    if isinstance(thing, dict):
+        return RunnableParallel(thing)
+    if inspect.isasyncgenfunction(thing) or inspect.isgeneratorfunction(thing):
+        return RunnableGenerator(thing)
+    if callable(thing):
+        return RunnableLambda(thing)
+    raise TypeError(f"cannot use {type(thing).__name__} as a step of a chain: {_short(thing)}; "
+                    "a step must be a Runnable, a callable, or a dict of them")
+
+
+class RunnableSequence(Runnable[Input, Output]):
+    """Steps run one after another, each one's output chunks streaming into the next.
+
+    `a | b | c` is the same as `RunnableSequence(a, b, c)`; nested sequences flatten. The
+    output streams from the last step that folds its input onward.
+
+    >>> seq = RunnableLambda(lambda x: x + " world") | (lambda s: s.upper())
+    >>> seq.invoke("hello"), len(seq.steps)
+    ('HELLO WORLD', 2)
+    """
+
+    def __init__(self, *steps: Any, name: Optional[str] = None) -> None:
+        flat: List[Runnable[Any, Any]] = []
+        for step in steps:
+            runnable = coerce_to_runnable(step)
+            if type(runnable) is RunnableSequence:
+                flat.extend(runnable.steps)
+            else:
+                flat.append(runnable)
+        if len(flat) < 2:
+            raise ValueError(f"a RunnableSequence needs at least 2 steps, got {len(flat)}")
+        self.steps: List[Runnable[Any, Any]] = flat
+        self.name = name
+
+    @property
+    def first(self) -> Runnable[Any, Any]:
+        """The first step."""
+        return self.steps[0]
+
+    @property
+    def last(self) -> Runnable[Any, Any]:
+        """The last step."""
+        return self.steps[-1]
+
+    def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        for i, step in enumerate(self.steps):
+            inputs = step._stream_run(inputs, config, f"seq:step:{i + 1}")
+        yield from inputs
+
+    async def _atransform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        for i, step in enumerate(self.steps):
+            inputs = step._astream_run(inputs, config, f"seq:step:{i + 1}")
+        try:
+            async for chunk in inputs:
+                yield chunk
+        finally:
+            await _aclose(inputs)
+
+    def _invoke_transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        value = _fold(inputs)
+        for i, step in enumerate(self.steps):
+            value = step._invoke(value, config, f"seq:step:{i + 1}")
+        yield value
+
+    async def _ainvoke_transform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        value = await _afold(inputs)
+        for i, step in enumerate(self.steps):
+            value = await step._ainvoke(value, config, f"seq:step:{i + 1}")
+        yield value
+
+    def __repr__(self) -> str:
+        return "\n| ".join(repr(s) for s in self.steps)
+
+
+class _Tee:
+    """Copies of one input iterator for several consumers, safe across threads."""
+
+    def __init__(self, source: Iterator[Any], n: int) -> None:
+        import collections
+        self.source, self.lock = source, threading.Lock()
+        self.buffers: List[Any] = [collections.deque() for _ in range(n)]
+
+    def branch(self, i: int) -> Iterator[Any]:
+        buffer = self.buffers[i]
+        while True:
+            with self.lock:
+                if not buffer:
+                    item = next(self.source, _MISSING)
+                    if item is _MISSING:
+                        return
+                    for b in self.buffers:
+                        b.append(item)
+                chunk = buffer.popleft()
+            yield chunk
+
+
+class _ATee:
+    """The async twin of `_Tee` (one event loop, so a lock around each pull suffices)."""
+
+    def __init__(self, source: AsyncIterator[Any], n: int) -> None:
+        import collections
+        self.source, self.lock = source, asyncio.Lock()
+        self.buffers: List[Any] = [collections.deque() for _ in range(n)]
+
+    async def branch(self, i: int) -> AsyncIterator[Any]:
+        buffer = self.buffers[i]
+        while True:
+            async with self.lock:
+                if not buffer:
+                    try:
+                        item = await self.source.__anext__()
+                    except StopAsyncIteration:
+                        return
+                    for b in self.buffers:
+                        b.append(item)
+                chunk = buffer.popleft()
+            yield chunk
+
+
+def _interleave(branches: List[Tuple[str, Iterator[Any]]]) -> Iterator[Tuple[str, Any]]:
+    """`(key, chunk)` pairs from several iterators in the order they arrive. Each branch's
+    next chunk is computed on a worker thread while the consumer handles the current one
+    (one chunk ahead per branch, no more). The first exception is raised unchanged; closing
+    waits for the running steps, then closes every branch."""
+    import concurrent.futures
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(branches),
+                                                 thread_name_prefix="minichain")
+    contexts = {key: contextvars.copy_context() for key, _ in branches}
+
+    def pull(key: str, it: Iterator[Any]) -> "concurrent.futures.Future[Any]":
+        return pool.submit(contexts[key].run, _next_or_missing, it)
+    pending = {pull(key, it): (key, it) for key, it in branches}
+    order = [key for key, _ in branches]
+    try:
+        while pending:
+            done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in sorted(done, key=lambda f: order.index(pending[f][0])):
+                key, it = pending.pop(future)
+                chunk = future.result()
+                if chunk is not _MISSING:
+                    yield key, chunk
+                    pending[pull(key, it)] = (key, it)
+    finally:
+        concurrent.futures.wait(pending)
+        for key, it in branches:
+            contexts[key].run(_close, it)
+        pool.shutdown()
+
+
+async def _ainterleave(branches: List[Tuple[str, AsyncIterator[Any]]]) -> AsyncIterator[Tuple[str, Any]]:
+    """The async twin of `_interleave`: one task per branch's next chunk; closing cancels
+    them and closes every branch."""
+    def pull(it: AsyncIterator[Any]) -> "asyncio.Future[Any]":
+        return asyncio.ensure_future(it.__anext__())
+    pending = {pull(it): (key, it) for key, it in branches}
+    order = [key for key, _ in branches]
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=lambda t: order.index(pending[t][0])):
+                key, it = pending.pop(task)
+                try:
+                    chunk = task.result()
+                except StopAsyncIteration:
+                    continue
+                yield key, chunk
+                pending[pull(it)] = (key, it)
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for _, it in branches:
+            await _aclose(it)
+
+
+class RunnableParallel(Runnable[Input, Dict[str, Any]]):
+    """Branches that each get the same input and run concurrently; the output is a dict.
+
+    Streaming yields one-key dicts (`AddableDict`) as chunks arrive from any branch; they add
+    up to the whole output. A dict inside a chain is the same as a RunnableParallel.
+
+    >>> par = RunnableParallel(orig=RunnablePassthrough(), n=len)
+    >>> par.invoke("hello"), list(par.stream("hello"))
+    ({'orig': 'hello', 'n': 5}, [{'orig': 'hello'}, {'n': 5}])
+    """
+
+    def __init__(self, steps: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> None:
+        merged = {**(steps or {}), **kwargs}
+        self.steps = {key: coerce_to_runnable(step) for key, step in merged.items()}
+
+    def get_name(self) -> str:
+        return self.name or f"RunnableParallel<{','.join(self.steps)}>"
+
+    def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        tee = _Tee(inputs, len(self.steps))
+        branches = [(key, step._stream_run(tee.branch(i), config, f"map:key:{key}"))
+                    for i, (key, step) in enumerate(self.steps.items())]
+        try:
+            if len(branches) == 1:  # nothing to run concurrently
+                key, it = branches[0]
+                yield from (AddableDict({key: chunk}) for chunk in it)
+            else:
+                for key, chunk in _interleave(branches):
+                    yield AddableDict({key: chunk})
+        finally:
+            _close(inputs)
+
+    async def _atransform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        tee = _ATee(inputs, len(self.steps))
+        branches = [(key, step._astream_run(tee.branch(i), config, f"map:key:{key}"))
+                    for i, (key, step) in enumerate(self.steps.items())]
+        merged = _ainterleave(branches)
+        try:
+            async for key, chunk in merged:
+                yield AddableDict({key: chunk})
+        finally:
+            await _aclose(merged)
+            await _aclose(inputs)
+
+    def _invoke_transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        import concurrent.futures
+        value = _fold(inputs)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(self.steps) or 1) as pool:
+            futures = {key: pool.submit(contextvars.copy_context().run, step._invoke, value,
+                                        config, f"map:key:{key}")
+                       for key, step in self.steps.items()}
+            yield {key: f.result() for key, f in futures.items()}
+
+    async def _ainvoke_transform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        value = await _afold(inputs)
+        results = await asyncio.gather(*(step._ainvoke(value, config, f"map:key:{key}")
+                                         for key, step in self.steps.items()))
+        yield dict(zip(self.steps, results))
+
+
+def _accepts_config(func: Callable[..., Any]) -> bool:
+    try:
+        return "config" in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class RunnableLambda(Runnable[Input, Output]):
+    """A function as a step. It needs its whole input: the input chunks are folded with `+`
+    first, so streaming stops here (a generator function passed explicitly streams its
+    output, but still folds its input).
+
+    Sync, async, generator and async generator functions all work; a function with a `config`
+    parameter receives the active config; a function returning a runnable has it run on the
+    same input. Runnables called inside report as children of this run.
+
+    >>> RunnableLambda(lambda x: x * 2).invoke(21)
+    42
+    >>> def letters(word):
+    ...     yield from word
+    >>> list(RunnableLambda(letters).stream("ab"))
+    ['a', 'b']
+    """
+
+    _user_code = True
+
+    def __init__(self, func: Callable[..., Any], afunc: Optional[Callable[..., Any]] = None,
+                 name: Optional[str] = None) -> None:
+        if not callable(func):
+            raise TypeError(f"RunnableLambda needs a function, got {type(func).__name__}: "
+                            f"{_short(func)}")
+        self.func, self.afunc = func, afunc
+        fname = getattr(func, "__name__", None)
+        self.name = name or (fname if fname and fname != "<lambda>" else None)
+        self._config_param = _accepts_config(func)
+
+    def _call(self, func: Callable[..., Any], value: Any, config: RunnableConfig) -> Any:
+        return func(value, config=config) if self._config_param else func(value)
+
+    def _produce(self, value: Any, config: RunnableConfig) -> Iterator[Any]:
+        func = self.func
+        if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+            raise _sync_only(f"RunnableLambda({self.get_name()})", "invoke/stream")
+        out = self._call(func, value, config)
+        if inspect.isgenerator(out):
+            yield from out
+        elif isinstance(out, Runnable):
+            yield from out._stream_run(iter([value]), config)
+        else:
+            yield out
+
+    async def _aproduce(self, value: Any, config: RunnableConfig) -> AsyncIterator[Any]:
+        func = self.afunc or self.func
+        if inspect.isasyncgenfunction(func):
+            agen = self._call(func, value, config)
+            try:
+                async for chunk in agen:
+                    yield chunk
+            finally:
+                await agen.aclose()
+            return
+        if inspect.isgeneratorfunction(func):
+            # deviation: langchain_core raises here; we run the generator on a worker thread
+            chunks = _in_thread(lambda: cast(Iterator[Any], self._call(func, value, config)))
+        elif inspect.iscoroutinefunction(func):
+            out = await self._call(func, value, config)
+            chunks = _aiter([out]) if not isinstance(out, Runnable) else \
+                out._astream_run(_aiter([value]), config)
+        else:
+            ctx = contextvars.copy_context()
+            out = await asyncio.get_running_loop().run_in_executor(
+                None, ctx.run, self._call, func, value, config)
+            chunks = _aiter([out]) if not isinstance(out, Runnable) else \
+                out._astream_run(_aiter([value]), config)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await _aclose(chunks)
+
+    def __repr__(self) -> str:
+        return f"RunnableLambda({self.get_name()})"
+
+
+def chain(func: Callable[..., Any]) -> RunnableLambda[Any, Any]:
+    """Decorator: the function as a `RunnableLambda` named after it.
+
+    Runnables it calls report their events under it, with no config passed by hand.
+
+    >>> @chain
+    ... def shout(text):
+    ...     return text.upper() + "!"
+    >>> shout.invoke("hey"), shout.get_name()
+    ('HEY!', 'shout')
+    """
+    return RunnableLambda(func)
+
+
+class RunnableGenerator(Runnable[Input, Output]):
+    """A generator function over the input *stream* as a step: it sees every input chunk as it
+    arrives, so streaming passes through. `|` makes one from any (async) generator function.
+
+    A sync generator function also runs under `astream` (on a worker thread); an async one
+    needs the async methods.
+
+    >>> def upper_each(chunks):
+    ...     for chunk in chunks:
+    ...         yield chunk.upper()
+    >>> list(RunnableGenerator(upper_each).transform(iter(["a", "b"])))
+    ['A', 'B']
+    """
+
+    _user_code = True
+
+    def __init__(self, transform: Callable[..., Any], atransform: Optional[Callable[..., Any]] = None,
+                 name: Optional[str] = None) -> None:
+        for fn in (transform, atransform):
+            if fn is None:
+                continue
+            if not (inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)):
+                raise TypeError(f"RunnableGenerator needs a generator function (one that "
+                                f"yields), got {_short(fn)}; for a plain function use "
+                                "RunnableLambda")
+            params = [p for p in inspect.signature(fn).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+            if not params:
+                raise TypeError(f"generator function {fn.__name__}() must take one argument, "
+                                f"the iterator of input chunks: def {fn.__name__}(chunks): ...")
+        self.func, self.afunc = transform, atransform
+        self.name = name or getattr(transform, "__name__", None)
+
+    def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        if inspect.isasyncgenfunction(self.func):
+            raise _sync_only(f"RunnableGenerator({self.get_name()})", "stream/transform")
+        gen = self.func(inputs)
+        try:
+            yield from gen
+        finally:
+            _close(inputs)
+
+    async def _atransform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        func = self.afunc or self.func
+        if inspect.isasyncgenfunction(func):
+            chunks = func(inputs)
+        else:  # deviation: langchain_core raises; we run the sync generator on a worker thread
+            loop = asyncio.get_running_loop()
+            chunks = _in_thread(lambda: func(_SyncInput(inputs, loop)))
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await _aclose(chunks)
+            await _aclose(inputs)
+
+
+class RunnablePassthrough(Runnable[Input, Input]):
+    """Passes its input through unchanged, chunk by chunk. With `func`, also calls it once
+    with the whole input at the end (for side effects).
+
+    >>> RunnableParallel(question=RunnablePassthrough()).invoke("why?")
+    {'question': 'why?'}
+    """
+
+    def __init__(self, func: Optional[Callable[[Any], Any]] = None) -> None:
+        self.func = func
+
+    def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        seen = _MISSING
+        for chunk in inputs:
+            if self.func is not None:
+                seen = _add(seen, chunk)
+            yield chunk
+        if self.func is not None and seen is not _MISSING:
+            self.func(seen)
+
+    async def _atransform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        seen = _MISSING
+        try:
+            async for chunk in inputs:
+                if self.func is not None:
+                    seen = _add(seen, chunk)
+                yield chunk
+        finally:
+            await _aclose(inputs)
+        if self.func is not None and seen is not _MISSING:
+            result = self.func(seen)
+            if inspect.isawaitable(result):
+                await result
+
+    @staticmethod
+    def assign(**kwargs: Any) -> "RunnableAssign":
+        """A step that passes its dict input through and adds keys computed from it.
+
+        >>> RunnablePassthrough.assign(n=lambda d: len(d["q"])).invoke({"q": "hey"})
+        {'q': 'hey', 'n': 3}
+        """
+        return RunnableAssign(RunnableParallel(kwargs))
+
+
+class RunnableAssign(Runnable[Dict[str, Any], Dict[str, Any]]):
+    """Passes a dict through and adds the keys its mapper computes from the whole dict.
+
+    The input's own keys stream out first, as they arrive; then the mapper's chunks.
+
+    >>> list(RunnableAssign(RunnableParallel(up=lambda d: d["q"].upper())).stream({"q": "hi"}))
+    [{'q': 'hi'}, {'up': 'HI'}]
+    """
+
+    def __init__(self, mapper: RunnableParallel[Any]) -> None:
+        self.mapper = mapper
+
+    def get_name(self) -> str:
+        return self.name or f"RunnableAssign<{','.join(self.mapper.steps)}>"
+
+    def _passthrough(self, chunk: Any) -> Optional[AddableDict]:
+        if not isinstance(chunk, dict):
+            raise TypeError(f"{self.get_name()} needs a dict input to add keys to, got "
+                            f"{type(chunk).__name__}: {_short(chunk)}")
+        kept = AddableDict({k: v for k, v in chunk.items() if k not in self.mapper.steps})
+        return kept or None
+
+    def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        whole = _MISSING
+        for chunk in inputs:
+            whole = _add(whole, chunk)
+            kept = self._passthrough(chunk)
+            if kept:
+                yield kept
+        if whole is not _MISSING:
+            yield from self.mapper._stream_run(iter([whole]), config)
+
+    async def _atransform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        whole = _MISSING
+        try:
+            async for chunk in inputs:
+                whole = _add(whole, chunk)
+                kept = self._passthrough(chunk)
+                if kept:
+                    yield kept
+        finally:
+            await _aclose(inputs)
+        if whole is not _MISSING:
+            mapped = self.mapper._astream_run(_aiter([whole]), config)
+            try:
+                async for chunk in mapped:
+                    yield chunk
+            finally:
+                await _aclose(mapped)
+
+
+# ==============================================================================================
+# 6. Event streaming: astream_events, stream_events, custom events
+#
+# An event stream is the run with one more listener: it pushes each event into a queue that
+# the consumer reads while the run executes elsewhere (a task, or a worker thread for the sync
+# version), so events from nested calls arrive live. Stopping the consumer stops the run.
+# ==============================================================================================
+
+def _names(kind: str, value: Optional[Sequence[str]]) -> Optional[frozenset]:  # type: ignore[type-arg]
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise TypeError(f"{kind} must be a list of strings, not the str {value!r}; "
+                        f"write {kind}=[{value!r}]")
+    return frozenset(value)
+
+
+def _event_type(event: Event) -> str:
+    """The run type an event belongs to (`chat_model`, ...); a custom event's type is its name."""
+    kind = event["event"]
+    return cast(str, event["name"]) if kind == "on_custom_event" else kind[3:kind.rindex("_")]
+
+
+def _event_filter(version: str, include_names: Optional[Sequence[str]],
+                  include_types: Optional[Sequence[str]], include_tags: Optional[Sequence[str]],
+                  exclude_names: Optional[Sequence[str]], exclude_types: Optional[Sequence[str]],
+                  exclude_tags: Optional[Sequence[str]]) -> Optional[Callable[[Event], bool]]:
+    """A predicate over events from the include/exclude lists (None: keep everything)."""
+    if version != "v2":
+        raise ValueError(f"unknown event version {version!r}; minichain streams the v2 event "
+                         "schema only: pass version='v2' (or leave it out)")
+    inc_n, inc_y, inc_t = (_names("include_names", include_names),
+                           _names("include_types", include_types),
+                           _names("include_tags", include_tags))
+    exc_n, exc_y, exc_t = (_names("exclude_names", exclude_names),
+                           _names("exclude_types", exclude_types),
+                           _names("exclude_tags", exclude_tags))
+    if not any(x is not None for x in (inc_n, inc_y, inc_t, exc_n, exc_y, exc_t)):
+        return None
+    any_include = any(x is not None for x in (inc_n, inc_y, inc_t))
+
+    def keep(event: Event) -> bool:
+        name, kind, tags = event["name"], _event_type(event), event["tags"]
+        kept = not any_include or bool(
+            (inc_n and name in inc_n) or (inc_y and kind in inc_y)
+            or (inc_t and not inc_t.isdisjoint(tags)))
+        return kept and not ((exc_n and name in exc_n) or (exc_y and kind in exc_y)
+                             or (exc_t and not exc_t.isdisjoint(tags)))
+    return keep
+
+
+def _listening(config: Optional[RunnableConfig], listen: Handler) -> RunnableConfig:
+    """The call's config with `listen` added to its handlers; the run becomes a new root."""
+    cfg = dict(_resolve(config))
+    handlers = cfg.get("callbacks")
+    cfg["callbacks"] = [listen] + (list(handlers) if isinstance(handlers, (list, tuple)) else [])
+    return cfg
+
+
+async def _astream_events(runnable: Runnable[Any, Any], input: Any,
+                          config: Optional[RunnableConfig],
+                          keep: Optional[Callable[[Event], bool]]) -> AsyncIterator[Event]:
+    loop = asyncio.get_running_loop()
+    loop_thread = threading.get_ident()
+    events: "asyncio.Queue[Any]" = asyncio.Queue()
+
+    def listen(event: Event) -> None:
+        if keep is None or keep(event):
+            if threading.get_ident() == loop_thread:
+                events.put_nowait(event)
+            else:  # a sync step running on a worker thread
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+    async def run() -> None:
+        chunks = runnable._astream_run(_aiter([input]), _listening(config, listen), None, input)
+        try:
+            async for _ in chunks:
+                pass
+        finally:
+            await _aclose(chunks)
+    task = asyncio.ensure_future(run())
+    task.add_done_callback(lambda _: events.put_nowait(_MISSING))
+    try:
+        while True:
+            event = await events.get()
+            if event is _MISSING:
+                break
+            yield event
+        exc = task.exception()
+        if exc is not None:
+            raise exc
+    finally:
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+class _Stopped(BaseException):
+    """Raised inside a run whose event consumer went away, to unwind every step."""
+
+
+def _stream_events(runnable: Runnable[Any, Any], input: Any, config: Optional[RunnableConfig],
+                   keep: Optional[Callable[[Event], bool]]) -> Iterator[Event]:
+    import queue
+    events: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+    stopped = threading.Event()
+    failure: List[BaseException] = []
+
+    def listen(event: Event) -> None:
+        if stopped.is_set():
+            raise _Stopped()
+        if keep is None or keep(event):
+            events.put(event)
+
+    def run() -> None:
+        chunks = runnable._stream_run(iter([input]), _listening(config, listen), None, input)
+        try:
+            for _ in chunks:
+                if stopped.is_set():
+                    break
+        except _Stopped:
+            pass
+        except BaseException as exc:  # handed to the consumer, raised there
+            failure.append(exc)
+        finally:
+            _close(chunks)
+            events.put(_MISSING)
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(run,), daemon=True,
+                              name="minichain-events")
+    worker.start()
+    try:
+        while True:
+            event = events.get()
+            if event is _MISSING:
+                break
+            yield event
+        if failure:
+            raise failure[0]
+    finally:
+        stopped.set()
+        worker.join()
+
+
+def _custom_event(name: str, data: Any, config: Optional[RunnableConfig]) -> None:
+    cfg = config if config is not None else _current.get()
+    if cfg is None:
+        raise RuntimeError(f"dispatch_custom_event({name!r}) was called outside any runnable; "
+                           "call it from inside a step (a RunnableLambda, @chain, tool, ...) so "
+                           "the event has a parent run")
+    run = cfg.get("callbacks")
+    if isinstance(run, Run):
+        run.emit({"event": "on_custom_event", "run_id": run.id, "name": name, "tags": run.tags,
+                  "metadata": run.metadata, "data": data, "parent_ids": run.parent_ids})
+
+
+def dispatch_custom_event(name: str, data: Any, config: Optional[RunnableConfig] = None) -> None:
+    """Emit an `on_custom_event` under the run that is executing (found via the context).
+
+    Listeners see `name` and `data` as given; with no listener it costs nothing.
+
+    >>> @chain
+    ... def step(x):
+    ...     dispatch_custom_event("progress", {"done": 50})
+    ...     return x
+    >>> [(e["event"], e["name"], e["data"]) for e in step.stream_events(1, include_types=["progress"])]
+    [('on_custom_event', 'progress', {'done': 50})]
+    """
+    _custom_event(name, data, config)
+
+
+async def adispatch_custom_event(name: str, data: Any, config: Optional[RunnableConfig] = None) -> None:
+    """Async twin of `dispatch_custom_event`.
+
+    >>> async def step(x):
+    ...     await adispatch_custom_event("progress", "half")
+    ...     return x
+    >>> async def main():
+    ...     events = RunnableLambda(step).astream_events(1, include_types=["progress"])
+    ...     return [e["data"] async for e in events]
+    >>> asyncio.run(main())
+    ['half']
+    """
+    _custom_event(name, data, config)
+
+
+# ==============================================================================================
+# 7. Chat models, LLMs and fakes
+#
+# A chat model writes `_stream(messages)` (and `_astream` if it does real async I/O). The base
+# class folds its input into messages, stamps each chunk with the run's id, marks the last
+# chunk, and reports `on_chat_model_*` events. The fakes make docs and tests deterministic.
+# ==============================================================================================
+
+def _to_messages(value: Any) -> List[BaseMessage]:
+    """A chat model's input as messages: a string, a prompt value or a list of messages."""
+    if isinstance(value, PromptValue):
+        return value.to_messages()
+    if isinstance(value, (str, BaseMessage)):
+        return [_to_message(value)]
+    if isinstance(value, (list, tuple)):
+        return [_to_message(item) for item in value]
+    raise TypeError(f"a chat model takes a str, a list of messages or a prompt value, not "
+                    f"{type(value).__name__}: {_short(value)}")
+
+
+def _run_id(config: RunnableConfig) -> str:
+    """The id of the run executing (a fresh one when nobody listens)."""
+    run = config.get("callbacks")
+    return run.id if isinstance(run, Run) else _uuid7()
+
+
+class _Stamp:
+    """Gives every chunk of one model call the run's id and marks the last one."""
+
+    def __init__(self, config: RunnableConfig) -> None:
+        self.id = f"lc_run--{_run_id(config)}"
+        self.last: Optional[AIMessageChunk] = None
+
+    def feed(self, chunk: AIMessageChunk) -> AIMessageChunk:
+        if chunk.id is None:
+            chunk.id = self.id
+        self.last = chunk
+        return chunk
+
+    def finish(self) -> Optional[AIMessageChunk]:
+        """The closing empty chunk, where the model did not mark its last one."""
+        if self.last is None:
+            raise ValueError("No generation chunks were returned: the model streamed nothing")
+        if self.last.chunk_position == "last":
+            return None
+        return AIMessageChunk("", id=self.last.id, chunk_position="last")
+
+
+class BaseChatModel(Runnable[Any, AIMessage]):
+    """A chat model: messages in, `AIMessageChunk`s out. Subclasses write `_stream`.
+
+    It needs its whole input (a prompt is folded first), then streams tokens; `invoke`
+    returns the chunks added up as an `AIMessage`.
+
+    >>> class Echo(BaseChatModel):
+    ...     def _stream(self, messages, **kwargs):
+    ...         for word in messages[-1].text.split():
+    ...             yield AIMessageChunk(word)
+    >>> Echo().invoke("hi there").content
+    'hithere'
+    """
+
+    run_type = "chat_model"
+    input_in_start = True
+
+    def __init__(self, *, tags: Optional[List[str]] = None,
+                 metadata: Optional[Dict[str, Any]] = None, **kwargs: Any) -> None:
+        self.tags, self.metadata = list(tags or []), dict(metadata or {})
+        self.kwargs = kwargs  # extra request parameters passed to _stream
+
+    def _stream(self, messages: List[BaseMessage], **kwargs: Any) -> Iterator[AIMessageChunk]:
+        """The model's answer to `messages`, chunk by chunk."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _stream(messages)")
+
+    def _astream(self, messages: List[BaseMessage], **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
+        """Async twin of `_stream`; by default runs `_stream` on a worker thread."""
+        return _in_thread(lambda: self._stream(messages, **kwargs))
+
+    def _produce(self, value: Any, config: RunnableConfig) -> Iterator[Any]:
+        stamp = _Stamp(config)
+        for chunk in self._stream(_to_messages(value), **self.kwargs):
+            yield stamp.feed(chunk)
+        closing = stamp.finish()
+        if closing is not None:
+            yield closing
+
+    async def _aproduce(self, value: Any, config: RunnableConfig) -> AsyncIterator[Any]:
+        stamp = _Stamp(config)
+        chunks = self._astream(_to_messages(value), **self.kwargs)
+        try:
+            async for chunk in chunks:
+                yield stamp.feed(chunk)
+        finally:
+            await _aclose(chunks)
+        closing = stamp.finish()
+        if closing is not None:
+            yield closing
+
+    def _invoked(self, output: Any) -> Any:
+        return output.to_message() if isinstance(output, AIMessageChunk) else output
+
+    def _event_input(self, value: Any, end: bool) -> Any:
+        return {"messages": [_to_messages(value)]}
+
+    def _own_tags(self) -> List[str]:
+        return self.tags
+
+    def _own_metadata(self) -> Dict[str, Any]:
+        meta = {"ls_provider": type(self).__name__.lower(), "ls_model_type": "chat",
+                "ls_integration": "langchain_chat_model"}
+        return {**meta, **self.metadata}
+
+
+class BaseLLM(Runnable[Any, str]):
+    """A text-completion model: a prompt string in, text out. Subclasses write `_call`, or
+    `_stream` to stream; only a model with `_stream` emits `on_llm_stream` events.
+
+    >>> class Shout(BaseLLM):
+    ...     def _call(self, prompt, **kwargs):
+    ...         return prompt.upper()
+    >>> Shout().invoke("hey")
+    'HEY'
+    """
+
+    run_type = "llm"
+    input_in_start = True
+
+    def __init__(self, *, tags: Optional[List[str]] = None,
+                 metadata: Optional[Dict[str, Any]] = None) -> None:
+        self.tags, self.metadata = list(tags or []), dict(metadata or {})
+
+    def _call(self, prompt: str, **kwargs: Any) -> str:
+        """The whole completion of `prompt`."""
+        return "".join(self._stream(prompt, **kwargs))
+
+    def _stream(self, prompt: str, **kwargs: Any) -> Iterator[str]:
+        """The completion of `prompt`, piece by piece (default: `_call` in one piece)."""
+        yield self._call(prompt, **kwargs)
+
+    def _streams(self, invoked: bool) -> bool:
+        return type(self)._stream is not BaseLLM._stream
+
+    def _produce(self, value: Any, config: RunnableConfig) -> Iterator[Any]:
+        yield from self._stream(_to_prompt(value))
+
+    def _event_input(self, value: Any, end: bool) -> Any:
+        return {"prompts": [_to_prompt(value)]}
+
+    def _event_output(self, output: Any) -> Any:
+        return {"generations": [[{"text": output, "generation_info": None, "type": "Generation"}]],
+                "llm_output": None}
+
+    def _own_tags(self) -> List[str]:
+        return self.tags
+
+    def _own_metadata(self) -> Dict[str, Any]:
+        provider = type(self).__name__.lower()
+        provider = provider[:-3] if provider.endswith("llm") else provider
+        return {"ls_provider": provider, "ls_model_type": "llm", **self.metadata}
+
+
+def _to_prompt(value: Any) -> str:
+    if isinstance(value, PromptValue):
+        return value.to_string()
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        return ChatPromptValue(_to_messages(value)).to_string()
+    raise TypeError(f"an LLM takes a str or a prompt value, not {type(value).__name__}: "
+                    f"{_short(value)}")
+
+
+def _fake_chunks(message: AIMessage) -> List[AIMessageChunk]:
+    """How `GenericFakeChatModel` splits a message: every whitespace character is its own chunk
+    (so a double space gives an empty chunk); then one chunk per additional_kwargs entry."""
+    chunks = []
+    if message.content:
+        parts = re.split(r"(\s)", message.text)
+        chunks = [AIMessageChunk(part, id=message.id) for part in parts]
+        if not message.additional_kwargs:
+            chunks[-1].chunk_position = "last"
+    for key, value in message.additional_kwargs.items():
+        if key == "function_call" and isinstance(value, dict):
+            for fkey, fvalue in value.items():
+                pieces = re.split(r"(,)", fvalue) if isinstance(fvalue, str) else [fvalue]
+                chunks += [AIMessageChunk("", id=message.id,
+                                          additional_kwargs={"function_call": {fkey: p}})
+                           for p in pieces]
+        else:
+            chunks.append(AIMessageChunk("", id=message.id, additional_kwargs={key: value}))
+    return chunks
+
+
+class GenericFakeChatModel(BaseChatModel):
+    """A fake chat model for docs and tests: each call answers with the next item of
+    `messages` (a str or an AIMessage), streamed the way langchain_core's fake streams it.
+    `sleep` waits that many seconds before each chunk, to show latency (an addition).
+
+    >>> model = GenericFakeChatModel(messages=iter(["The sky  is\\nblue."]))
+    >>> [c.content for c in model.stream("hi")]
+    ['The', ' ', 'sky', ' ', '', ' ', 'is', '\\n', 'blue.']
+    """
+
+    def __init__(self, *, messages: Iterator[Union[str, AIMessage]], sleep: Optional[float] = None,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.messages, self.sleep = messages, sleep
+
+    def _next(self) -> List[AIMessageChunk]:
+        item = next(self.messages, None)
+        if item is None:
+            raise ValueError("GenericFakeChatModel has no messages left: give it an iterator "
+                             "with one message per call, e.g. messages=iter(['a', 'b'])")
+        return _fake_chunks(AIMessage(item) if isinstance(item, str) else item)
+
+    def _stream(self, messages: List[BaseMessage], **kwargs: Any) -> Iterator[AIMessageChunk]:
+        for chunk in self._next():
+            if self.sleep:
+                time.sleep(self.sleep)
+            yield chunk
+
+    async def _astream(self, messages: List[BaseMessage], **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
+        for chunk in self._next():
+            if self.sleep:
+                await asyncio.sleep(self.sleep)
+            yield chunk
+
+
+class FakeListChatModelError(Exception):
+    """Raised by `FakeListChatModel` at `error_on_chunk_number`."""
+
+
+class FakeListChatModel(BaseChatModel):
+    """A fake chat model that cycles through `responses`, one character per chunk.
+
+    `sleep` waits before each chunk; `error_on_chunk_number=k` raises at chunk k (0-based).
+
+    >>> model = FakeListChatModel(responses=["ab", "c"])
+    >>> [c.content for c in model.stream("x")], model.invoke("x").content, model.invoke("x").content
+    (['a', 'b'], 'c', 'ab')
+    """
+
+    def __init__(self, *, responses: List[str], sleep: Optional[float] = None,
+                 error_on_chunk_number: Optional[int] = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not responses:
+            raise ValueError("FakeListChatModel needs at least one response")
+        self.responses, self.sleep, self.error_on = list(responses), sleep, error_on_chunk_number
+        self.i = 0
+        self._lock = threading.Lock()
+
+    def _next(self) -> List[AIMessageChunk]:
+        with self._lock:
+            text = self.responses[self.i % len(self.responses)]
+            self.i += 1
+        chunks = [AIMessageChunk(ch) for ch in text]
+        if chunks:
+            chunks[-1].chunk_position = "last"
+        return chunks
+
+    def _check(self, i: int) -> None:
+        if self.error_on is not None and i == self.error_on:
+            raise FakeListChatModelError(f"FakeListChatModel raised at chunk {i} as configured")
+
+    def _stream(self, messages: List[BaseMessage], **kwargs: Any) -> Iterator[AIMessageChunk]:
+        for i, chunk in enumerate(self._next()):
+            if self.sleep:
+                time.sleep(self.sleep)
+            self._check(i)
+            yield chunk
+
+    async def _astream(self, messages: List[BaseMessage], **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
+        for i, chunk in enumerate(self._next()):
+            if self.sleep:
+                await asyncio.sleep(self.sleep)
+            self._check(i)
+            yield chunk
+
+
+class FakeListLLM(BaseLLM):
+    """A fake LLM that cycles through `responses`; it does not stream (one chunk per call).
+
+    >>> llm = FakeListLLM(responses=["hello world"])
+    >>> list(llm.stream("hi")), llm.invoke("hi")
+    (['hello world'], 'hello world')
+    """
+
+    def __init__(self, *, responses: List[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.responses, self.i = list(responses), 0
+
+    def _call(self, prompt: str, **kwargs: Any) -> str:
+        text = self.responses[self.i % len(self.responses)]
+        self.i += 1
+        return text
+
+
+# ==============================================================================================
+# 8. Output parsers: str and incremental JSON
+#
+# A parser is a push machine (`feed` text, read what changed) driven by the transform loops
+# below. `JsonOutputParser` yields a new snapshot of the partial object each time it grows:
+# the same snapshots as langchain_core's, at linear total cost (it never re-parses).
+# ==============================================================================================
+
+class OutputParserException(ValueError):
+    """The model's output could not be parsed; `llm_output` holds the text.
+
+    >>> OutputParserException("Invalid json output: nope", llm_output="nope").llm_output
+    'nope'
+    """
+
+    def __init__(self, message: str, llm_output: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.llm_output = llm_output
+
+
+_WS = " \t\n\r"
+_STRIP = " \t\n\r`"  # langchain_core strips Unicode whitespace, then these, from the text
+_TRAILING = re.compile(r"[\s`]*\Z")  # a run of what may be stripped, at the end of a segment
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_STRING_STOP = re.compile(r'["\\]')
+_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+_LITERALS = {"true": True, "false": False, "null": None}
+
+
+class _JsonStream:
+    """An incremental JSON parser whose snapshots match langchain_core's partial parse.
+
+    `feed(text)` consumes more text and says whether the snapshot changed; `snapshot()` is the
+    partial value: open containers shown with what they hold so far, a string growing by
+    prefix (trailing whitespace hidden until more text follows), a number as its longest valid
+    prefix, and a member dropped while its key, literal or `\\u` escape is incomplete. Each
+    snapshot copies only the open containers; finished values are shared between snapshots.
+    With `markdown`, leading whitespace and backticks and a ```json fence are skipped.
+
+    >>> p = _JsonStream()
+    >>> [(p.feed(t), p.snapshot()) for t in ['{"a', '": [1', '2, "x', ' ', '"]}']]
+    [(True, {}), (True, {'a': [1]}), (True, {'a': [12, 'x']}), (False, {'a': [12, 'x']}), (True, {'a': [12, 'x ']})]
+    """
+
+    def __init__(self, markdown: bool = True) -> None:
+        self.stack: List[List[Any]] = []  # open containers: [dict or list, pending key]
+        self.mode = "start" if markdown else "value"
+        self.token = ""  # scalar in progress: "str", "key", "num", "lit" or ""
+        self.pieces: List[str] = []  # a string's decoded text so far
+        self.tail = ""  # its trailing whitespace/backticks, shown once more text follows
+        self.escape = ""  # an escape sequence not yet complete
+        self.raw = ""  # a number's or literal's text so far
+        self.shown: Any = _MISSING  # a number's value as shown (its longest valid prefix)
+        self.length = 0  # a string's length so far (without its tail)
+        self.measure: Any = None  # what the scalar in progress showed after the last feed
+        self.result: Any = _MISSING  # the whole value, once complete
+        self.error = ""  # why the text is not JSON
+        self.offset = 0  # characters consumed, for error positions
+        self.preamble = ""  # text before the value, while looking for a ```json fence
+        self.strip = markdown
+        self.changed = False
+        self.in_trailing_string = self.trailing_escape = self.stray_closer = False
+        self.trailing_depth = 0
+
+    # -- feeding -------------------------------------------------------------------------------
+
+    def feed(self, text: str) -> bool:
+        """Consume `text`; True if the snapshot changed."""
+        self.changed = False
+        i = 0
+        while i < len(text) and not self.error:
+            if self.mode == "done":  # after the value: only watch for a stray closer
+                i = self._trailing(text, i)
+                break
+            if self.token in ("str", "key"):
+                i = self._string(text, i)
+            elif self.token == "num":
+                i = self._number(text, i)
+            elif self.token == "lit":
+                i = self._literal(text, i)
+            elif self.mode == "start" and (text[i] == "`" or text[i].isspace()):
+                self.preamble += text[i]
+                i += 1
+            elif self.mode == "start" and text[i] in '{["-0123456789tfn':
+                self.mode = "value"
+            elif self.mode in ("start", "fence"):
+                # not JSON: look for a ```json fence, as langchain_core does, and go on after it
+                self.mode, self.preamble = "fence", self.preamble + text[i:]
+                self.offset += i
+                text, i = self._after_fence(), 0
+            else:
+                c = text[i]
+                i += 1
+                if c not in _WS:
+                    self._structure(c)
+        self.offset += i - 1 if self.error else i  # on an error: where it is
+        measure = self._measure()
+        if measure != self.measure:
+            self.changed, self.measure = True, measure
+        return self.changed
+
+    def _trailing(self, text: str, i: int) -> int:
+        """Text after the value is ignored, but a closer with no opener makes it invalid."""
+        for c in text[i:]:
+            if self.in_trailing_string:
+                self.in_trailing_string = c != '"' or self.trailing_escape
+                self.trailing_escape = c == "\\" and not self.trailing_escape
+            elif c == '"':
+                self.in_trailing_string = True
+            elif c in "{[":
+                self.trailing_depth += 1
+            elif c in "}]":
+                self.trailing_depth -= 1
+                self.stray_closer = self.stray_closer or self.trailing_depth < 0
+        return len(text)
+
+    def _after_fence(self) -> str:
+        """The text after a ```json fence in the preamble ("" while there is none yet)."""
+        at = self.preamble.find("```")
+        rest = self.preamble[at + 3:] if at >= 0 else ""
+        if at < 0 or (len(rest) < 4 and "json".startswith(rest)):
+            return ""  # wait for more: this may still become ```json
+        self.mode, self.preamble = "start", ""
+        return rest[4:] if rest.startswith("json") else rest
+
+    def _fail(self, why: str) -> None:
+        self.error = why
+        self.stack, self.token, self.mode = [], "", "dead"
+
+    def _structure(self, c: str) -> None:
+        mode, frame = self.mode, self.stack[-1] if self.stack else None
+        if mode in ("value", "value_or_end") and c not in "]}":
+            self._begin_value(c)
+        elif c in "]}" and mode in ("after", "key_or_end", "value_or_end"):
+            if frame is None or (c == "}") != isinstance(frame[0], dict):
+                return self._fail(f"unexpected {c!r}")
+            self.stack.pop()
+            self._complete(frame[0], changed=False)
+        elif c == "," and mode == "after" and frame is not None:
+            self.mode = "key" if isinstance(frame[0], dict) else "value"
+        elif c == '"' and mode in ("key", "key_or_end"):
+            self.token, self.pieces, self.tail = "key", [], ""
+        elif c == ":" and mode == "colon":
+            self.mode = "value"
+        else:
+            self._fail(f"unexpected {c!r}")
+
+    def _begin_value(self, c: str) -> None:
+        if c == "{" or c == "[":  # an open container shows at once, empty
+            self.stack.append([{} if c == "{" else [], None])
+            self.mode = "key_or_end" if c == "{" else "value_or_end"
+            self.changed = True
+            return
+        self.measure = None  # a new scalar: nothing of it shown yet
+        if c == '"':  # an open string shows as '' and grows by prefix
+            self.token, self.pieces, self.tail, self.length = "str", [], "", 0
+        elif c in "-0123456789":  # a number shows its longest valid prefix
+            self.token, self.raw = "num", c
+            self._show_number()
+        elif c in "tfn":  # a literal shows once complete
+            self.token, self.raw = "lit", c
+        else:
+            self._fail(f"unexpected {c!r} where a value should start")
+
+    def _complete(self, value: Any, changed: bool) -> None:
+        """A value is finished: store it in its container (or as the result)."""
+        self.token, self.measure = "", None
+        self.changed = self.changed or changed
+        if not self.stack:
+            self.result, self.mode = value, "done"
+            return
+        container, key = self.stack[-1]
+        if isinstance(container, dict):
+            container[key] = value
+            self.stack[-1][1] = None
+        else:
+            container.append(value)
+        self.mode = "after"
+
+    def _measure(self) -> Any:
+        """What the scalar in progress shows, in a form cheap to compare (None: nothing)."""
+        if self.token == "num":
+            return None if self.shown is _MISSING else self.shown
+        if self.token != "str" or self.escape.startswith("\\u"):
+            return None
+        shown_tail = self._shown_tail()
+        last = (self.pieces[-1][-1:] if self.pieces else "") if not shown_tail else shown_tail[-1]
+        return (self.length + len(shown_tail), last)
+
+    def _shown_tail(self) -> str:
+        """The part of a string's trailing whitespace that langchain_core's strip leaves."""
+        if self.escape or not self.strip:
+            return self.tail  # the text ends in a backslash: nothing is stripped
+        return self.tail.rstrip().rstrip(_STRIP)
+
+    def _string(self, text: str, i: int) -> int:
+        if self.escape:
+            i = self._escape(text, i)
+            if self.escape or self.error:
+                return i
+        while i < len(text):
+            m = _STRING_STOP.search(text, i)
+            end = m.start() if m else len(text)
+            if end > i:
+                segment = text[i:end]
+                shown = segment[:_TRAILING.search(segment).start()] if self.strip else segment
+                if shown:
+                    self.pieces.append(self.tail + shown)
+                    self.length += len(self.tail) + len(shown)
+                    self.tail = segment[len(shown):]
+                else:
+                    self.tail += segment
+            if m is None:
+                return len(text)
+            i = end + 1
+            if text[end] == '"':
+                value = "".join(self.pieces) + self.tail
+                if self.token == "key":
+                    self.token, self.mode = "", "colon"
+                    self.stack[-1][1] = value
+                else:
+                    self._complete(value, changed=self.measure != (len(value), value[-1:]))
+                return i
+            self.escape = "\\"
+            i = self._escape(text, i)
+            if self.escape or self.error:
+                return i
+        return i
+
+    def _escape(self, text: str, i: int) -> int:
+        """Continue an escape sequence; complete ones join the string's text."""
+        while i < len(text) and self.escape:
+            self.escape += text[i]
+            i += 1
+            esc = self.escape
+            if len(esc) == 2 and esc[1] != "u":
+                if esc[1] not in _ESCAPES:
+                    self._fail(f"invalid escape {esc!r} in a string")
+                    return i
+                self._commit(_ESCAPES[esc[1]])
+            elif len(esc) == 6:
+                try:
+                    code = int(esc[2:], 16)
+                except ValueError:
+                    self._fail(f"invalid escape {esc!r} in a string")
+                    return i
+                self._commit(chr(code))
+        return i
+
+    def _commit(self, decoded: str) -> None:
+        """Add an escaped character (joining a surrogate pair, as json.loads does)."""
+        self.escape = ""
+        if self.tail:
+            self.pieces.append(self.tail)
+            self.length += len(self.tail)
+            self.tail = ""
+        last = self.pieces[-1] if self.pieces else ""
+        if 0xDC00 <= ord(decoded) <= 0xDFFF and last and 0xD800 <= ord(last[-1]) <= 0xDBFF:
+            pair = (last[-1] + decoded).encode("utf-16", "surrogatepass").decode("utf-16")
+            self.pieces[-1] = last[:-1] + pair
+        else:
+            self.pieces.append(decoded)
+            self.length += 1
+
+    def _number(self, text: str, i: int) -> int:
+        start = i
+        while i < len(text) and text[i] in "0123456789+-.eE":
+            i += 1
+        self.raw += text[start:i]
+        self._show_number()
+        if i < len(text):  # the number ended
+            if _NUMBER.fullmatch(self.raw) is None:
+                self._fail(f"invalid number {self.raw!r}")
+                return i
+            value = self._number_value(self.raw)
+            self._complete(value, changed=self.measure is None or self.measure != value)
+        return i
+
+    @staticmethod
+    def _number_value(text: str) -> Any:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+
+    def _show_number(self) -> None:
+        m = _NUMBER.match(self.raw)
+        self.shown = self._number_value(m.group()) if m and m.group() not in ("", "-") else _MISSING
+
+    def _literal(self, text: str, i: int) -> int:
+        while i < len(text) and self.token == "lit":
+            self.raw += text[i]
+            i += 1
+            if self.raw in _LITERALS:
+                self._complete(_LITERALS[self.raw], changed=True)
+            elif not any(name.startswith(self.raw) for name in _LITERALS):
+                if self.stack or not self.strip:
+                    self._fail(f"invalid literal {self.raw!r}")
+                else:  # prose, not a literal: a ```json fence may still follow
+                    self.token, self.mode, self.preamble = "", "fence", self.raw
+                    return i
+        return i
+
+    def finish(self) -> None:
+        """The text has ended: a number at the very end is complete."""
+        if self.token == "num" and _NUMBER.fullmatch(self.raw):
+            value = self._number_value(self.raw)
+            self._complete(value, changed=self.measure is None or self.measure != value)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _scalar(self) -> Any:
+        """The in-progress scalar as shown, or _MISSING where it is hidden."""
+        if self.token == "str":
+            if self.escape.startswith("\\u"):
+                return _MISSING
+            joined = "".join(self.pieces)
+            self.pieces = [joined] if joined else []
+            return joined + self._shown_tail()
+        if self.token == "num":
+            return self.shown
+        return _MISSING
+
+    def snapshot(self) -> Any:
+        """The partial value now (`_MISSING` if nothing can be shown yet)."""
+        if self.result is not _MISSING:
+            return self.result
+        inner = self._scalar()
+        for container, key in reversed(self.stack):
+            copy: Any = dict(container) if isinstance(container, dict) else list(container)
+            if inner is not _MISSING:
+                if isinstance(copy, dict):
+                    if key is not None:
+                        copy[key] = inner
+                else:
+                    copy.append(inner)
+            inner = copy
+        return inner
+
+
+def parse_partial_json(text: str) -> Any:
+    """Parse the start of a JSON document as if it were closed where it stops.
+
+    Dangling keys, partial literals and trailing commas are dropped; an open string is
+    closed; text after the value is ignored, but a stray closer there gives None (as in
+    langchain_core). Raises `json.JSONDecodeError` when nothing can be shown, or for bad JSON.
+
+    >>> parse_partial_json('{"name": "Fra'), parse_partial_json('[1, {"a": tr')
+    ({'name': 'Fra'}, [1, {}])
+    """
+    stream = _JsonStream(markdown=False)
+    stream.feed(text)
+    stream.finish()
+    value = stream.snapshot()
+    if stream.error or value is _MISSING:
+        raise json.JSONDecodeError(stream.error or "no JSON value yet", text, min(stream.offset, len(text)))
+    return None if stream.stray_closer else value
+
+
+def _text_of(chunk: Any) -> str:
+    """The text a parser reads from a chunk: a message's text, or the string itself."""
+    if isinstance(chunk, BaseMessage):
+        return chunk.text
+    if isinstance(chunk, str):
+        return chunk
+    raise TypeError(f"a parser reads messages or strings, not {type(chunk).__name__}: "
+                    f"{_short(chunk)}")
+
+
+class BaseOutputParser(Runnable[Any, Output]):
+    """A parser: model output (messages or text) in, parsed values out, chunk by chunk.
+
+    A subclass writes `_feed(state, text)` returning the values to yield, `_start()` for a
+    fresh state, and `parse(text)` for a whole output (what `invoke` returns).
+
+    >>> class Words(BaseOutputParser):
+    ...     def _feed(self, state, text):
+    ...         return [text.split()]
+    ...     def parse(self, text):
+    ...         return text.split()
+    >>> list(Words().transform(iter(["a b", "c"]))), Words().invoke("a b")
+    ([['a', 'b'], ['c']], ['a', 'b'])
+    """
+
+    run_type = "parser"
+
+    def _start(self) -> Any:
+        return None
+
+    def _feed(self, state: Any, text: str) -> Iterable[Any]:
+        raise NotImplementedError
+
+    def _finish(self, state: Any) -> Iterable[Any]:
+        return ()
+
+    def parse(self, text: str) -> Any:
+        """Parse a whole output."""
+        raise NotImplementedError
+
+    def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        state = self._start()
+        try:
+            for chunk in inputs:
+                yield from self._feed(state, _text_of(chunk))
+        finally:
+            _close(inputs)
+        yield from self._finish(state)
+
+    async def _atransform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        state = self._start()
+        try:
+            async for chunk in inputs:
+                for out in self._feed(state, _text_of(chunk)):
+                    yield out
+        finally:
+            await _aclose(inputs)
+        for out in self._finish(state):
+            yield out
+
+    def _produce(self, value: Any, config: RunnableConfig) -> Iterator[Any]:
+        yield self.parse(_text_of(value))
+
+    def _invoke_transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        return Runnable._transform(self, inputs, config)  # fold, then parse the whole text
+
+    def _ainvoke_transform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        return Runnable._atransform(self, inputs, config)
+
+
+class StrOutputParser(BaseOutputParser[str]):
+    """The text of each chunk: model output as a stream of strings.
+
+    >>> chunks = GenericFakeChatModel(messages=iter(["a b"])).stream("x")
+    >>> list(StrOutputParser().transform(chunks))
+    ['a', ' ', 'b']
+    """
+
+    def _feed(self, state: Any, text: str) -> Iterable[str]:
+        return (text,)
+
+    def parse(self, text: str) -> str:
+        return text
+
+
+class JsonOutputParser(BaseOutputParser[Any]):
+    """Parses JSON from model output, streaming partial objects as the JSON grows.
+
+    Streaming yields a new snapshot only when the value changed: keys appear once their value
+    starts, strings grow by prefix, numbers digit by digit. Each snapshot is a distinct object;
+    finished sub-objects are shared between snapshots (treat them as read-only). The cost is
+    linear in the text (langchain_core re-parses everything per chunk). Text that is not JSON
+    streams nothing; `invoke` raises `OutputParserException` for it.
+
+    >>> chunks = ['{"name": "Fr', 'ance", "pop', '": 67', '4}']
+    >>> list(JsonOutputParser().transform(iter(chunks)))
+    [{'name': 'Fr'}, {'name': 'France'}, {'name': 'France', 'pop': 67}, {'name': 'France', 'pop': 674}]
+    >>> JsonOutputParser().invoke('```json\\n{"a": [1, 2]}\\n```')
+    {'a': [1, 2]}
+    """
+
+    def _start(self) -> _JsonStream:
+        return _JsonStream()
+
+    def _feed(self, state: _JsonStream, text: str) -> Iterable[Any]:
+        if state.feed(text):
+            value = state.snapshot()
+            if value is not _MISSING:
+                return (value,)
+        return ()
+
+    def parse(self, text: str) -> Any:
+        """Parse a whole output (a partial document gives its partial value)."""
+        state = _JsonStream()
+        text = text.strip()
+        state.feed(text)
+        state.finish()
+        value = state.snapshot()
+        if state.error or value is _MISSING:
+            at = min(state.offset, len(text))
+            line = text.count("\n", 0, at) + 1
+            column = at - (text.rfind("\n", 0, at) + 1) + 1
+            why = state.error or "no JSON value found"
+            raise OutputParserException(
+                f"Invalid json output: {text}\n({why} at line {line} column {column}; expected "
+                "one JSON value, optionally inside a ```json fence)", llm_output=text)
+        return value
+
+
+# ==============================================================================================
+# 9. Prompts
+#
+# A prompt turns a dict of variables into a prompt value. It needs its whole input, so it is
+# where a chain's input stream is folded. Templates use `{name}`; `{{` and `}}` are braces.
+# ==============================================================================================
+
+class _Prompt(Runnable[Dict[str, Any], PromptValue]):
+    """What both prompt templates share: variable checking and the prompt run type."""
+
+    run_type = "prompt"
+    input_in_start = True
+    input_variables: List[str] = []
+
+    def _values(self, value: Any) -> Dict[str, Any]:
+        if not isinstance(value, dict) and len(self.input_variables) == 1:
+            return {self.input_variables[0]: value}  # one variable: the input is its value
+        _check_variables(type(self).__name__, self.input_variables, value)
+        return cast(Dict[str, Any], value)
+
+    def _produce(self, value: Any, config: RunnableConfig) -> Iterator[PromptValue]:
+        yield self.format_prompt(**self._values(value))
+
+    def format_prompt(self, **kwargs: Any) -> PromptValue:
+        """The prompt value for these variables."""
+        raise NotImplementedError
+
+
+class PromptTemplate(_Prompt):
+    """A string template: variables in, a `StringPromptValue` out.
+
+    >>> PromptTemplate.from_template("Q: {question}").invoke({"question": "why?"})
+    StringPromptValue(text='Q: why?')
+    """
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        self.input_variables = _variables(template)
+
+    @classmethod
+    def from_template(cls, template: str) -> "PromptTemplate":
+        """A prompt from a `{name}` template."""
+        return cls(template)
+
+    def format(self, **kwargs: Any) -> str:
+        """The template filled in.
+
+        >>> PromptTemplate.from_template("{a}+{a}={b}").format(a=1, b=2)
+        '1+1=2'
+        """
+        _check_variables("PromptTemplate", self.input_variables, kwargs)
+        return self.template.format(**kwargs)
+
+    def format_prompt(self, **kwargs: Any) -> PromptValue:
+        return StringPromptValue(self.format(**kwargs))
+
+    def __repr__(self) -> str:
+        return f"PromptTemplate.from_template({self.template!r})"
+
+
+class MessagesPlaceholder:
+    """Where a list of messages from the input goes in a chat prompt.
+
+    >>> prompt = ChatPromptTemplate.from_messages([MessagesPlaceholder("history"), ("human", "{q}")])
+    >>> prompt.invoke({"history": [("ai", "hello")], "q": "hi"}).to_messages()
+    [AIMessage(content='hello'), HumanMessage(content='hi')]
+    """
+
+    def __init__(self, variable_name: str, optional: bool = False) -> None:
+        self.variable_name, self.optional = variable_name, optional
+
+    def format_messages(self, **kwargs: Any) -> List[BaseMessage]:
+        """The messages of the variable (none if it is optional and absent)."""
+        value = kwargs.get(self.variable_name, [] if self.optional else _MISSING)
+        if value is _MISSING:
+            raise _MissingVariables(f"MessagesPlaceholder is missing variable "
+                                    f"{self.variable_name!r}; pass a list of messages under it")
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"MessagesPlaceholder {self.variable_name!r} needs a list of "
+                            f"messages, got {type(value).__name__}: {_short(value)}")
+        return [_to_message(m) for m in value]
+
+
+_MessageLike = Union[BaseMessage, MessagesPlaceholder, Tuple[str, str], str]
+
+
+class ChatPromptTemplate(_Prompt):
+    """A chat template: variables in, a `ChatPromptValue` of messages out.
+
+    >>> prompt = ChatPromptTemplate.from_messages([("system", "You like {topic}."), ("human", "{q}")])
+    >>> prompt.invoke({"topic": "cats", "q": "hi"})
+    ChatPromptValue(messages=[SystemMessage(content='You like cats.'), HumanMessage(content='hi')])
+    >>> prompt.invoke({"topic": "cats"})
+    Traceback (most recent call last):
+    ...
+    minichain._MissingVariables: ChatPromptTemplate is missing variable 'q'; the template expects ['topic', 'q'] and got ['topic']; pass {'q': ...} (or write '{{q}}' for a literal brace)
+    """
+
+    def __init__(self, messages: Sequence[_MessageLike]) -> None:
+        self.messages: List[Any] = []
+        variables: List[str] = []
+        for item in messages:
+            if isinstance(item, str):
+                item = ("human", item)
+            if isinstance(item, tuple) and len(item) == 2 and item[0] == "placeholder":
+                item = MessagesPlaceholder(item[1].strip("{}"), optional=True)
+            if isinstance(item, MessagesPlaceholder):
+                names = [] if item.optional else [item.variable_name]
+            elif isinstance(item, BaseMessage):
+                names = []
+            elif isinstance(item, tuple) and len(item) == 2:
+                _to_message((item[0], ""))  # checks the role
+                names = _variables(item[1])
+            else:
+                raise TypeError(f"cannot use {_short(item)} in a chat prompt; use a "
+                                "(role, template) tuple, a message or a MessagesPlaceholder")
+            self.messages.append(item)
+            variables += [n for n in names if n not in variables]
+        self.input_variables = variables
+
+    @classmethod
+    def from_messages(cls, messages: Sequence[_MessageLike]) -> "ChatPromptTemplate":
+        """A chat prompt from `(role, template)` tuples, messages and placeholders."""
+        return cls(messages)
+
+    @classmethod
+    def from_template(cls, template: str) -> "ChatPromptTemplate":
+        """A chat prompt of one human message.
+
+        >>> ChatPromptTemplate.from_template("tell me a joke about {topic}").input_variables
+        ['topic']
+        """
+        return cls([("human", template)])
+
+    def format_messages(self, **kwargs: Any) -> List[BaseMessage]:
+        """The messages with the variables filled in."""
+        _check_variables("ChatPromptTemplate", self.input_variables, kwargs)
+        out: List[BaseMessage] = []
+        for item in self.messages:
+            if isinstance(item, MessagesPlaceholder):
+                out += item.format_messages(**kwargs)
+            elif isinstance(item, BaseMessage):
+                out.append(item)
+            else:
+                out.append(_to_message((item[0], item[1].format(**kwargs))))
+        return out
+
+    def format_prompt(self, **kwargs: Any) -> PromptValue:
+        return ChatPromptValue(self.format_messages(**kwargs))
+
+
+# ==============================================================================================
+# 10. Retrieval
+#
+# A retriever is a step from a query to a list of documents (one chunk). The in-memory store
+# with a lexical embedding lets the guide's retrieval example run with nothing installed.
+# ==============================================================================================
+
+class BaseRetriever(Runnable[str, List[Document]]):
+    """A query in, documents out. Subclasses write `_get_relevant_documents(query)`.
+
+    >>> class Keyword(BaseRetriever):
+    ...     def _get_relevant_documents(self, query):
+    ...         return [Document(t) for t in ["cats purr", "dogs bark"] if query in t]
+    >>> Keyword().invoke("cats")
+    [Document(metadata={}, page_content='cats purr')]
+    """
+
+    run_type = "retriever"
+    input_in_start = True
+    _user_code = True
+
+    def _get_relevant_documents(self, query: str) -> List[Document]:
+        raise NotImplementedError(f"{type(self).__name__} must implement _get_relevant_documents")
+
+    async def _aget_relevant_documents(self, query: str) -> List[Document]:
+        """Async twin; by default runs the sync one on a worker thread."""
+        ctx = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(
+            None, ctx.run, self._get_relevant_documents, query)
+
+    def _produce(self, value: Any, config: RunnableConfig) -> Iterator[Any]:
+        yield self._get_relevant_documents(value)
+
+    async def _aproduce(self, value: Any, config: RunnableConfig) -> AsyncIterator[Any]:
+        yield await self._aget_relevant_documents(value)
+
+    def _event_input(self, value: Any, end: bool) -> Any:
+        return {"query": value}
+
+    def _own_metadata(self) -> Dict[str, Any]:
+        name = type(self).__name__
+        return {"ls_retriever_name": (name[:-9] if name.endswith("Retriever") else name).lower()}
+
+
+class LexicalEmbeddings:
+    """A zero-dependency embedding: hashed words and character trigrams, unit length.
+
+    Texts sharing words (or word parts: "work", "worked") are close; nothing to download.
+
+    >>> emb = LexicalEmbeddings()
+    >>> q = emb.embed_query("where did harrison work?")
+    >>> a, b = emb.embed_documents(["harrison worked at kensho", "harrison likes spicy food"])
+    >>> _dot(q, a) > _dot(q, b)
+    True
+    """
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+
+    def embed_query(self, text: str) -> List[float]:
+        """The vector of one text."""
+        import zlib
+        vector = [0.0] * self.size
+        for word in re.findall(r"\w+", text.lower()):
+            vector[zlib.crc32(word.encode()) % self.size] += 1.0
+            padded = f"#{word}#"
+            for i in range(len(padded) - 2):
+                vector[zlib.crc32(padded[i:i + 3].encode()) % self.size] += 0.5
+        norm = sum(v * v for v in vector) ** 0.5 or 1.0
+        return [v / norm for v in vector]
+
+    def embed_documents(self, texts: List[str]) -> List[List[float]]:
+        """The vectors of several texts."""
+        return [self.embed_query(t) for t in texts]
+
+
+def _dot(a: List[float], b: List[float]) -> float:
+    return sum(x * y for x, y in zip(a, b))
+
+
+class InMemoryVectorStore:
+    """Documents and their vectors in a list; search by cosine similarity.
+
+    >>> store = InMemoryVectorStore.from_texts(["harrison worked at kensho",
+    ...     "harrison likes spicy food"], embedding=LexicalEmbeddings())
+    >>> store.as_retriever().invoke("where did harrison work?")[0].page_content
+    'harrison worked at kensho'
+    """
+
+    def __init__(self, embedding: Any) -> None:
+        self.embedding = embedding
+        self.items: List[Tuple[Document, List[float]]] = []
+
+    def add_documents(self, documents: List[Document]) -> None:
+        """Embed and store documents."""
+        vectors = self.embedding.embed_documents([d.page_content for d in documents])
+        self.items += list(zip(documents, vectors))
+
+    def add_texts(self, texts: Iterable[str], metadatas: Optional[List[Dict[str, Any]]] = None) -> None:
+        """Embed and store texts (with optional metadata per text)."""
+        texts = list(texts)
+        metas = metadatas or [{} for _ in texts]
+        self.add_documents([Document(t, metadata=m) for t, m in zip(texts, metas)])
+
+    @classmethod
+    def from_texts(cls, texts: Iterable[str], embedding: Any,
+                   metadatas: Optional[List[Dict[str, Any]]] = None) -> "InMemoryVectorStore":
+        """A store holding `texts`."""
+        store = cls(embedding)
+        store.add_texts(texts, metadatas)
+        return store
+
+    def similarity_search_with_score(self, query: str, k: int = 4) -> List[Tuple[Document, float]]:
+        """The `k` documents closest to `query`, with their cosine similarity."""
+        q = self.embedding.embed_query(query)
+        scored = [(doc, _dot(q, vec)) for doc, vec in self.items]
+        return sorted(scored, key=lambda pair: -pair[1])[:k]
+
+    def similarity_search(self, query: str, k: int = 4) -> List[Document]:
+        """The `k` documents closest to `query`."""
+        return [doc for doc, _ in self.similarity_search_with_score(query, k)]
+
+    def as_retriever(self, search_kwargs: Optional[Dict[str, Any]] = None) -> "VectorStoreRetriever":
+        """A retriever searching this store (`search_kwargs={"k": 2}` to return fewer)."""
+        return VectorStoreRetriever(self, search_kwargs or {})
+
+
+class VectorStoreRetriever(BaseRetriever):
+    """A retriever over a vector store.
+
+    >>> store = InMemoryVectorStore.from_texts(["a b", "c d"], embedding=LexicalEmbeddings())
+    >>> len(store.as_retriever(search_kwargs={"k": 1}).invoke("a"))
+    1
+    """
+
+    def __init__(self, vectorstore: InMemoryVectorStore, search_kwargs: Dict[str, Any]) -> None:
+        self.vectorstore, self.search_kwargs = vectorstore, search_kwargs
+
+    def _get_relevant_documents(self, query: str) -> List[Document]:
+        return self.vectorstore.similarity_search(query, **self.search_kwargs)
+
+    def _own_metadata(self) -> Dict[str, Any]:
+        return {"ls_retriever_name": "vectorstore",
+                "ls_vector_store_provider": type(self.vectorstore).__name__,
+                "ls_embedding_provider": type(self.vectorstore.embedding).__name__}
+
+
+# ==============================================================================================
+# 11. Tools
+#
+# A tool is a function a model can call: a name, a description, a JSON schema of its
+# arguments. As a step it takes a string, a dict of arguments, or a tool call from a model.
+# ==============================================================================================
+
+class ToolException(Exception):
+    """An error a tool reports; with `handle_tool_error` it becomes the tool's output."""
+
+
+_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array",
+               dict: "object"}
+_INJECTED = ("callbacks", "config", "run_manager")  # parameters minichain fills, not the model
+
+
+class BaseTool(Runnable[Any, Any]):
+    """A tool: `name`, `description`, `args_schema`; subclasses write `_run(**kwargs)`.
+
+    Called with a dict of arguments, a string (for a one-argument tool), or a tool call
+    (`{"name", "args", "id", "type": "tool_call"}`, answered with a `ToolMessage`).
+
+    >>> class Add(BaseTool):
+    ...     name, description = "add", "Add two numbers."
+    ...     def _run(self, a: int, b: int) -> int:
+    ...         return a + b
+    >>> Add().invoke({"a": 1, "b": 2})
+    3
+    """
+
+    run_type = "tool"
+    input_in_start = True
+    _user_code = True
+    description = ""
+    handle_tool_error: Union[bool, str, Callable[[ToolException], str]] = False
+
+    def _run(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"tool {self.get_name()} must implement _run")
+
+    async def _arun(self, *args: Any, **kwargs: Any) -> Any:
+        """Async twin of `_run`; by default runs it on a worker thread."""
+        ctx = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(
+            None, lambda: ctx.run(self._run, *args, **kwargs))
+
+    def _signature(self) -> inspect.Signature:
+        return inspect.signature(self._run)
+
+    @property
+    def args(self) -> Dict[str, Any]:
+        """The JSON schema of each argument the model fills in."""
+        return cast(Dict[str, Any], self.args_schema["properties"])
+
+    @property
+    def args_schema(self) -> Dict[str, Any]:
+        """The JSON schema of the arguments, from the signature's annotations.
+
+        >>> @tool
+        ... def greet(name: str, times: int = 1) -> str:
+        ...     "Greet someone."
+        ...     return "hi " * times + name
+        >>> greet.args_schema
+        {'type': 'object', 'properties': {'name': {'type': 'string'}, 'times': {'type': 'integer', 'default': 1}}, 'required': ['name']}
+        """
+        import typing
+        func = getattr(self, "func", None) or self._run
+        try:
+            hints = typing.get_type_hints(func)
+        except Exception:
+            hints = {}
+        properties: Dict[str, Any] = {}
+        required = []
+        for p in self._signature().parameters.values():
+            if p.name in _INJECTED or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            hint = hints.get(p.name, p.annotation)
+            origin = getattr(hint, "__origin__", hint)
+            schema: Dict[str, Any] = {"type": _JSON_TYPES[origin]} if origin in _JSON_TYPES else {}
+            if p.default is p.empty:
+                required.append(p.name)
+            else:
+                schema["default"] = p.default
+            properties[p.name] = schema
+        return {"type": "object", "properties": properties, "required": required}
+
+    def _arguments(self, value: Any) -> Tuple[Dict[str, Any], Optional[str]]:
+        """The keyword arguments for `_run` and the tool-call id, from any accepted input."""
+        call_id = None
+        if isinstance(value, dict) and value.get("type") == "tool_call" and "args" in value:
+            call_id, value = value.get("id"), value["args"]
+        params = [p for p in self._signature().parameters.values() if p.name not in _INJECTED
+                  and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if isinstance(value, str):
+            if len(params) != 1:
+                raise TypeError(f"tool {self.get_name()} takes arguments "
+                                f"{[p.name for p in params]}; call it with a dict of them, "
+                                f"not the string {_short(value)}")
+            value = {params[0].name: value}
+        if not isinstance(value, dict):
+            raise TypeError(f"tool {self.get_name()} takes a dict of arguments, a string or a "
+                            f"tool call, not {type(value).__name__}: {_short(value)}")
+        injected = {p: None for p in _INJECTED if p in self._signature().parameters}
+        try:
+            self._signature().bind(**value, **injected)
+        except TypeError as exc:
+            raise TypeError(f"tool {self.get_name()} was called with arguments "
+                            f"{sorted(value)} but takes {[p.name for p in params]} ({exc})") from None
+        return dict(value), call_id
+
+    def _injected(self, config: RunnableConfig) -> Dict[str, Any]:
+        params = self._signature().parameters
+        extra: Dict[str, Any] = {}
+        if "callbacks" in params:
+            extra["callbacks"] = config.get("callbacks")
+        if "config" in params:
+            extra["config"] = config
+        return extra
+
+    def _handled(self, exc: ToolException) -> Any:
+        handler = self.handle_tool_error
+        if not handler:
+            return _MISSING
+        if callable(handler):
+            return handler(exc)
+        return handler if isinstance(handler, str) else (str(exc) or "Tool execution error")
+
+    def _report_error(self, config: RunnableConfig, exc: BaseException, value: Any) -> None:
+        run = config.get("callbacks")
+        if isinstance(run, Run):
+            args = value.get("args", value) if isinstance(value, dict) else {}
+            call_id = value.get("id") if isinstance(value, dict) and "args" in value else None
+            run.emit({"event": "on_tool_error", "data": {"error": exc, "input": args,
+                                                        "tool_call_id": call_id},
+                      "run_id": run.id, "name": run.name, "tags": run.tags,
+                      "metadata": run.metadata, "parent_ids": run.parent_ids})
+
+    def _wrap(self, result: Any, call_id: Optional[str]) -> Any:
+        if call_id is None:
+            return result
+        content = result if isinstance(result, str) else json.dumps(result, default=str)
+        return ToolMessage(content, name=self.get_name(), tool_call_id=call_id)
+
+    def _produce(self, value: Any, config: RunnableConfig) -> Iterator[Any]:
+        args, call_id = self._arguments(value)
+        try:
+            result = self._run(**args, **self._injected(config))
+        except ToolException as exc:
+            result = self._handled(exc)
+            if result is _MISSING:
+                self._report_error(config, exc, value)
+                raise
+        except Exception as exc:
+            self._report_error(config, exc, value)
+            raise
+        yield self._wrap(result, call_id)
+
+    async def _aproduce(self, value: Any, config: RunnableConfig) -> AsyncIterator[Any]:
+        args, call_id = self._arguments(value)
+        try:
+            result = await self._arun(**args, **self._injected(config))
+        except ToolException as exc:
+            result = self._handled(exc)
+            if result is _MISSING:
+                self._report_error(config, exc, value)
+                raise
+        except Exception as exc:
+            self._report_error(config, exc, value)
+            raise
+        yield self._wrap(result, call_id)
+
+    def _event_input(self, value: Any, end: bool) -> Any:
+        if isinstance(value, dict):
+            return value.get("args", value) if value.get("type") == "tool_call" else value
+        return None if end else {}
+
+
+class _FunctionTool(BaseTool):
+    """A tool made from a function by `@tool`."""
+
+    def __init__(self, func: Callable[..., Any], name: Optional[str] = None,
+                 description: Optional[str] = None) -> None:
+        self.func = func
+        self.name = name or func.__name__
+        self.description = description or inspect.getdoc(func) or ""
+        if not self.description:
+            raise ValueError(f"tool {self.name} needs a description: give the function a "
+                             "docstring, or pass description=")
+
+    def _signature(self) -> inspect.Signature:
+        return inspect.signature(self.func)
+
+    def _run(self, *args: Any, **kwargs: Any) -> Any:
+        if inspect.iscoroutinefunction(self.func):
+            raise _sync_only(f"tool {self.name}", "invoke")
+        return self.func(*args, **kwargs)
+
+    async def _arun(self, *args: Any, **kwargs: Any) -> Any:
+        if inspect.iscoroutinefunction(self.func):
+            return await self.func(*args, **kwargs)
+        return await BaseTool._arun(self, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"tool({self.name})"
+
+
+def tool(func: Any = None, *, name: Optional[str] = None,
+         description: Optional[str] = None) -> Any:
+    """Decorator: a function as a tool, named after it and described by its docstring.
+
+    `@tool`, `@tool("name")` and `@tool(description=...)` all work. Parameters named
+    `callbacks` or `config` are filled by minichain, not by the model.
+
+    >>> @tool
+    ... def multiply(a: int, b: int) -> int:
+    ...     "Multiply two numbers."
+    ...     return a * b
+    >>> multiply.name, multiply.description, multiply.invoke({"a": 6, "b": 7})
+    ('multiply', 'Multiply two numbers.', 42)
+    """
+    if isinstance(func, str):
+        return lambda f: _FunctionTool(f, name=func, description=description)
+    if func is None:
+        return lambda f: _FunctionTool(f, name=name, description=description)
+    return _FunctionTool(func, name=name, description=description)
+
+
+# ==============================================================================================
+# 12. Demo: `python -m minichain`
+# ==============================================================================================
+
+def _demo() -> None:
+    """Stream a joke, token by token, from the built-in fake model."""
+    prompt = ChatPromptTemplate.from_template("tell me a joke about {topic}")
+    model = GenericFakeChatModel(messages=iter([
+        "Why don't parrots ever get lost? Because they always follow the flock's directions!"]),
+        sleep=0.05)
+    for chunk in (prompt | model | StrOutputParser()).stream({"topic": "parrot"}):
+        print(chunk, end="|", flush=True)
+    print()
+
+
+if __name__ == "__main__":
+    _demo()

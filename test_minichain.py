@@ -1,0 +1,1169 @@
+"""Tests for minichain, in the order of the module's sections.
+
+Expected outputs are written out in full. Event sequences were checked against langchain_core
+1.7.2 running the same code (see README, "Differences from LangChain", for what differs on
+purpose). Run ids are replaced by R0, R1, ... in order of appearance, and message ids by
+'lc_run--ID'.
+"""
+import asyncio
+import gc
+import json
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator, List
+
+import pytest
+
+import minichain as mc
+from minichain import (
+    AddableDict, AIMessage, AIMessageChunk, ChatPromptTemplate, ChatPromptValue, Document,
+    FakeListChatModel, FakeListLLM, GenericFakeChatModel, HumanMessage, InMemoryVectorStore,
+    JsonOutputParser, LexicalEmbeddings, MessagesPlaceholder, OutputParserException,
+    PromptTemplate, RunnableGenerator, RunnableLambda, RunnableParallel, RunnablePassthrough,
+    RunnableSequence, StrOutputParser, SystemMessage, ToolMessage, chain, tool,
+)
+
+HERE = Path(__file__).parent
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def alist(aiter: AsyncIterator[Any]) -> List[Any]:
+    return [x async for x in aiter]
+
+
+def ids_out(text: str) -> str:
+    return re.sub(r"lc_run--[0-9a-f-]{36}", "lc_run--ID", text)
+
+
+def trace(events: List[dict], meta: bool = False) -> List[tuple]:
+    """Events as (event, name, run, parents, tags, data) with stable run labels."""
+    labels: dict = {}
+
+    def label(run_id: str) -> str:
+        return labels.setdefault(run_id, f"R{len(labels)}")
+    rows = []
+    for e in events:
+        assert list(e) and set(e) == {"event", "name", "run_id", "parent_ids", "tags",
+                                      "metadata", "data"}
+        row = (e["event"], e["name"], label(e["run_id"]), [label(p) for p in e["parent_ids"]],
+               e["tags"], ids_out(repr(e["data"])))
+        rows.append(row + (e["metadata"],) if meta else row)
+    return rows
+
+
+def events_both(runnable: Any, value: Any, **kw: Any) -> List[tuple]:
+    """The trace of astream_events, after checking the sync stream_events gives the same."""
+    async_events = trace(run(alist(runnable.astream_events(value, **kw))))
+    return async_events
+
+
+def short(rows: List[tuple]) -> List[tuple]:
+    return [(r[0], r[1]) for r in rows]
+
+
+def every_mode(make: Any, value: Any) -> dict:
+    """Run a fresh runnable through every mode; return what each gave."""
+    out = {"invoke": make().invoke(value), "stream": list(make().stream(value)),
+           "astream": run(alist(make().astream(value))),
+           "ainvoke": run(make().ainvoke(value))}
+    out["stream_events_output"] = [e["data"]["output"] for e in make().stream_events(value)
+                                   if e["event"].endswith("_end") and not e["parent_ids"]]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Messages and documents
+# ---------------------------------------------------------------------------------------------
+
+def test_message_reprs_leave_out_empty_fields():
+    assert repr(HumanMessage("hi")) == "HumanMessage(content='hi')"
+    assert repr(AIMessageChunk("The", id="run-1")) == "AIMessageChunk(content='The', id='run-1')"
+    assert repr(ToolMessage("r", tool_call_id="1")) == "ToolMessage(content='r', tool_call_id='1')"
+    assert repr(Document("x", metadata={"a": 1})) == "Document(metadata={'a': 1}, page_content='x')"
+
+
+def test_chunks_add_content_metadata_usage_and_keep_the_id():
+    a = AIMessageChunk("a", id="lc_run--1", response_metadata={"model_name": "m"},
+                       usage_metadata={"input_tokens": 1, "output_tokens": 2, "total_tokens": 3})
+    b = AIMessageChunk("b", id="provider-9", response_metadata={"finish_reason": "stop"},
+                       usage_metadata={"input_tokens": 0, "output_tokens": 1, "total_tokens": 1})
+    total = a + b
+    assert total.content == "ab"
+    assert total.id == "provider-9"  # a provider's id beats minichain's lc_run-- id
+    assert total.response_metadata == {"model_name": "m", "finish_reason": "stop"}
+    assert total.usage_metadata == {"input_tokens": 1, "output_tokens": 3, "total_tokens": 4}
+    assert (AIMessageChunk("x") + AIMessageChunk("y", chunk_position="last")).chunk_position == "last"
+
+
+def test_tool_call_chunks_merge_by_index_setting_id_and_name_once():
+    pieces = [
+        AIMessageChunk("", tool_call_chunks=[{"name": "get", "args": "", "id": "c1", "index": 0}]),
+        AIMessageChunk("", tool_call_chunks=[{"name": None, "args": '{"ci', "id": None, "index": 0}]),
+        AIMessageChunk("", tool_call_chunks=[{"name": "other", "args": "", "id": "c2", "index": 1}]),
+        AIMessageChunk("", tool_call_chunks=[{"name": None, "args": 'ty": "Paris"}', "id": None, "index": 0}]),
+    ]
+    total = pieces[0] + pieces[1] + pieces[2] + pieces[3]
+    assert total.tool_call_chunks == [
+        {"name": "get", "args": '{"city": "Paris"}', "id": "c1", "index": 0, "type": "tool_call_chunk"},
+        {"name": "other", "args": "", "id": "c2", "index": 1, "type": "tool_call_chunk"}]
+    assert total.tool_calls == [
+        {"name": "get", "args": {"city": "Paris"}, "id": "c1", "type": "tool_call"},
+        {"name": "other", "args": {}, "id": "c2", "type": "tool_call"}]
+
+
+def test_adding_a_whole_message_to_a_chunk_is_a_clear_error():
+    with pytest.raises(TypeError, match="cannot add AIMessage to AIMessageChunk: only chunks add up"):
+        AIMessageChunk("a") + AIMessage("b")
+
+
+def test_message_content_must_be_text_or_blocks():
+    with pytest.raises(TypeError, match="HumanMessage content must be a str or a list of content blocks, not int: 5"):
+        HumanMessage(5)
+
+
+def test_addable_dict_merges_key_by_key_and_keeps_every_key():
+    # deviation from langchain_core, which raises and restarts the fold, losing 't1'
+    chunks = [AddableDict(j={}), AddableDict(s="t1"), AddableDict(j={"x": 1}), AddableDict(s=" t2")]
+    assert mc._fold(chunks) == {"j": {"x": 1}, "s": "t1 t2"}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2-3. Config, runs, events, the fold
+# ---------------------------------------------------------------------------------------------
+
+def test_fold_adds_and_keeps_the_newest_where_values_do_not_add():
+    assert mc._fold(["a", "b"]) == "ab"
+    assert mc._fold([{"a": 1}, {"b": 2}]) == {"b": 2}
+    assert mc._fold([]) is mc._MISSING
+
+
+def test_run_ids_are_uuid7_strings():
+    rid = mc._uuid7()
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", rid)
+    assert mc._uuid7() > rid or mc._uuid7()[:8] == rid[:8]  # time-ordered
+
+
+def test_unknown_config_keys_are_named():
+    with pytest.raises(TypeError, match=r"unknown config key \['tag'\]; a config takes \['run_name'"):
+        RunnableLambda(str).invoke("x", {"tag": ["a"]})
+
+
+def test_tags_given_as_a_string_are_an_error_not_split_into_letters():
+    with pytest.raises(TypeError, match=r"config tags must be a list of str, not the str 'abc'; write tags=\['abc'\]"):
+        RunnableLambda(str).invoke("x", {"tags": "abc"})
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The Runnable protocol
+# ---------------------------------------------------------------------------------------------
+
+def test_every_method_on_one_runnable():
+    double = RunnableLambda(lambda x: x * 2)
+    assert double.invoke(2) == 4
+    assert run(double.ainvoke(2)) == 4
+    assert list(double.stream(2)) == [4]
+    assert run(alist(double.astream(2))) == [4]
+    assert list(double.transform(iter([1, 2]))) == [6]  # folds 1 + 2 first
+    assert run(alist(double.atransform(mc._aiter([1, 2])))) == [6]
+    assert double.batch([1, 2, 3]) == [2, 4, 6]
+    assert run(double.abatch([1, 2, 3])) == [2, 4, 6]
+    assert double.get_name() == "RunnableLambda"
+    assert double.with_config(run_name="dbl").get_name() == "dbl"
+
+
+def test_batch_return_exceptions_puts_the_exception_in_its_slot():
+    def check(x: int) -> int:
+        if x == 3:
+            raise ValueError("three")
+        return x * 10
+    out = RunnableLambda(check).batch([1, 2, 3, 4], return_exceptions=True)
+    assert out[:2] == [10, 20] and out[3] == 40
+    assert type(out[2]) is ValueError and str(out[2]) == "three"
+    with pytest.raises(ValueError, match="three"):
+        RunnableLambda(check).batch([1, 2, 3, 4])
+    aout = run(RunnableLambda(check).abatch([3, 4], return_exceptions=True))
+    assert type(aout[0]) is ValueError and aout[1] == 40
+
+
+def test_batch_honours_max_concurrency_measured():
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def slow(x: int) -> int:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.02)
+        with lock:
+            active[0] -= 1
+        return x
+    assert RunnableLambda(slow).batch(list(range(8)), {"max_concurrency": 2}) == list(range(8))
+    assert peak[0] == 2
+    apeak, aactive = [0], [0]
+
+    async def aslow(x: int) -> int:
+        aactive[0] += 1
+        apeak[0] = max(apeak[0], aactive[0])
+        await asyncio.sleep(0.01)
+        aactive[0] -= 1
+        return x
+    assert run(RunnableLambda(aslow).abatch(list(range(10)), {"max_concurrency": 3})) == list(range(10))
+    assert apeak[0] == 3
+
+
+def test_config_reaches_a_function_that_asks_for_it():
+    seen = []
+
+    def f(x: str, config: dict) -> str:
+        seen.append((config.get("tags"), config.get("metadata"), config.get("configurable")))
+        return x
+    RunnableLambda(f).invoke("a", {"tags": ["t"], "metadata": {"m": 1}, "configurable": {"k": 2}})
+    assert seen == [(["t"], {"m": 1}, {"k": 2})]
+
+
+def test_with_config_twice_merges_tags_and_metadata():
+    seen = []
+    r = RunnableLambda(lambda x: x).with_config(tags=["a"], metadata={"x": 1})
+    r = r.with_config(tags=["b"], metadata={"y": 2})
+    r.invoke(1, {"callbacks": [seen.append], "tags": ["z"]})
+    assert seen[0]["tags"] == ["a", "b", "z"] and seen[0]["metadata"] == {"x": 1, "y": 2}
+
+
+def test_async_only_step_called_synchronously_says_to_use_the_async_method():
+    async def f(x: int) -> int:
+        return x
+    with pytest.raises(TypeError, match=r"RunnableLambda\(f\) is async-only and cannot run in invoke/stream\(\); use ainvoke/stream\(\)"):
+        RunnableLambda(f).invoke(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Composition
+# ---------------------------------------------------------------------------------------------
+
+def test_pipe_coerces_functions_dicts_and_generators():
+    def gen(chunks: Iterator[str]) -> Iterator[str]:
+        for c in chunks:
+            yield c.upper()
+    seq = RunnableLambda(lambda x: x) | {"a": lambda x: x + "!", "b": len} | (lambda d: d["a"] * d["b"])
+    assert seq.invoke("hi") == "hi!hi!"
+    assert type((RunnableLambda(lambda x: x) | gen).last) is RunnableGenerator
+    assert ({"x": RunnablePassthrough()} | RunnableLambda(lambda d: d["x"])).invoke(3) == 3
+
+
+def test_nested_sequences_flatten_but_bound_ones_do_not():
+    a, b, c = (RunnableLambda(lambda x: x) for _ in range(3))
+    assert len(((a | b) | c).steps) == 3
+    assert len(((a | b).with_config(tags=["t"]) | c).steps) == 2
+
+
+def test_pipe_with_a_non_runnable_names_its_type():
+    with pytest.raises(TypeError, match=r"cannot use int as a step of a chain: 5; a step must be a Runnable, a callable, or a dict of them"):
+        RunnableLambda(lambda x: x) | 5
+    with pytest.raises(TypeError, match=r"cannot use str as a step of a chain: 'oops'"):
+        "oops" | RunnableLambda(lambda x: x)
+
+
+def test_generator_function_with_no_parameter_is_rejected():
+    def gen() -> Iterator[int]:
+        yield 1
+    with pytest.raises(TypeError, match=r"generator function gen\(\) must take one argument, the iterator of input chunks: def gen\(chunks\): \.\.\."):
+        RunnableGenerator(gen)
+
+
+def test_chunks_flow_one_at_a_time_through_every_streaming_step():
+    log = []
+
+    def step2(chunks: Iterator[str]) -> Iterator[str]:
+        for c in chunks:
+            log.append(f"step2 saw {c!r}")
+            yield c
+
+    def step3(chunks: Iterator[str]) -> Iterator[str]:
+        for c in chunks:
+            log.append(f"step3 saw {c!r}")
+            yield c
+    model = GenericFakeChatModel(messages=iter(["1 2"]))
+    for chunk in (model | StrOutputParser() | step2 | step3).stream("x"):
+        log.append(f"got {chunk!r}")
+    assert log == ["step2 saw '1'", "step3 saw '1'", "got '1'", "step2 saw ' '", "step3 saw ' '",
+                   "got ' '", "step2 saw '2'", "step3 saw '2'", "got '2'"]
+
+
+def _countries_model() -> GenericFakeChatModel:
+    return GenericFakeChatModel(messages=iter([
+        '{"countries": [{"name": "France", "population": 67413000}, '
+        '{"name": "Spain", "population": 47351567}, {"name": "Japan", "population": 125584838}]}']))
+
+
+def _extract_country_names(inputs: Any) -> Any:
+    if not isinstance(inputs, dict) or "countries" not in inputs:
+        return ""
+    return [c.get("name") for c in inputs["countries"] if isinstance(c, dict) and c.get("name")]
+
+
+async def _extract_country_names_streaming(input_stream: AsyncIterator[Any]) -> AsyncIterator[str]:
+    seen = set()
+    async for value in input_stream:
+        if not isinstance(value, dict) or "countries" not in value:
+            continue
+        for country in value["countries"]:
+            name = country.get("name") if isinstance(country, dict) else None
+            if name and name not in seen:
+                yield name
+                seen.add(name)
+
+
+def test_a_plain_function_breaks_streaming_exactly_there():
+    chain_ = _countries_model() | JsonOutputParser() | _extract_country_names
+    assert list(chain_.stream("x")) == [["France", "Spain", "Japan"]]
+    assert run(alist((_countries_model() | JsonOutputParser() | _extract_country_names).astream("x"))) == [
+        ["France", "Spain", "Japan"]]
+
+
+def test_an_async_generator_streams_names_one_by_one():
+    chain_ = _countries_model() | JsonOutputParser() | _extract_country_names_streaming
+    assert run(alist(chain_.astream("x"))) == ["France", "Spain", "Japan"]
+
+
+def test_an_async_generator_in_a_sync_stream_says_to_use_astream():
+    chain_ = _countries_model() | JsonOutputParser() | _extract_country_names_streaming
+    with pytest.raises(TypeError, match=r"RunnableGenerator\(_extract_country_names_streaming\) is async-only"):
+        list(chain_.stream("x"))
+
+
+def test_a_sync_generator_step_also_runs_under_astream():
+    def upper(chunks: Iterator[str]) -> Iterator[str]:
+        for c in chunks:
+            yield c.upper()
+    chain_ = GenericFakeChatModel(messages=iter(["a b"])) | StrOutputParser() | upper
+    assert run(alist(chain_.astream("x"))) == ["A", " ", "B"]
+
+
+def test_lambda_kinds_fold_their_input():
+    def gen(x: str) -> Iterator[str]:
+        for ch in x:
+            yield ch + "."
+
+    async def agen(x: str) -> AsyncIterator[str]:
+        for ch in x:
+            yield ch + "!"
+    assert list(RunnableLambda(gen).stream("abc")) == ["a.", "b.", "c."]
+    assert RunnableLambda(gen).invoke("abc") == "a.b.c."
+    assert run(alist(RunnableLambda(gen).astream("abc"))) == ["a.", "b.", "c."]
+    assert run(RunnableLambda(agen).ainvoke("abc")) == "a!b!c!"
+    received = []
+    up = RunnableLambda(lambda x: received.append(x) or x.upper())
+    assert list((GenericFakeChatModel(messages=iter(["a b c"])) | StrOutputParser() | up).stream("q")) == ["A B C"]
+    assert received == ["a b c"]
+
+
+def test_a_lambda_returning_a_runnable_runs_it_on_the_same_input():
+    def route(x: str) -> Any:
+        return RunnableLambda(lambda s: s + ".") if x.startswith("x") else RunnableLambda(str.upper)
+    assert RunnableLambda(route).invoke("xy") == "xy."
+    assert list(RunnableLambda(route).stream("ab")) == ["AB"]
+
+
+def test_parallel_streams_one_key_chunks_and_adds_them_up():
+    def slow_words(x: str) -> Iterator[str]:
+        for w in ["a1", " ", "a2"]:
+            yield w
+    par = RunnableParallel(a=RunnableLambda(slow_words), n=len)
+    chunks = list(par.stream("hello"))
+    assert sorted(map(repr, chunks)) == sorted(map(repr, [{"a": "a1"}, {"a": " "}, {"a": "a2"}, {"n": 5}]))
+    assert [c for c in chunks if "a" in c] == [{"a": "a1"}, {"a": " "}, {"a": "a2"}]
+    assert par.invoke("hello") == {"a": "a1 a2", "n": 5}
+    assert mc._fold(run(alist(par.astream("hello")))) == {"a": "a1 a2", "n": 5}
+    assert par.get_name() == "RunnableParallel<a,n>"
+
+
+def test_passthrough_and_assign():
+    assert list(RunnablePassthrough().stream(5)) == [5]
+    calls = []
+    p = RunnablePassthrough(calls.append)
+    assert list((GenericFakeChatModel(messages=iter(["p1 p2"])) | StrOutputParser() | p).stream("x")) == ["p1", " ", "p2"]
+    assert calls == ["p1 p2"]
+    assign = RunnablePassthrough.assign(up=lambda d: d["q"].upper(), tok=lambda d: iter_words(d["q"]))
+    assert list(assign.stream({"q": "hi"}))[0] == {"q": "hi"}
+    assert assign.invoke({"q": "hi"}) == {"q": "hi", "up": "HI", "tok": "hi"}
+    assert assign.get_name() == "RunnableAssign<up,tok>"
+
+
+def iter_words(text: str) -> str:
+    return text
+
+
+def test_assign_needs_a_dict():
+    with pytest.raises(TypeError, match=r"RunnableAssign<n> needs a dict input to add keys to, got str: 'x'"):
+        RunnablePassthrough.assign(n=len).invoke("x")
+
+
+def test_chain_decorator_names_the_lambda():
+    @chain
+    def shout(x: str) -> str:
+        return x.upper()
+    assert isinstance(shout, RunnableLambda) and shout.get_name() == "shout"
+    assert shout.invoke("a") == "A"
+
+
+def test_break_out_of_stream_runs_every_upstream_finally():
+    closed = []
+
+    def source(chunks: Iterator[str]) -> Iterator[str]:
+        try:
+            for c in chunks:
+                for i in range(100):
+                    yield f"{c}{i}"
+        finally:
+            closed.append("source")
+
+    def middle(chunks: Iterator[str]) -> Iterator[str]:
+        try:
+            for c in chunks:
+                yield c.upper()
+        finally:
+            closed.append("middle")
+    stream = (RunnableLambda(lambda x: x) | source | middle).stream("a")
+    assert next(stream) == "A0"
+    stream.close()
+    assert closed == ["middle", "source"]
+
+
+def test_aclose_of_astream_runs_every_upstream_finally_before_returning():
+    closed = []
+
+    async def source(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            async for c in chunks:
+                for i in range(100):
+                    yield f"{c}{i}"
+        finally:
+            closed.append("source")
+
+    async def middle(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            async for c in chunks:
+                yield c.upper()
+        finally:
+            closed.append("middle")
+
+    async def main() -> List[str]:
+        stream = (RunnableLambda(lambda x: x) | source | middle).astream("a")
+        first = await stream.__anext__()
+        await stream.aclose()
+        return [first] + list(closed)
+    assert run(main()) == ["A0", "middle", "source"]
+
+
+def test_nested_calls_inherit_config_through_the_context():
+    seen = []
+
+    def inner(x: str, config: dict) -> str:
+        seen.append(config.get("configurable"))
+        return x
+    outer = RunnableLambda(lambda x: RunnableLambda(inner).invoke(x))
+    outer.invoke("q", {"configurable": {"user": "ann"}})
+    run(outer.ainvoke("q", {"configurable": {"user": "bob"}}))
+    assert seen == [{"user": "ann"}, {"user": "bob"}]
+
+
+# ---------------------------------------------------------------------------------------------
+# 6-7. Prompts and models
+# ---------------------------------------------------------------------------------------------
+
+def test_prompt_templates_make_prompt_values():
+    assert PromptTemplate.from_template("Q: {x}").invoke({"x": 1}) == mc.StringPromptValue("Q: 1")
+    prompt = ChatPromptTemplate.from_messages([
+        ("system", "You like {topic}."), MessagesPlaceholder("history"), ("human", "{q}"),
+        ("placeholder", "{extra}")])
+    value = prompt.invoke({"topic": "cats", "history": [("ai", "meow"), HumanMessage("purr")], "q": "hi"})
+    assert value == ChatPromptValue([SystemMessage("You like cats."), AIMessage("meow"),
+                                     HumanMessage("purr"), HumanMessage("hi")])
+    assert prompt.input_variables == ["topic", "history", "q"]
+    assert value.to_string() == "System: You like cats.\nAI: meow\nHuman: purr\nHuman: hi"
+    assert ChatPromptTemplate.from_template("{a}{{b}}").invoke({"a": 1}).to_messages() == [HumanMessage("1{b}")]
+    assert ChatPromptTemplate.from_template("tell me about {topic}").invoke("cats").to_messages() == [
+        HumanMessage("tell me about cats")]
+
+
+def test_missing_prompt_variable_names_it_and_the_expected_ones():
+    prompt = ChatPromptTemplate.from_messages([("system", "{a}"), ("human", "{q} {r}")])
+    with pytest.raises(KeyError) as info:
+        prompt.invoke({"a": 1})
+    assert str(info.value) == ("ChatPromptTemplate is missing variables 'q', 'r'; the template "
+                               "expects ['a', 'q', 'r'] and got ['a']; pass {'q': ..., 'r': ...} "
+                               "(or write '{{q}}' for a literal brace)")
+
+
+def test_unknown_message_role_is_named():
+    with pytest.raises(ValueError, match=r"unknown message role 'robot'; use one of \['ai', 'assistant', 'human', 'system', 'user'\]"):
+        ChatPromptTemplate.from_messages([("robot", "hi")])
+
+
+def test_generic_fake_model_splits_on_each_whitespace_character():
+    model = GenericFakeChatModel(messages=iter(["The sky  is\nblue."]))
+    chunks = list(model.stream("x"))
+    assert [c.content for c in chunks] == ["The", " ", "sky", " ", "", " ", "is", "\n", "blue."]
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("lc_run--")
+    assert [c.chunk_position for c in chunks][-2:] == [None, "last"]
+
+
+def test_model_invoke_returns_a_whole_message_and_takes_any_input():
+    model = GenericFakeChatModel(messages=iter(["a b", "c", "d"]))
+    out = model.invoke([("system", "s"), ("human", "h")])
+    assert type(out) is AIMessage and out.content == "a b" and out.id.startswith("lc_run--")
+    assert model.invoke(ChatPromptValue([HumanMessage("x")])).content == "c"
+    assert run(model.ainvoke("x")).content == "d"
+    with pytest.raises(TypeError, match="a chat model takes a str, a list of messages or a prompt value, not int: 3"):
+        GenericFakeChatModel(messages=iter(["a"])).invoke(3)
+
+
+def test_generic_fake_model_with_additional_kwargs_appends_the_last_chunk():
+    msg = AIMessage("", additional_kwargs={"function_call": {"name": "f", "arguments": "a,b"}})
+    chunks = list(GenericFakeChatModel(messages=iter([msg])).stream("x"))
+    assert [c.additional_kwargs for c in chunks] == [
+        {"function_call": {"name": "f"}}, {"function_call": {"arguments": "a"}},
+        {"function_call": {"arguments": ","}}, {"function_call": {"arguments": "b"}}, {}]
+    assert chunks[-1].chunk_position == "last"
+
+
+def test_empty_fake_answer_raises_no_generation_chunks():
+    with pytest.raises(ValueError, match="No generation chunks were returned"):
+        list(GenericFakeChatModel(messages=iter([""])).stream("x"))
+
+
+def test_fake_list_models():
+    model = FakeListChatModel(responses=["ab c", "z"])
+    assert [c.content for c in model.stream("x")] == ["a", "b", " ", "c"]
+    assert model.invoke("x").content == "z"
+    assert run(alist(model.astream("x")))[-1].chunk_position == "last"
+    broken = FakeListChatModel(responses=["abc"], error_on_chunk_number=2)
+    got = []
+    with pytest.raises(mc.FakeListChatModelError, match="raised at chunk 2"):
+        for c in broken.stream("x"):
+            got.append(c.content)
+    assert got == ["a", "b"]
+    llm = FakeListLLM(responses=["hello world"])
+    assert list(llm.stream("x")) == ["hello world"] and llm.invoke("x") == "hello world"
+
+
+def test_a_model_with_only_sync_stream_works_under_astream_off_the_loop():
+    threads = []
+
+    class Words(mc.BaseChatModel):
+        def _stream(self, messages: list, **kwargs: Any) -> Iterator[AIMessageChunk]:
+            threads.append(threading.current_thread())
+            for w in messages[-1].text.split():
+                yield AIMessageChunk(w)
+    chunks = run(alist(Words().astream("one two")))
+    assert [c.content for c in chunks] == ["one", "two", ""]
+    assert chunks[-1].chunk_position == "last"
+    assert threads[0] is not threading.main_thread()
+
+
+def test_fake_model_sleep_shows_latency():
+    model = GenericFakeChatModel(messages=iter(["a b c"]), sleep=0.02)
+    start = time.monotonic()
+    first = next(iter(model.stream("x")))
+    assert first.content == "a" and time.monotonic() - start < 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Parsers
+# ---------------------------------------------------------------------------------------------
+
+def test_str_output_parser_streams_text():
+    chain_ = ChatPromptTemplate.from_template("joke about {topic}") | \
+        GenericFakeChatModel(messages=iter(["Why did the parrot"])) | StrOutputParser()
+    assert list(chain_.stream({"topic": "parrot"})) == ["Why", " ", "did", " ", "the", " ", "parrot"]
+
+
+def test_json_parser_streams_partial_objects_like_the_guide():
+    text = '{"name": "France", "pop": 674, "tags": ["a", "b"]}'
+    out = list(JsonOutputParser().transform(iter(text)))
+    assert out == [
+        {}, {"name": ""}, {"name": "F"}, {"name": "Fr"}, {"name": "Fra"}, {"name": "Fran"},
+        {"name": "Franc"}, {"name": "France"}, {"name": "France", "pop": 6},
+        {"name": "France", "pop": 67}, {"name": "France", "pop": 674},
+        {"name": "France", "pop": 674, "tags": []}, {"name": "France", "pop": 674, "tags": [""]},
+        {"name": "France", "pop": 674, "tags": ["a"]},
+        {"name": "France", "pop": 674, "tags": ["a", ""]},
+        {"name": "France", "pop": 674, "tags": ["a", "b"]}]
+    assert len({id(x) for x in out}) == len(out)  # each snapshot is its own object
+
+
+def test_json_parser_trailing_whitespace_in_a_string_shows_once_more_text_follows():
+    # langchain_core strips the text before parsing, so 'hello ' shows as 'hello' until 'w'
+    out = list(JsonOutputParser().transform(iter(['{"a": "hello', " ", "w", '"}'])))
+    assert out == [{"a": "hello"}, {"a": "hello w"}]
+
+
+PARTIAL_TABLE = [
+    ('{', {}), ('{"', {}), ('{"a', {}), ('{"a":', {}), ('{"a": ', {}), ('{"a": "', {"a": ""}),
+    ('{"a": "hel', {"a": "hel"}), ('{"a": "x\\', {"a": "x"}), ('{"a": "x\\"y', {"a": 'x"y'}),
+    ('{"a": "line\nbreak', {"a": "line\nbreak"}), ('{"a": 1', {"a": 1}), ('{"a": -', {}),
+    ('{"a": 1.', {"a": 1}), ('{"a": 1.5e', {"a": 1.5}), ('{"a": 1,', {"a": 1}),
+    ('{"a": 1, "b', {"a": 1}), ('{"a": tr', {}), ('{"a": nul', {}), ('{"a": true', {"a": True}),
+    ('{"a": [', {"a": []}), ('{"a": [1, {"', {"a": [1, {}]}), ('[1, 2', [1, 2]), ('"abc', "abc"),
+    ('123', 123), ('{"a": 1} trailing', {"a": 1}), ('{"a": "\\u00', {}), ('{"a": "\\u00e9', {"a": "é"}),
+    ('["\\ud83d\\ude00', ["😀"]),
+]
+
+
+@pytest.mark.parametrize("text,expected", PARTIAL_TABLE)
+def test_parse_partial_json_matches_langchain_core(text: str, expected: Any):
+    assert mc.parse_partial_json(text) == expected
+
+
+def test_parse_partial_json_raises_where_nothing_can_be_shown():
+    for text in ["", "hello", '{"a": x}']:
+        with pytest.raises(json.JSONDecodeError):
+            mc.parse_partial_json(text)
+    assert mc.parse_partial_json('{"a": 1}}') is None  # a closer with no opener
+    assert mc.parse_partial_json('{"a": 1} "}" [] trailing') == {"a": 1}
+
+
+def test_json_parser_finds_a_fenced_block_after_prose():
+    text = 'Sure! Here it is:\n```json\n{"a": [1, 2]}\n```'
+    assert list(JsonOutputParser().transform(iter([text[:20], text[20:30], text[30:]])))[-1] == {"a": [1, 2]}
+    assert JsonOutputParser().invoke(text) == {"a": [1, 2]}
+
+
+def test_invalid_json_raises_with_the_text_and_the_position():
+    with pytest.raises(OutputParserException) as info:
+        JsonOutputParser().invoke('{"a": 1,\n "b": oops}')
+    assert str(info.value) == ('Invalid json output: {"a": 1,\n "b": oops}\n(unexpected \'o\' '
+                               "where a value should start at line 2 column 7; expected one JSON "
+                               "value, optionally inside a ```json fence)")
+    assert info.value.llm_output == '{"a": 1,\n "b": oops}'
+    assert list(JsonOutputParser().transform(iter(["no json ", "here"]))) == []
+
+
+def _random_splits(text: str, rng: random.Random) -> List[str]:
+    cuts = sorted(rng.sample(range(1, len(text)), k=rng.randint(0, min(len(text) - 1, 40))))
+    return [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+
+
+def test_any_split_gives_the_same_final_results():
+    rng = random.Random(7)
+    doc = {"name": "Fr\u00e9 \"q\" \\ \u2028", "n": [1, -2.5, 3e2, True, None, False],
+           "nested": {"a": [{"b": "c d "}], "e": ""}, "emoji": "\U0001F600"}
+    text = json.dumps(doc, ensure_ascii=bool(rng.random() < 0.5)) + "\n"
+    for _ in range(200):
+        pieces = _random_splits(text, rng)
+        assert "".join(StrOutputParser().transform(iter(pieces))) == text
+        out = list(JsonOutputParser().transform(iter(pieces)))
+        assert out[-1] == doc
+        assert all(a != b for a, b in zip(out, out[1:]))  # a new value only when it changed
+    for ascii_ in (True, False):
+        text = json.dumps(doc, ensure_ascii=ascii_)
+        whole = list(JsonOutputParser().transform(iter(text)))
+        assert whole[-1] == doc == JsonOutputParser().invoke(text)
+
+
+def test_json_snapshots_are_not_changed_by_later_chunks():
+    out = list(JsonOutputParser().transform(iter(['{"a": [1', ', 2', "]", ', "b": {"c"', ': 3}}'])))
+    assert out == [{"a": [1]}, {"a": [1, 2]}, {"a": [1, 2], "b": {}}, {"a": [1, 2], "b": {"c": 3}}]
+
+
+# ---------------------------------------------------------------------------------------------
+# 9-10. Retrieval and tools
+# ---------------------------------------------------------------------------------------------
+
+def test_retriever_streams_its_documents_as_one_chunk():
+    store = InMemoryVectorStore.from_texts(
+        ["harrison worked at kensho", "harrison likes spicy food"], embedding=LexicalEmbeddings())
+    chunks = list(store.as_retriever().stream("where did harrison work?"))
+    assert chunks == [[Document("harrison worked at kensho"), Document("harrison likes spicy food")]]
+    assert store.as_retriever(search_kwargs={"k": 1}).invoke("spicy food?") == [
+        Document("harrison likes spicy food")]
+
+
+def test_tools_take_strings_dicts_and_tool_calls():
+    @tool
+    def multiply(a: int, b: int = 2) -> int:
+        """Multiply two numbers."""
+        return a * b
+
+    @tool
+    def echo(text: str) -> str:
+        """Echo the text."""
+        return text
+    assert multiply.invoke({"a": 3}) == 6
+    assert echo.invoke("hi") == "hi"
+    call = {"name": "multiply", "args": {"a": 2, "b": 5}, "id": "call_1", "type": "tool_call"}
+    assert multiply.invoke(call) == ToolMessage("10", name="multiply", tool_call_id="call_1")
+    assert run(multiply.ainvoke({"a": 4})) == 8
+    assert multiply.args == {"a": {"type": "integer"}, "b": {"type": "integer", "default": 2}}
+
+
+def test_tool_called_with_wrong_arguments_says_what_it_takes():
+    @tool
+    def multiply(a: int, b: int) -> int:
+        """Multiply two numbers."""
+        return a * b
+    with pytest.raises(TypeError, match=r"tool multiply was called with arguments \['a', 'c'\] but takes \['a', 'b'\]"):
+        multiply.invoke({"a": 1, "c": 2})
+    with pytest.raises(TypeError, match=r"tool multiply takes arguments \['a', 'b'\]; call it with a dict of them, not the string 'x'"):
+        multiply.invoke("x")
+
+
+def test_tool_errors_can_be_handled_into_output():
+    @tool
+    def fails(x: str) -> str:
+        """Always fails."""
+        raise mc.ToolException("no luck")
+    with pytest.raises(mc.ToolException, match="no luck"):
+        fails.invoke("a")
+    fails.handle_tool_error = True
+    assert fails.invoke("a") == "no luck"
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. Events: the guide's second half, exact sequences
+# ---------------------------------------------------------------------------------------------
+
+CHAT_META = {"ls_provider": "genericfakechatmodel", "ls_model_type": "chat",
+             "ls_integration": "langchain_chat_model"}
+
+
+def test_events_of_a_chat_model_alone():
+    rows = trace(run(alist(GenericFakeChatModel(messages=iter(["hello world"])).astream_events("hello"))), meta=True)
+    assert rows == [
+        ("on_chat_model_start", "GenericFakeChatModel", "R0", [], [], "{'input': 'hello'}", CHAT_META),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R0", [], [], "{'chunk': AIMessageChunk(content='hello', id='lc_run--ID')}", CHAT_META),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R0", [], [], "{'chunk': AIMessageChunk(content=' ', id='lc_run--ID')}", CHAT_META),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R0", [], [], "{'chunk': AIMessageChunk(content='world', id='lc_run--ID', chunk_position='last')}", CHAT_META),
+        ("on_chat_model_end", "GenericFakeChatModel", "R0", [], [], "{'output': AIMessageChunk(content='hello world', id='lc_run--ID', chunk_position='last')}", CHAT_META),
+    ]
+
+
+def _json_chain() -> Any:
+    model = GenericFakeChatModel(messages=iter(['{"countries": [{"name": "France", "population": 67413000}]}']))
+    return model | JsonOutputParser()
+
+
+def test_events_of_model_then_json_parser():
+    msg = "AIMessageChunk(content='{\"countries\": [{\"name\": \"France\", \"population\": 67413000}]}', id='lc_run--ID', chunk_position='last')"
+    final = "{'countries': [{'name': 'France', 'population': 67413000}]}"
+    model_in = "{'messages': [[HumanMessage(content='x')]]}"
+    assert events_both(_json_chain(), "x") == [
+        ("on_chain_start", "RunnableSequence", "R0", [], [], "{'input': 'x'}"),
+        ("on_chat_model_start", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'input': " + model_in + "}"),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content='{\"countries\":', id='lc_run--ID')}"),
+        ("on_parser_start", "JsonOutputParser", "R2", ["R0"], ["seq:step:2"], "{}"),
+        ("on_parser_stream", "JsonOutputParser", "R2", ["R0"], ["seq:step:2"], "{'chunk': {}}"),
+        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': {}}"),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content=' ', id='lc_run--ID')}"),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content='[{\"name\":', id='lc_run--ID')}"),
+        ("on_parser_stream", "JsonOutputParser", "R2", ["R0"], ["seq:step:2"], "{'chunk': {'countries': [{}]}}"),
+        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': {'countries': [{}]}}"),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content=' ', id='lc_run--ID')}"),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content='\"France\",', id='lc_run--ID')}"),
+        ("on_parser_stream", "JsonOutputParser", "R2", ["R0"], ["seq:step:2"], "{'chunk': {'countries': [{'name': 'France'}]}}"),
+        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': {'countries': [{'name': 'France'}]}}"),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content=' ', id='lc_run--ID')}"),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content='\"population\":', id='lc_run--ID')}"),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content=' ', id='lc_run--ID')}"),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content='67413000}]}', id='lc_run--ID', chunk_position='last')}"),
+        ("on_parser_stream", "JsonOutputParser", "R2", ["R0"], ["seq:step:2"], "{'chunk': " + final + "}"),
+        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': " + final + "}"),
+        ("on_chat_model_end", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'output': " + msg + ", 'input': " + model_in + "}"),
+        ("on_parser_end", "JsonOutputParser", "R2", ["R0"], ["seq:step:2"], "{'output': " + final + ", 'input': " + msg + "}"),
+        ("on_chain_end", "RunnableSequence", "R0", [], [], "{'output': " + final + "}"),
+    ]
+
+
+def _named_chain(tags: Any = None) -> Any:
+    model = GenericFakeChatModel(messages=iter(['{"a": 1}'])).with_config({"run_name": "model"})
+    chain_ = model | JsonOutputParser().with_config({"run_name": "my_parser"})
+    return chain_.with_config({"tags": tags}) if tags else chain_
+
+
+def test_filter_by_name():
+    # deviation: langchain_core also shows the chain's input in the first kept event
+    assert events_both(_named_chain(), "x", include_names=["my_parser"]) == [
+        ("on_parser_start", "my_parser", "R0", ["R1"], ["seq:step:2"], "{}"),
+        ("on_parser_stream", "my_parser", "R0", ["R1"], ["seq:step:2"], "{'chunk': {}}"),
+        ("on_parser_stream", "my_parser", "R0", ["R1"], ["seq:step:2"], "{'chunk': {'a': 1}}"),
+        ("on_parser_end", "my_parser", "R0", ["R1"], ["seq:step:2"],
+         "{'output': {'a': 1}, 'input': AIMessageChunk(content='{\"a\": 1}', id='lc_run--ID', chunk_position='last')}"),
+    ]
+
+
+def test_filter_by_type():
+    assert short(events_both(_named_chain(), "x", include_types=["chat_model"])) == [
+        ("on_chat_model_start", "model"), ("on_chat_model_stream", "model"),
+        ("on_chat_model_stream", "model"), ("on_chat_model_stream", "model"),
+        ("on_chat_model_end", "model")]
+    both = events_both(_named_chain(), "x", include_names=["my_parser"], include_types=["chat_model"])
+    assert {r[1] for r in both} == {"model", "my_parser"}
+
+
+def test_filter_by_tags_and_exclusions():
+    rows = events_both(_named_chain(["my_chain"]), "x", include_tags=["my_chain"])
+    assert short(rows) == [
+        ("on_chain_start", "RunnableSequence"), ("on_chat_model_start", "model"),
+        ("on_chat_model_stream", "model"), ("on_parser_start", "my_parser"),
+        ("on_parser_stream", "my_parser"), ("on_chain_stream", "RunnableSequence"),
+        ("on_chat_model_stream", "model"), ("on_chat_model_stream", "model"),
+        ("on_parser_stream", "my_parser"), ("on_chain_stream", "RunnableSequence"),
+        ("on_chat_model_end", "model"), ("on_parser_end", "my_parser"),
+        ("on_chain_end", "RunnableSequence")]
+    assert [r[4] for r in rows[:2]] == [["my_chain"], ["seq:step:1", "my_chain"]]
+    only_root = events_both(_named_chain(["my_chain"]), "x", include_tags=["my_chain"],
+                            exclude_names=["model", "my_parser"])
+    assert {r[1] for r in only_root} == {"RunnableSequence"}
+    no_model = events_both(_named_chain(), "x", exclude_tags=["seq:step:1"])
+    assert "model" not in {r[1] for r in no_model} and len(no_model) == 8
+    assert events_both(_named_chain(), "x", include_names=["nope"]) == []
+
+
+def test_filters_given_a_string_or_an_unknown_version_are_errors():
+    with pytest.raises(TypeError, match=r"include_names must be a list of strings, not the str 'model'; write include_names=\['model'\]"):
+        RunnableLambda(str).astream_events("x", include_names="model")
+    with pytest.raises(ValueError, match=r"unknown event version 'v1'; minichain streams the v2 event schema only"):
+        RunnableLambda(str).stream_events("x", version="v1")
+
+
+def test_events_of_a_chain_broken_by_a_non_streaming_function():
+    model = GenericFakeChatModel(messages=iter(['{"countries": [{"name": "France"}, {"name": "Spain"}]}']))
+    rows = events_both(model | JsonOutputParser() | _extract_country_names, "x")
+    assert short(rows)[:7] == [
+        ("on_chain_start", "RunnableSequence"), ("on_chat_model_start", "GenericFakeChatModel"),
+        ("on_chat_model_stream", "GenericFakeChatModel"), ("on_parser_start", "JsonOutputParser"),
+        ("on_parser_stream", "JsonOutputParser"), ("on_chain_start", "_extract_country_names"),
+        ("on_chat_model_stream", "GenericFakeChatModel")]
+    assert [r[0] for r in rows].count("on_chat_model_stream") == 9
+    assert [r[0] for r in rows].count("on_parser_stream") == 5
+    assert rows[-6:] == [
+        ("on_chat_model_end", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], rows[-6][5]),
+        ("on_parser_end", "JsonOutputParser", "R2", ["R0"], ["seq:step:2"], rows[-5][5]),
+        ("on_chain_stream", "_extract_country_names", "R3", ["R0"], ["seq:step:3"], "{'chunk': ['France', 'Spain']}"),
+        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': ['France', 'Spain']}"),
+        ("on_chain_end", "_extract_country_names", "R3", ["R0"], ["seq:step:3"],
+         "{'output': ['France', 'Spain'], 'input': {'countries': [{'name': 'France'}, {'name': 'Spain'}]}}"),
+        ("on_chain_end", "RunnableSequence", "R0", [], [], "{'output': ['France', 'Spain']}"),
+    ]
+
+
+def _reverse_word() -> Any:
+    def reverse_word(word: str) -> str:
+        return word[::-1]
+    return RunnableLambda(reverse_word)
+
+
+def test_bad_tool_and_correct_tool_both_report_the_nested_run():
+    reverse_word = _reverse_word()
+
+    @tool
+    def bad_tool(word: str) -> str:
+        """Custom tool that doesn't propagate callbacks."""
+        return reverse_word.invoke(word)
+
+    @tool
+    def correct_tool(word: str, callbacks: Any) -> str:
+        """A tool that correctly propagates callbacks."""
+        return reverse_word.invoke(word, {"callbacks": callbacks})
+    for t in (bad_tool, correct_tool):
+        assert events_both(t, "hello") == [
+            ("on_tool_start", t.name, "R0", [], [], "{'input': 'hello'}"),
+            ("on_chain_start", "reverse_word", "R1", ["R0"], [], "{'input': 'hello'}"),
+            ("on_chain_end", "reverse_word", "R1", ["R0"], [], "{'output': 'olleh', 'input': 'hello'}"),
+            ("on_tool_end", t.name, "R0", [], [], "{'output': 'olleh'}"),
+        ]
+
+
+def test_reverse_and_double_as_lambda_and_as_chain():
+    reverse_word = _reverse_word()
+
+    async def reverse_and_double(word: str) -> str:
+        return await reverse_word.ainvoke(word) * 2
+    expected = [
+        ("on_chain_start", "reverse_and_double", "R0", [], [], "{'input': '1234'}"),
+        ("on_chain_start", "reverse_word", "R1", ["R0"], [], "{'input': '1234'}"),
+        ("on_chain_end", "reverse_word", "R1", ["R0"], [], "{'output': '4321', 'input': '1234'}"),
+        ("on_chain_stream", "reverse_and_double", "R0", [], [], "{'chunk': '43214321'}"),
+        ("on_chain_end", "reverse_and_double", "R0", [], [], "{'output': '43214321'}"),
+    ]
+    assert events_both(RunnableLambda(reverse_and_double), "1234") == expected
+    assert events_both(chain(reverse_and_double), "1234") == expected
+
+
+def test_events_of_the_retrieval_chain():
+    store = InMemoryVectorStore.from_texts(["harrison worked at kensho"], embedding=LexicalEmbeddings())
+    retriever = store.as_retriever()
+    prompt = ChatPromptTemplate.from_template("Context: {context}\nQ: {question}")
+    model = GenericFakeChatModel(messages=iter(["kensho"]))
+    chain_ = {"context": retriever, "question": RunnablePassthrough()} | prompt | model | StrOutputParser()
+    events = run(alist(chain_.astream_events("where did harrison work?")))
+    rows = trace(events)
+    retriever_rows = [r for r in rows if r[0].startswith("on_retriever")]
+    assert retriever_rows == [
+        ("on_retriever_start", "VectorStoreRetriever", "R2", ["R0", "R1"], ["map:key:context"], "{'input': {'query': 'where did harrison work?'}}"),
+        ("on_retriever_end", "VectorStoreRetriever", "R2", ["R0", "R1"], ["map:key:context"],
+         "{'output': [Document(metadata={}, page_content='harrison worked at kensho')], 'input': {'query': 'where did harrison work?'}}"),
+    ]
+    meta = [e["metadata"] for e in events if e["event"] == "on_retriever_start"][0]
+    assert meta == {"ls_retriever_name": "vectorstore", "ls_vector_store_provider": "InMemoryVectorStore",
+                    "ls_embedding_provider": "LexicalEmbeddings"}
+    assert rows[-1] == ("on_chain_end", "RunnableSequence", "R0", [], [], "{'output': 'kensho'}")
+    assert [r[0] for r in rows].count("on_prompt_end") == 1
+
+
+def test_sync_stream_events_gives_the_same_sequence_as_astream_events():
+    def make() -> Any:
+        prompt = ChatPromptTemplate.from_messages([("system", "s"), ("human", "{topic}")])
+        model = GenericFakeChatModel(messages=iter(["ha ha"]))
+        return (prompt | model | StrOutputParser()).with_config(tags=["T"], metadata={"k": 1})
+    sync = trace(list(make().stream_events({"topic": "cats"})), meta=True)
+    asyn = trace(run(alist(make().astream_events({"topic": "cats"}))), meta=True)
+    assert sync == asyn
+    assert short(sync) == [
+        ("on_chain_start", "RunnableSequence"), ("on_prompt_start", "ChatPromptTemplate"),
+        ("on_prompt_end", "ChatPromptTemplate"), ("on_chat_model_start", "GenericFakeChatModel"),
+        ("on_chat_model_stream", "GenericFakeChatModel"), ("on_parser_start", "StrOutputParser"),
+        ("on_parser_stream", "StrOutputParser"), ("on_chain_stream", "RunnableSequence"),
+        ("on_chat_model_stream", "GenericFakeChatModel"), ("on_parser_stream", "StrOutputParser"),
+        ("on_chain_stream", "RunnableSequence"), ("on_chat_model_stream", "GenericFakeChatModel"),
+        ("on_parser_stream", "StrOutputParser"), ("on_chain_stream", "RunnableSequence"),
+        ("on_chat_model_end", "GenericFakeChatModel"), ("on_parser_end", "StrOutputParser"),
+        ("on_chain_end", "RunnableSequence")]
+    assert sync[3][4:] == (["seq:step:2", "T"], "{'input': {'messages': [[SystemMessage(content='s'), HumanMessage(content='cats')]]}}",
+                           {"k": 1, **CHAT_META})
+
+
+def test_events_are_live_from_inside_a_sync_and_an_async_function():
+    for use_async in (False, True):
+        model = GenericFakeChatModel(messages=iter(["a b c"]), sleep=0.05)
+        returned = []
+
+        def outer(x: str) -> str:
+            out = model.invoke(x).content
+            returned.append(time.monotonic())
+            return out
+
+        async def aouter(x: str) -> str:
+            out = (await model.ainvoke(x)).content
+            returned.append(time.monotonic())
+            return out
+
+        async def main() -> List[Any]:
+            seen = []
+            async for e in RunnableLambda(aouter if use_async else outer).astream_events("q"):
+                seen.append((e["event"], time.monotonic(), e["parent_ids"]))
+            return seen
+        seen = run(main())
+        first_token = [s for s in seen if s[0] == "on_chat_model_stream"][0]
+        assert first_token[1] < returned[0] - 0.05  # arrived while the function still ran
+        assert len(first_token[2]) == 1  # parented under the lambda
+        model = GenericFakeChatModel(messages=iter(["a b c"]), sleep=0.05)
+        sync_seen = []
+        for e in RunnableLambda(outer).stream_events("q"):
+            sync_seen.append((e["event"], time.monotonic()))
+        tokens = [s for s in sync_seen if s[0] == "on_chat_model_stream"]
+        assert tokens[0][1] < returned[-1] - 0.05
+
+
+def test_custom_events_are_parented_to_the_dispatching_run():
+    @chain
+    async def slow_thing(some_input: str) -> str:
+        await mc.adispatch_custom_event("progress_event", {"message": "Finished step 1 of 3"})
+        return "Done"
+    assert events_both(slow_thing, "some_input") == [
+        ("on_chain_start", "slow_thing", "R0", [], [], "{'input': 'some_input'}"),
+        ("on_custom_event", "progress_event", "R0", [], [], "{'message': 'Finished step 1 of 3'}"),
+        ("on_chain_stream", "slow_thing", "R0", [], [], "{'chunk': 'Done'}"),
+        ("on_chain_end", "slow_thing", "R0", [], [], "{'output': 'Done'}"),
+    ]
+    assert run(alist(slow_thing.astream("x"))) == ["Done"]
+
+    @chain
+    def sync_thing(x: str) -> str:
+        mc.dispatch_custom_event("progress_event", "half")
+        return x
+    rows = trace(list(sync_thing.stream_events("x", include_types=["progress_event"])))
+    assert rows == [("on_custom_event", "progress_event", "R0", [], [], "'half'")]
+    with pytest.raises(RuntimeError, match=r"dispatch_custom_event\('e'\) was called outside any runnable"):
+        mc.dispatch_custom_event("e", 1)
+
+
+def test_callbacks_get_the_same_events_from_every_method():
+    def make() -> Any:
+        return GenericFakeChatModel(messages=iter(["a b"])) | StrOutputParser()
+    reference = trace(list(make().stream_events("x")))
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.events: List[dict] = []
+
+        def on_chain_start(self, event: dict) -> None:
+            self.events.append(event)
+
+        def on_chat_model_stream(self, event: dict) -> None:
+            self.events.append(event)
+    got: List[dict] = []
+    list(make().stream("x", {"callbacks": [got.append]}))
+    assert trace(got) == reference
+    got = []
+    run(alist(make().astream("x", {"callbacks": [got.append]})))
+    assert trace(got) == reference
+    rec = Recorder()
+    list(make().stream("x", {"callbacks": [rec]}))
+    assert short(trace(rec.events)) == [("on_chain_start", "RunnableSequence")] + \
+        [("on_chat_model_stream", "GenericFakeChatModel")] * 3
+    invoked: List[dict] = []
+    assert make().invoke("x", {"callbacks": [invoked.append]}) == "a b"
+    # invoke runs the steps one after another: the model streams tokens, the parser does not
+    assert short(trace(invoked)) == [
+        ("on_chain_start", "RunnableSequence"), ("on_chat_model_start", "GenericFakeChatModel"),
+        ("on_chat_model_stream", "GenericFakeChatModel"), ("on_chat_model_stream", "GenericFakeChatModel"),
+        ("on_chat_model_stream", "GenericFakeChatModel"), ("on_chat_model_end", "GenericFakeChatModel"),
+        ("on_parser_start", "StrOutputParser"), ("on_parser_end", "StrOutputParser"),
+        ("on_chain_end", "RunnableSequence")]
+    batched: List[dict] = []
+    make_two = GenericFakeChatModel(messages=iter(["a", "b"]))
+    assert [m.content for m in make_two.batch(["x", "y"], {"callbacks": [batched.append]})] in (["a", "b"], ["b", "a"])
+    assert [e["event"] for e in batched].count("on_chat_model_end") == 2
+    abatched: List[dict] = []
+    run(GenericFakeChatModel(messages=iter(["a", "b"])).abatch(["x", "y"], {"callbacks": [abatched.append]}))
+    assert [e["event"] for e in abatched].count("on_chat_model_start") == 2
+
+
+def test_no_event_work_when_no_one_listens(monkeypatch: Any):
+    made = []
+    real_init = mc.Run.__init__
+
+    def counting_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        made.append(1)
+        real_init(self, *args, **kwargs)
+    monkeypatch.setattr(mc.Run, "__init__", counting_init)
+    chain_ = ChatPromptTemplate.from_template("{q}") | GenericFakeChatModel(messages=iter(["a b", "c"])) | StrOutputParser()
+    assert list(chain_.stream({"q": "x"})) == ["a", " ", "b"]
+    assert chain_.invoke({"q": "x"}) == "c"
+    assert made == []
+
+
+def test_an_exception_mid_stream_reaches_the_consumer_after_earlier_events():
+    def boom(chunks: Iterator[str]) -> Iterator[str]:
+        for c in chunks:
+            if c == "c":
+                raise ValueError("boom at c")
+            yield c
+    def make() -> Any:
+        return GenericFakeChatModel(messages=iter(["a b c d"])) | StrOutputParser() | boom
+    for events in (lambda: make().stream_events("x"), lambda: _sync(make().astream_events("x"))):
+        seen = []
+        with pytest.raises(ValueError, match="boom at c") as info:
+            for e in events():
+                seen.append(e["event"])
+        assert "on_chain_end" not in seen and seen.count("on_parser_stream") == 5
+        assert type(info.value) is ValueError
+
+
+def _sync(aiter: AsyncIterator[Any]) -> Iterator[Any]:
+    async def collect() -> List[Any]:
+        out = []
+        try:
+            async for x in aiter:
+                out.append(x)
+        except BaseException as exc:
+            out.append(exc)
+        return out
+    for item in run(collect()):
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def test_tool_errors_are_the_only_error_events():
+    @tool
+    def fails(x: str) -> str:
+        """Always fails."""
+        raise ValueError("bad")
+    seen = []
+    with pytest.raises(ValueError, match="bad"):
+        for e in fails.stream_events({"x": "a"}):
+            seen.append(e)
+    assert [e["event"] for e in seen] == ["on_tool_start", "on_tool_error"]
+    assert repr(seen[1]["data"]) == "{'error': ValueError('bad'), 'input': {'x': 'a'}, 'tool_call_id': None}"
+
+
+def test_closing_astream_events_stops_the_run_with_no_pending_task():
+    closed = []
+
+    async def forever(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            async for c in chunks:
+                while True:
+                    await asyncio.sleep(0.001)
+                    yield c
+        finally:
+            closed.append(True)
+
+    async def main() -> int:
+        events = (RunnableLambda(lambda x: x) | forever).astream_events("x")
+        async for e in events:
+            if e["event"] == "on_chain_stream":
+                break
+        await events.aclose()
+        return len(asyncio.all_tasks())
+    assert run(main()) == 1 and closed == [True]
+
+
+def test_closing_stream_events_stops_the_worker_and_closes_every_step():
+    closed = []
+
+    def forever(chunks: Iterator[str]) -> Iterator[str]:
+        try:
+            for c in chunks:
+                while True:
+                    time.sleep(0.001)
+                    yield c
+        finally:
+            closed.append(True)
+    events = (RunnableLambda(lambda x: x) | forever).stream_events("x")
+    for e in events:
+        if e["event"] == "on_chain_stream":
+            break
+    events.close()
+    assert closed == [True]
+    assert not [t for t in threading.enumerate() if t.name == "minichain-events"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes agree; examples run
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make,value,expected", [
+    (lambda: RunnableLambda(lambda x: x * 2), 3, 6),
+    (lambda: GenericFakeChatModel(messages=iter(["a b"])) | StrOutputParser(), "x", "a b"),
+    (lambda: RunnableParallel(a=lambda x: x + 1, b=RunnablePassthrough()), 1, {"a": 2, "b": 1}),
+    (lambda: RunnablePassthrough.assign(n=lambda d: len(d["q"])), {"q": "ab"}, {"q": "ab", "n": 2}),
+    (lambda: ChatPromptTemplate.from_template("{q}") | FakeListChatModel(responses=['{"a": [1, 2]}'])
+     | JsonOutputParser(), {"q": "x"}, {"a": [1, 2]}),
+])
+def test_invoke_equals_the_fold_of_stream_in_every_mode(make: Any, value: Any, expected: Any):
+    out = every_mode(make, value)
+    assert out["invoke"] == out["ainvoke"] == expected
+    assert mc._fold(out["stream"]) == mc._fold(out["astream"]) == expected
+    assert out["stream_events_output"] == [expected]
+
+
+EXAMPLES = sorted((HERE / "examples").glob("[0-9][0-9]_*.py"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_examples_print_what_they_promise(path: Path):
+    expected = (path.with_suffix(".out")).read_text()
+    got = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=60,
+                         cwd=HERE)
+    assert got.returncode == 0, got.stderr
+    assert ids_out(got.stdout) == expected
