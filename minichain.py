@@ -424,7 +424,12 @@ class AddableDict(Dict[str, Any]):
 # ==============================================================================================
 
 class PromptValue:
-    """What a prompt produces; a model reads it as a string or as messages."""
+    """What a prompt produces; a model reads it as a string or as messages.
+
+    >>> value = ChatPromptTemplate.from_template("hi {name}").invoke({"name": "Ann"})
+    >>> isinstance(value, PromptValue), value.to_string(), value.to_messages()
+    (True, 'Human: hi Ann', [HumanMessage(content='hi Ann')])
+    """
 
     def to_string(self) -> str:
         """The prompt as one string."""
@@ -2207,7 +2212,14 @@ class GenericFakeChatModel(BaseChatModel):
 
 
 class FakeListChatModelError(Exception):
-    """Raised by `FakeListChatModel` at `error_on_chunk_number`."""
+    """Raised by `FakeListChatModel` at `error_on_chunk_number`.
+
+    >>> model = FakeListChatModel(responses=["abc"], error_on_chunk_number=1)
+    >>> [chunk.content for chunk in model.stream("x")]
+    Traceback (most recent call last):
+    ...
+    minichain.FakeListChatModelError: FakeListChatModel raised at chunk 1 as configured
+    """
 
 
 class FakeListChatModel(BaseChatModel):
@@ -2480,7 +2492,8 @@ class _JsonStream:
             end = m.start() if m else len(text)
             if end > i:
                 segment = text[i:end]
-                shown = segment[:_TRAILING.search(segment).start()] if self.strip else segment
+                trailing = _TRAILING.search(segment) if self.strip else None
+                shown = segment[:trailing.start()] if trailing else segment
                 if shown:
                     self.pieces.append(self.tail + shown)
                     self.length += len(self.tail) + len(shown)
@@ -3066,7 +3079,16 @@ class VectorStoreRetriever(BaseRetriever):
 # ==============================================================================================
 
 class ToolException(Exception):
-    """An error a tool reports; with `handle_tool_error` it becomes the tool's output."""
+    """An error a tool reports; with `handle_tool_error` it becomes the tool's output.
+
+    >>> @tool
+    ... def lookup(key: str) -> str:
+    ...     "Look a key up."
+    ...     raise ToolException(f"no entry for {key!r}")
+    >>> lookup.handle_tool_error = True
+    >>> lookup.invoke("x")
+    "no entry for 'x'"
+    """
 
 
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array",
