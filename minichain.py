@@ -67,7 +67,7 @@ __all__ = [
     "RunnableSequence", "RunnableParallel", "RunnableLambda", "RunnableGenerator",
     "RunnablePassthrough", "RunnableAssign", "RunnableBinding", "chain", "coerce_to_runnable",
     # 6. events
-    "dispatch_custom_event", "adispatch_custom_event",
+    "dispatch_custom_event", "adispatch_custom_event", "RunLogPatch", "RunLog",
     # 7. models
     "BaseChatModel", "BaseLLM", "GenericFakeChatModel", "FakeListChatModel",
     "FakeListChatModelError", "FakeListLLM",
@@ -496,7 +496,7 @@ def _variables(template: str) -> List[str]:
     names: List[str] = []
     for _, field, _, _ in string.Formatter().parse(template):
         if field is not None:
-            name = re.split(r"[.\[]", field, 1)[0]
+            name = re.split(r"[.\[]", field, maxsplit=1)[0]
             if not name or name.isdigit():
                 raise ValueError(f"template {_short(template)} has a positional placeholder "
                                  f"'{{{field}}}'; name it, like '{{topic}}'")
@@ -657,7 +657,7 @@ class Run:
 
 
 def _merge_configs(base: Optional[RunnableConfig], extra: Optional[Mapping[str, Any]]) -> RunnableConfig:
-    """`extra` over `base`: tags and metadata accumulate, other keys are replaced."""
+    """`extra` over `base`: tags (kept sorted) and metadata accumulate, other keys are replaced."""
     if not extra:
         return dict(base) if base else {}
     unknown = [k for k in extra if k not in _CONFIG_KEYS]
@@ -672,7 +672,7 @@ def _merge_configs(base: Optional[RunnableConfig], extra: Optional[Mapping[str, 
             if isinstance(value, str):
                 raise TypeError(f"config tags must be a list of str, not the str {value!r}; "
                                 f"write tags=[{value!r}]")
-            out[key] = list(dict.fromkeys(list(out.get("tags", ())) + list(value)))
+            out[key] = sorted(set(out.get("tags", ())) | set(value))  # sorted, as langchain_core
         elif key == "metadata":
             out[key] = {**out.get("metadata", {}), **value}
         elif key == "configurable":
@@ -1201,6 +1201,33 @@ class Runnable(Generic[Input, Output]):
         keep = _event_filter(version, include_names, include_types, include_tags,
                              exclude_names, exclude_types, exclude_tags)
         return _stream_events(self, input, config, keep)
+
+    def astream_log(self, input: Any, config: Optional[RunnableConfig] = None, *,
+                    diff: bool = True, with_streamed_output_list: bool = True,
+                    include_names: Optional[Sequence[str]] = None,
+                    include_types: Optional[Sequence[str]] = None,
+                    include_tags: Optional[Sequence[str]] = None,
+                    exclude_names: Optional[Sequence[str]] = None,
+                    exclude_types: Optional[Sequence[str]] = None,
+                    exclude_tags: Optional[Sequence[str]] = None) -> AsyncIterator[Any]:
+        """The run as a log that grows: `RunLogPatch`es of JSON-patch ops on its state.
+
+        The state holds the root's `streamed_output` and `final_output`, and under `logs`
+        one entry per step (keyed by name; `name:2` for the second of a name). Filters pick
+        which steps get an entry; `diff=False` yields the accumulated `RunLog` instead.
+
+        >>> async def main():
+        ...     chain = RunnableLambda(lambda x: x + 1) | RunnableLambda(lambda x: x * 2)
+        ...     log = None
+        ...     async for patch in chain.astream_log(1):
+        ...         log = patch if log is None else log + patch
+        ...     return log.state["final_output"], sorted(log.state["logs"])
+        >>> asyncio.run(main())
+        (4, ['RunnableLambda', 'RunnableLambda:2'])
+        """
+        keep = _event_filter("v2", include_names, include_types, include_tags,
+                             exclude_names, exclude_types, exclude_tags)
+        return _astream_log(self, input, config, keep, diff, with_streamed_output_list)
 
     def with_config(self, config: Optional[RunnableConfig] = None, **kwargs: Any) -> "Runnable[Input, Output]":
         """This runnable with config bound to every call: run_name, tags, metadata, callbacks…
@@ -1893,6 +1920,224 @@ async def _astream_events(runnable: Runnable[Any, Any], input: Any,
         if not task.done():
             task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+class RunLogPatch:
+    """Some JSON-patch operations on a run log; patches add up to a `RunLog`.
+
+    >>> a = RunLogPatch({"op": "replace", "path": "", "value": {"logs": {}, "streamed_output": []}})
+    >>> b = RunLogPatch({"op": "add", "path": "/streamed_output/-", "value": "hi"})
+    >>> (a + b).state
+    {'logs': {}, 'streamed_output': ['hi']}
+    """
+
+    def __init__(self, *ops: Dict[str, Any]) -> None:
+        self.ops = list(ops)
+
+    def __add__(self, other: "RunLogPatch") -> "RunLog":
+        ops = self.ops + other.ops
+        return RunLog(*ops, state=_apply_ops(None, copy_ops(ops)))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunLogPatch) and type(self) is type(other) and self.ops == other.ops
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        import pprint
+        return f"RunLogPatch({pprint.pformat(self.ops)[1:-1]})"
+
+
+class RunLog(RunLogPatch):
+    """The ops so far and the state they build: `state["final_output"]`, `state["logs"]`...
+
+    >>> log = RunLog({"op": "replace", "path": "", "value": {"final_output": None}}, state={"final_output": None})
+    >>> (log + RunLogPatch({"op": "replace", "path": "/final_output", "value": 3})).state
+    {'final_output': 3}
+    """
+
+    def __init__(self, *ops: Dict[str, Any], state: Any) -> None:
+        super().__init__(*ops)
+        self.state = state
+
+    def __add__(self, other: "RunLogPatch") -> "RunLog":
+        import copy
+        state = _apply_ops(copy.deepcopy(self.state), copy_ops(other.ops))
+        return RunLog(*self.ops, *other.ops, state=state)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunLog) and self.state == other.state
+
+    def __repr__(self) -> str:
+        import pprint
+        return f"RunLog({pprint.pformat(self.state)})"
+
+
+def copy_ops(ops: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The ops with their values deep-copied, so applying them shares nothing."""
+    import copy
+    return [dict(op, value=copy.deepcopy(op["value"])) if "value" in op else dict(op) for op in ops]
+
+
+def _pointer(path: str) -> List[str]:
+    """A JSON pointer's parts (`~1` is `/`, `~0` is `~`)."""
+    return [p.replace("~1", "/").replace("~0", "~") for p in path.split("/")[1:]]
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def _apply_ops(state: Any, ops: List[Dict[str, Any]]) -> Any:
+    """Apply JSON-patch add/replace/remove ops to `state` (in place where it can)."""
+    for op in ops:
+        parts = _pointer(op["path"])
+        if not parts:
+            state = op["value"]
+            continue
+        target = state
+        for part in parts[:-1]:
+            target = target[int(part)] if isinstance(target, list) else target[part]
+        last = parts[-1]
+        if isinstance(target, list):
+            if op["op"] == "remove":
+                del target[int(last)]
+            elif last == "-":
+                target.append(op["value"])
+            elif op["op"] == "add":
+                target.insert(int(last), op["value"])
+            else:
+                target[int(last)] = op["value"]
+        elif op["op"] == "remove":
+            del target[last]
+        else:
+            target[last] = op["value"]
+    return state
+
+
+def _json_diff(old: Any, new: Any, path: str) -> List[Dict[str, Any]]:
+    """JSON-patch ops that turn `old` into `new` (dicts key by key, lists by appending)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        ops: List[Dict[str, Any]] = [{"op": "remove", "path": f"{path}/{_escape(k)}"}
+                                     for k in old if k not in new]
+        for key, value in new.items():
+            if key not in old:
+                ops.append({"op": "add", "path": f"{path}/{_escape(key)}", "value": value})
+            elif old[key] != value:
+                ops += _json_diff(old[key], value, f"{path}/{_escape(key)}")
+        return ops
+    if isinstance(old, list) and isinstance(new, list) and new[:len(old)] == old:
+        return [{"op": "add", "path": f"{path}/{i}", "value": v}
+                for i, v in enumerate(new[len(old):], len(old))]
+    return [] if old == new else [{"op": "replace", "path": path, "value": new}]
+
+
+def _now() -> str:
+    import datetime
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+
+def _log_output(kind: str, output: Any) -> Any:
+    """A step's output as langchain_core's run log stores it."""
+    if kind == "chat_model":
+        message = output
+        return {"generations": [[{"text": _text_of(message), "generation_info": None,
+                                  "type": "ChatGenerationChunk" if isinstance(message, AIMessageChunk)
+                                  else "ChatGeneration", "message": message}]],
+                "llm_output": None, "run": None, "type": "LLMResult"}
+    if kind == "llm":
+        return {**output, "run": None, "type": "LLMResult"}
+    if kind == "retriever":
+        return {"documents": output}
+    if kind == "prompt" or isinstance(output, dict):
+        return output
+    return {"output": output}
+
+
+class _RunLogger:
+    """Turns events into run-log patches, one patch per event (None where nothing changes)."""
+
+    def __init__(self, keep: Optional[Callable[[Event], bool]], streamed_list: bool) -> None:
+        self.keep, self.streamed_list = keep, streamed_list
+        self.keys: Dict[str, str] = {}  # run id -> its key under /logs
+        self.names: Dict[str, int] = {}  # how many entries each name has
+        self.final: Any = _MISSING
+
+    def __call__(self, event: Event) -> Optional[RunLogPatch]:
+        kind, phase = _event_type(event), event["event"].rsplit("_", 1)[-1]
+        shown_kind = "llm" if kind == "chat_model" else kind
+        if event["event"] == "on_custom_event":
+            return None
+        if not event["parent_ids"]:
+            if phase == "start":
+                return RunLogPatch({"op": "replace", "path": "", "value": {
+                    "id": event["run_id"], "streamed_output": [], "final_output": None,
+                    "logs": {}, "name": event["name"], "type": shown_kind}})
+            return self._root_chunk(event["data"]["chunk"]) if phase == "stream" else None
+        if phase == "start":
+            if self.keep is not None and not self.keep(event):
+                return None
+            count = self.names[event["name"]] = self.names.get(event["name"], 0) + 1
+            key = self.keys[event["run_id"]] = event["name"] if count == 1 else f"{event['name']}:{count}"
+            return RunLogPatch({"op": "add", "path": f"/logs/{_escape(key)}", "value": {
+                "id": event["run_id"], "name": event["name"], "type": shown_kind,
+                "tags": event["tags"], "metadata": event["metadata"], "start_time": _now(),
+                "streamed_output": [], "streamed_output_str": [], "final_output": None,
+                "end_time": None}})
+        key = self.keys.get(event["run_id"])
+        if key is None:
+            return None
+        at = f"/logs/{_escape(key)}"
+        if phase == "stream":
+            chunk = event["data"]["chunk"]
+            ops = [{"op": "add", "path": f"{at}/streamed_output/-", "value": chunk}]
+            if shown_kind == "llm":
+                text = chunk.text if isinstance(chunk, BaseMessage) else str(chunk)
+                ops.insert(0, {"op": "add", "path": f"{at}/streamed_output_str/-", "value": text})
+            return RunLogPatch(*ops)
+        if phase == "end":
+            return RunLogPatch(
+                {"op": "add", "path": f"{at}/final_output",
+                 "value": _log_output(kind, event["data"]["output"])},
+                {"op": "add", "path": f"{at}/end_time", "value": _now()})
+        return None
+
+    def _root_chunk(self, chunk: Any) -> RunLogPatch:
+        ops = [{"op": "add", "path": "/streamed_output/-", "value": chunk}] if self.streamed_list else []
+        if self.final is _MISSING:
+            self.final = chunk
+            ops.append({"op": "replace", "path": "/final_output", "value": chunk})
+            return RunLogPatch(*ops)
+        try:
+            new = self.final + chunk
+        except TypeError:
+            new = chunk
+            ops.append({"op": "replace", "path": "/final_output", "value": chunk})
+        else:
+            ops += _json_diff(self.final, new, "/final_output")
+        self.final = new
+        return RunLogPatch(*ops)
+
+
+async def _astream_log(runnable: Runnable[Any, Any], input: Any, config: Optional[RunnableConfig],
+                       keep: Optional[Callable[[Event], bool]], diff: bool,
+                       streamed_list: bool) -> AsyncIterator[Any]:
+    logger = _RunLogger(keep, streamed_list)
+    events = _astream_events(runnable, input, config, None)
+    log: Optional[RunLog] = None
+    try:
+        async for event in events:
+            patch = logger(event)
+            if patch is None or not patch.ops:
+                continue
+            if diff:
+                yield patch
+            else:
+                log = RunLog(*patch.ops, state=_apply_ops(None, copy_ops(patch.ops))) \
+                    if log is None else log + patch
+                yield log
+    finally:
+        await _aclose(events)
 
 
 class _Stopped(BaseException):

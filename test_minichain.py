@@ -1139,6 +1139,183 @@ def test_closing_stream_events_stops_the_worker_and_closes_every_step():
     assert not [t for t in threading.enumerate() if t.name == "minichain-events"]
 
 
+def _make_json_chain() -> Any:
+    return _json_chain()
+
+
+def _make_broken_chain() -> Any:
+    model = GenericFakeChatModel(messages=iter(['{"countries": [{"name": "France"}]}']))
+    return model | JsonOutputParser() | _extract_country_names
+
+
+def _make_tool_chain() -> Any:
+    reverse_word = _reverse_word()
+
+    @tool
+    def bad_tool(word: str) -> str:
+        """Reverse a word."""
+        return reverse_word.invoke(word)
+    return RunnableLambda(lambda x: x + "!") | bad_tool
+
+
+def _make_nested_seq() -> Any:
+    inner = (RunnableLambda(lambda x: x) | RunnableLambda(lambda x: x * 2)).with_config(tags=["inner_tag"])
+    return RunnableParallel(a=inner).with_config(tags=["user_tag"])
+
+
+@pytest.mark.parametrize("make", [_make_json_chain, _make_broken_chain, _make_tool_chain, _make_nested_seq])
+def test_sync_and_async_event_streams_agree(make: Any):
+    assert trace(list(make().stream_events("x")), meta=True) == \
+        trace(run(alist(make().astream_events("x"))), meta=True)
+
+
+def test_positional_tags_are_local_and_user_tags_inherited():
+    rows = trace(list(_make_nested_seq().stream_events("x", include_types=["chain"])))
+    starts = {(r[1], tuple(r[4])) for r in rows if r[0] == "on_chain_start"}
+    assert starts == {("RunnableParallel<a>", ("user_tag",)),
+                      ("RunnableSequence", ("map:key:a", "inner_tag", "user_tag")),
+                      ("RunnableLambda", ("seq:step:1", "inner_tag", "user_tag")),
+                      ("RunnableLambda", ("seq:step:2", "inner_tag", "user_tag"))}
+    model = GenericFakeChatModel(messages=iter(["a"]), tags=["model-own", "b-own"])
+    rows = trace(list((RunnableLambda(lambda x: x) | model).with_config(tags=["zz", "aa"]).stream_events("x")))
+    assert [r[4] for r in rows if r[0].endswith("start")] == [
+        ["aa", "zz"], ["seq:step:1", "aa", "zz"], ["seq:step:2", "aa", "zz", "model-own", "b-own"]]
+
+
+def test_call_time_run_name_names_the_root_only():
+    rows = trace(list((RunnableLambda(lambda x: x) | RunnableLambda(lambda x: x)).stream_events(
+        1, {"run_name": "ROOT"})))
+    assert [r[1] for r in rows if r[0].endswith("start")] == ["ROOT", "RunnableLambda", "RunnableLambda"]
+
+
+def test_llm_events_with_and_without_streaming():
+    class Letters(mc.BaseLLM):
+        def _stream(self, prompt: str, **kwargs: Any) -> Iterator[str]:
+            yield from prompt[:2]
+    rows = trace(list((PromptTemplate.from_template("{q}") | Letters()).stream_events({"q": "ok!"})))
+    assert [r for r in rows if r[1] == "Letters"] == [
+        ("on_llm_start", "Letters", "R2", ["R0"], ["seq:step:2"], "{'input': {'prompts': ['ok!']}}"),
+        ("on_llm_stream", "Letters", "R2", ["R0"], ["seq:step:2"], "{'chunk': 'o'}"),
+        ("on_llm_stream", "Letters", "R2", ["R0"], ["seq:step:2"], "{'chunk': 'k'}"),
+        ("on_llm_end", "Letters", "R2", ["R0"], ["seq:step:2"],
+         "{'output': {'generations': [[{'text': 'ok', 'generation_info': None, 'type': 'Generation'}]], "
+         "'llm_output': None}, 'input': {'prompts': ['ok!']}}")]
+    plain = trace(list(FakeListLLM(responses=["hi"]).stream_events("q")))
+    assert short(plain) == [("on_llm_start", "FakeListLLM"), ("on_llm_end", "FakeListLLM")]
+
+
+def test_cancelling_the_consumer_task_closes_the_run_without_warnings(caplog: Any):
+    closed = []
+
+    async def forever(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            async for c in chunks:
+                while True:
+                    await asyncio.sleep(0.001)
+                    yield c
+        finally:
+            closed.append(True)
+
+    async def consume(started: asyncio.Event) -> None:
+        async for e in (RunnableLambda(lambda x: x) | forever).astream_events("x"):
+            started.set()
+
+    async def main() -> int:
+        started = asyncio.Event()
+        task = asyncio.ensure_future(consume(started))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return len(asyncio.all_tasks())
+    with caplog.at_level("WARNING", logger="asyncio"):
+        assert run(main()) == 1
+        gc.collect()
+    assert closed == [True] and caplog.records == []
+
+
+# ---------------------------------------------------------------------------------------------
+# astream_log
+# ---------------------------------------------------------------------------------------------
+
+def _log_ops(patches: List[Any]) -> List[Any]:
+    text = ids_out(repr([p.ops for p in patches]))
+    text = re.sub(r"'\d{4}-\d\d-\d\dT[\d:.]+\+00:00'", "TS", text)
+    return re.sub(r"'[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}'", "ID", text)
+
+
+def test_astream_log_patches_match_langchain_core():
+    chain_ = ChatPromptTemplate.from_template("hi {x}") | GenericFakeChatModel(messages=iter(["a b"])) | StrOutputParser()
+    patches = run(alist(chain_.astream_log({"x": 1})))
+    entry = ("{'id': ID, 'name': '%s', 'type': '%s', 'tags': ['seq:step:%d'], 'metadata': %s, "
+             "'start_time': TS, 'streamed_output': [], 'streamed_output_str': [], 'final_output': None, 'end_time': None}")
+    meta = "{'ls_provider': 'genericfakechatmodel', 'ls_model_type': 'chat', 'ls_integration': 'langchain_chat_model'}"
+    chunk = "AIMessageChunk(content='%s', id='lc_run--ID'%s)"
+    expected = [
+        [{"op": "replace", "path": "", "value": "{'id': ID, 'streamed_output': [], 'final_output': None, 'logs': {}, 'name': 'RunnableSequence', 'type': 'chain'}"}],
+        [{"op": "add", "path": "/logs/ChatPromptTemplate", "value": entry % ("ChatPromptTemplate", "prompt", 1, "{}")}],
+        [{"op": "add", "path": "/logs/ChatPromptTemplate/final_output", "value": "ChatPromptValue(messages=[HumanMessage(content='hi 1')])"},
+         {"op": "add", "path": "/logs/ChatPromptTemplate/end_time", "value": "TS"}],
+        [{"op": "add", "path": "/logs/GenericFakeChatModel", "value": entry % ("GenericFakeChatModel", "llm", 2, meta)}],
+        [{"op": "add", "path": "/logs/GenericFakeChatModel/streamed_output_str/-", "value": "'a'"},
+         {"op": "add", "path": "/logs/GenericFakeChatModel/streamed_output/-", "value": chunk % ("a", "")}],
+        [{"op": "add", "path": "/logs/StrOutputParser", "value": entry % ("StrOutputParser", "parser", 3, "{}")}],
+        [{"op": "add", "path": "/logs/StrOutputParser/streamed_output/-", "value": "'a'"}],
+        [{"op": "add", "path": "/streamed_output/-", "value": "'a'"}, {"op": "replace", "path": "/final_output", "value": "'a'"}],
+        [{"op": "add", "path": "/logs/GenericFakeChatModel/streamed_output_str/-", "value": "' '"},
+         {"op": "add", "path": "/logs/GenericFakeChatModel/streamed_output/-", "value": chunk % (" ", "")}],
+        [{"op": "add", "path": "/logs/StrOutputParser/streamed_output/-", "value": "' '"}],
+        [{"op": "add", "path": "/streamed_output/-", "value": "' '"}, {"op": "replace", "path": "/final_output", "value": "'a '"}],
+        [{"op": "add", "path": "/logs/GenericFakeChatModel/streamed_output_str/-", "value": "'b'"},
+         {"op": "add", "path": "/logs/GenericFakeChatModel/streamed_output/-", "value": chunk % ("b", ", chunk_position='last'")}],
+        [{"op": "add", "path": "/logs/StrOutputParser/streamed_output/-", "value": "'b'"}],
+        [{"op": "add", "path": "/streamed_output/-", "value": "'b'"}, {"op": "replace", "path": "/final_output", "value": "'a b'"}],
+        [{"op": "add", "path": "/logs/GenericFakeChatModel/final_output", "value":
+          "{'generations': [[{'text': 'a b', 'generation_info': None, 'type': 'ChatGenerationChunk', 'message': "
+          + chunk % ("a b", ", chunk_position='last'") + "}]], 'llm_output': None, 'run': None, 'type': 'LLMResult'}"},
+         {"op": "add", "path": "/logs/GenericFakeChatModel/end_time", "value": "TS"}],
+        [{"op": "add", "path": "/logs/StrOutputParser/final_output", "value": "{'output': 'a b'}"},
+         {"op": "add", "path": "/logs/StrOutputParser/end_time", "value": "TS"}],
+    ]
+    rendered = "[" + ", ".join("[" + ", ".join(
+        "{'op': '%s', 'path': '%s', 'value': %s}" % (op["op"], op["path"], op["value"]) for op in patch) + "]"
+        for patch in expected) + "]"
+    assert _log_ops(patches) == rendered
+
+
+def test_astream_log_accumulates_filters_and_names_repeats():
+    chain_ = GenericFakeChatModel(messages=iter(["a b"])) | StrOutputParser()
+    logs = run(alist(chain_.astream_log("x", diff=False, include_types=["parser"],
+                                        with_streamed_output_list=False)))
+    assert all(type(log) is mc.RunLog for log in logs)
+    final = logs[-1].state
+    assert final["final_output"] == "a b" and final["streamed_output"] == []
+    assert list(final["logs"]) == ["StrOutputParser"]
+    assert final["logs"]["StrOutputParser"]["streamed_output"] == ["a", " ", "b"]
+    assert final["logs"]["StrOutputParser"]["final_output"] == {"output": "a b"}
+    assert [log.state["final_output"] for log in logs] == [None, None, None, "a", "a", "a ", "a ", "a b", "a b"]
+    f = RunLambda = RunnableLambda(lambda x: x + 1)
+    patches = run(alist((f | f).astream_log(1)))
+    total = patches[0]
+    for p in patches[1:]:
+        total = total + p
+    assert sorted(total.state["logs"]) == ["RunnableLambda", "RunnableLambda:2"]
+    assert total.state["final_output"] == 3 and total.state["streamed_output"] == [3]
+    assert total.state["logs"]["RunnableLambda:2"]["final_output"] == {"output": 3}
+    assert RunLambda is f
+
+
+def test_astream_log_of_a_parallel_root_diffs_the_output():
+    par = RunnableParallel(a=RunnableLambda(lambda x: x + "1"))
+    patches = run(alist(par.astream_log("x", include_names=[])))
+    assert [p.ops for p in patches[1:]] == [
+        [{"op": "add", "path": "/streamed_output/-", "value": {"a": "x1"}},
+         {"op": "replace", "path": "/final_output", "value": {"a": "x1"}}]]
+    assert mc._json_diff({"a": "x"}, {"a": "xy", "b": [1]}, "/final_output") == [
+        {"op": "replace", "path": "/final_output/a", "value": "xy"},
+        {"op": "add", "path": "/final_output/b", "value": [1]}]
+
+
 # ---------------------------------------------------------------------------------------------
 # Modes agree; examples run
 # ---------------------------------------------------------------------------------------------
