@@ -3443,15 +3443,14 @@ class BaseTool(Runnable[Any, Any]):
             extra["config"] = config
         return extra
 
-    def _handled(self, exc: ToolException) -> Any:
+    def _failed(self, exc: Exception, config: RunnableConfig, value: Any) -> Any:
+        """The output for a failed call: a handled `ToolException`, or else the error is
+        reported as `on_tool_error` and raised unchanged."""
         handler = self.handle_tool_error
-        if not handler:
-            return _MISSING
-        if callable(handler):
-            return handler(exc)
-        return handler if isinstance(handler, str) else (str(exc) or "Tool execution error")
-
-    def _report_error(self, config: RunnableConfig, exc: BaseException, value: Any) -> None:
+        if isinstance(exc, ToolException) and handler:
+            if callable(handler):
+                return handler(exc)
+            return handler if isinstance(handler, str) else (str(exc) or "Tool execution error")
         run = config.get("callbacks")
         if isinstance(run, Run):
             args = value.get("args", value) if isinstance(value, dict) else {}
@@ -3460,6 +3459,7 @@ class BaseTool(Runnable[Any, Any]):
                                                         "tool_call_id": call_id},
                       "run_id": run.id, "name": run.name, "tags": run.tags,
                       "metadata": run.metadata, "parent_ids": run.parent_ids})
+        raise exc
 
     def _wrap(self, result: Any, call_id: Optional[str]) -> Any:
         if call_id is None:
@@ -3471,28 +3471,16 @@ class BaseTool(Runnable[Any, Any]):
         args, call_id = self._arguments(value)
         try:
             result = self._run(**args, **self._injected(config))
-        except ToolException as exc:
-            result = self._handled(exc)
-            if result is _MISSING:
-                self._report_error(config, exc, value)
-                raise
         except Exception as exc:
-            self._report_error(config, exc, value)
-            raise
+            result = self._failed(exc, config, value)
         yield self._wrap(result, call_id)
 
     async def _aproduce(self, value: Any, config: RunnableConfig) -> AsyncIterator[Any]:
         args, call_id = self._arguments(value)
         try:
             result = await self._arun(**args, **self._injected(config))
-        except ToolException as exc:
-            result = self._handled(exc)
-            if result is _MISSING:
-                self._report_error(config, exc, value)
-                raise
         except Exception as exc:
-            self._report_error(config, exc, value)
-            raise
+            result = self._failed(exc, config, value)
         yield self._wrap(result, call_id)
 
     def _event_input(self, value: Any, end: bool) -> Any:

@@ -1097,9 +1097,8 @@ def test_tool_errors_are_the_only_error_events():
     assert repr(seen[1]["data"]) == "{'error': ValueError('bad'), 'input': {'x': 'a'}, 'tool_call_id': None}"
 
 
-def test_closing_astream_events_stops_the_run_with_no_pending_task():
-    closed = []
-
+def _forever_step(closed: List[bool]) -> Any:
+    """An async generator step that never ends by itself; notes when it is closed."""
     async def forever(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
         try:
             async for c in chunks:
@@ -1108,6 +1107,12 @@ def test_closing_astream_events_stops_the_run_with_no_pending_task():
                     yield c
         finally:
             closed.append(True)
+    return forever
+
+
+def test_closing_astream_events_stops_the_run_with_no_pending_task():
+    closed: List[bool] = []
+    forever = _forever_step(closed)
 
     async def main() -> int:
         events = (RunnableLambda(lambda x: x) | forever).astream_events("x")
@@ -1205,16 +1210,8 @@ def test_llm_events_with_and_without_streaming():
 
 
 def test_cancelling_the_consumer_task_closes_the_run_without_warnings(caplog: Any):
-    closed = []
-
-    async def forever(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-        try:
-            async for c in chunks:
-                while True:
-                    await asyncio.sleep(0.001)
-                    yield c
-        finally:
-            closed.append(True)
+    closed: List[bool] = []
+    forever = _forever_step(closed)
 
     async def consume(started: asyncio.Event) -> None:
         async for e in (RunnableLambda(lambda x: x) | forever).astream_events("x"):
