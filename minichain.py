@@ -78,6 +78,9 @@ __all__ = [
     "BaseRetriever", "LexicalEmbeddings", "InMemoryVectorStore", "VectorStoreRetriever",
     # 10. tools
     "BaseTool", "tool", "ToolException",
+    # 12. model servers
+    "ChatOpenAI", "ChatOllama", "ChatAnthropic", "APIError", "APITimeoutError",
+    "IncompleteStreamError",
 ]
 
 T = TypeVar("T")
@@ -3537,6 +3540,859 @@ def tool(func: Any = None, *, name: Optional[str] = None,
     if func is None:
         return lambda f: _FunctionTool(f, name=name, description=description)
     return _FunctionTool(func, name=name, description=description)
+
+
+# ==============================================================================================
+# 12. Model servers over HTTP: OpenAI-compatible, Ollama, Anthropic
+#
+# Bytes come in through a tiny transport (http.client for sync, asyncio streams for async);
+# a framing decoder (SSE or NDJSON) turns them into frames and a protocol mapping turns frames
+# into AIMessageChunks. Decoders and mappings are push machines shared by both transports.
+# ==============================================================================================
+
+class APIError(Exception):
+    """A model server refused or broke off a request: `status` (None once streaming), the
+    server's `message` and error `type`, and the raw `body`.
+
+    >>> raise APIError("bad key", status=401, type="invalid_api_key", provider="OpenAI")
+    Traceback (most recent call last):
+    ...
+    minichain.APIError: OpenAI returned HTTP 401 (invalid_api_key): bad key
+    """
+
+    def __init__(self, message: str, *, status: Optional[int] = None, type: Optional[str] = None,
+                 body: Any = None, provider: str = "the server", reported: bool = False,
+                 headers: Optional[Mapping[str, str]] = None) -> None:
+        self.message, self.status, self.type, self.body = message, status, type, body
+        self.headers: Mapping[str, str] = headers or {}
+        kind = f" ({type})" if type else ""
+        if status:
+            text = f"{provider} returned HTTP {status}{kind}: {message}"
+        elif reported:  # the server sent an error inside the stream
+            text = f"{provider} reported an error mid-stream{kind}: {message}"
+        else:  # minichain found the stream broken
+            text = f"{provider}: {message}"
+        super().__init__(text)
+
+
+class APITimeoutError(APIError):
+    """The server did not answer within the timeout (connect or read).
+
+    >>> APITimeoutError("no answer in 5.0 s", provider="Ollama").message
+    'no answer in 5.0 s'
+    """
+
+
+class IncompleteStreamError(APIError):
+    """The stream ended before the model said it was finished; the partial answer would be
+    silently truncated, so this is raised instead.
+
+    >>> IncompleteStreamError("no finish_reason", provider="OpenAI").status is None
+    True
+    """
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+class _SSEDecoder:
+    r"""Server-sent events from bytes, as the WHATWG algorithm says: lines end in `\n`, `\r\n`
+    or `\r`; `:` lines are comments; `data:` lines of one event join with `\n`; a blank line
+    dispatches. Yields `(event, data)` pairs; an old-style `error:` line is an `error` event.
+
+    >>> d = _SSEDecoder()
+    >>> d.feed(b": ping\r\ndata: {\"a\"\r") + d.feed(b"\ndata:1}\n\nevent: x\ndata: y") + d.finish()
+    [('message', '{"a"\n1}'), ('x', 'y')]
+    """
+
+    def __init__(self) -> None:
+        self.pending: List[bytes] = []  # an incomplete line
+        self.event = ""
+        self.data: List[str] = []
+        self.first = True  # a byte-order mark may start the stream
+
+    def feed(self, data: bytes) -> List[Tuple[str, str]]:
+        if not _LINE_END.search(data) or data.endswith(b"\r") and not _LINE_END.search(data[:-1]):
+            self.pending.append(data)  # no line ends yet (a final \r may be half of \r\n)
+            return []
+        buffer = b"".join(self.pending) + data
+        self.pending = []
+        out: List[Tuple[str, str]] = []
+        start = 0
+        for m in _LINE_END.finditer(buffer):
+            if m.group() == b"\r" and m.end() == len(buffer):
+                break  # wait: the \n of a \r\n may come next
+            self._line(buffer[start:m.start()], out)
+            start = m.end()
+        if start < len(buffer):
+            self.pending.append(buffer[start:])
+        return out
+
+    def finish(self) -> List[Tuple[str, str]]:
+        """The end of the body: flush a last line and event with no blank line after them."""
+        out: List[Tuple[str, str]] = []
+        if self.pending:
+            self._line(b"".join(self.pending).rstrip(b"\r"), out)
+            self.pending = []
+        self._line(b"", out)
+        return out
+
+    def _line(self, raw: bytes, out: List[Tuple[str, str]]) -> None:
+        line = raw.decode("utf-8", errors="replace")
+        if self.first:
+            line, self.first = line.lstrip("\ufeff"), False
+        if not line:
+            if self.data:
+                out.append((self.event or "message", "\n".join(self.data)))
+            self.event, self.data = "", []
+            return
+        if line.startswith(":"):
+            return
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "data":
+            self.data.append(value)
+        elif field == "event":
+            self.event = value
+        elif field == "error":  # llama.cpp before Sept 2025
+            out.append(("error", value))
+
+
+class _NDJSONDecoder:
+    r"""Lines of JSON from bytes (Ollama): split on `\n` only, blank lines skipped.
+
+    >>> d = _NDJSONDecoder()
+    >>> d.feed(b'{"a": 1}\n{"b"') + d.feed(b': 2}\n\n') + d.finish()
+    [('message', '{"a": 1}'), ('message', '{"b": 2}')]
+    """
+
+    def __init__(self) -> None:
+        self.pending: List[bytes] = []
+
+    def feed(self, data: bytes) -> List[Tuple[str, str]]:
+        if b"\n" not in data:
+            self.pending.append(data)
+            return []
+        *lines, rest = (b"".join(self.pending) + data).split(b"\n")
+        self.pending = [rest] if rest else []
+        return [("message", line.decode("utf-8", errors="replace").strip())
+                for line in lines if line.strip()]
+
+    def finish(self) -> List[Tuple[str, str]]:
+        rest = b"".join(self.pending).strip()
+        self.pending = []
+        return [("message", rest.decode("utf-8", errors="replace"))] if rest else []
+
+
+def _payload(data: str, provider: str) -> Dict[str, Any]:
+    """A frame's JSON object; a malformed one is an error that shows the line."""
+    try:
+        value = json.loads(data)
+    except ValueError as exc:
+        raise APIError(f"malformed stream line {_short(data, 200)}: {exc}", provider=provider) from None
+    if not isinstance(value, dict):
+        raise APIError(f"malformed stream line {_short(data, 200)}: expected a JSON object",
+                       provider=provider)
+    return value
+
+
+def _raise_if_error(payload: Dict[str, Any], provider: str, status: Optional[int] = None) -> None:
+    """Raise for any of the error shapes servers send: `{"error": {...}}`, `{"error": "..."}`,
+    vLLM's `{"object": "error", ...}`, Anthropic's `{"type": "error", "error": {...}}`."""
+    error = payload.get("error")
+    if error is None and payload.get("object") == "error":
+        error = payload
+    if error is None:
+        return
+    if isinstance(error, dict):
+        message = str(error.get("message") or json.dumps(error))
+        kind = error.get("type") or (str(error["code"]) if error.get("code") is not None else None)
+    else:
+        message, kind = str(error), None
+    raise APIError(message, status=status, type=kind, body=payload, provider=provider,
+                   reported=True)
+
+
+def _usage(input_tokens: Optional[int], output_tokens: Optional[int],
+           **details: Any) -> Optional[Dict[str, Any]]:
+    if input_tokens is None and output_tokens is None:
+        return None  # the server did not say: None, not zeros
+    usage: Dict[str, Any] = {"input_tokens": input_tokens or 0, "output_tokens": output_tokens or 0,
+                             "total_tokens": (input_tokens or 0) + (output_tokens or 0)}
+    usage.update({k: v for k, v in details.items() if v})
+    return usage
+
+
+class _OpenAIStream:
+    """Chat Completions chunks -> AIMessageChunks (text, tool-call fragments, usage)."""
+
+    provider = "OpenAI"
+
+    def __init__(self) -> None:
+        self.done = False
+        self.finish_reason: Optional[str] = None
+        self.tool_ids: Dict[int, str] = {}  # index -> the id first seen for it
+        self.remap: Dict[Tuple[int, str], int] = {}  # (index, id) -> index, for reused indexes
+
+    def frame(self, event: str, data: str) -> List[AIMessageChunk]:
+        if data.strip() == "[DONE]":
+            self.done = True
+            return []
+        payload = _payload(data, self.provider)
+        if event == "error" and "error" not in payload:  # an old llama.cpp `error:` line
+            payload = {"error": payload}
+        _raise_if_error(payload, self.provider)
+        chunks = []
+        for choice in payload.get("choices") or []:
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}  # Azure content-filter choices have no delta
+            calls = [self._tool_chunk(call) for call in delta.get("tool_calls") or []]
+            meta: Dict[str, Any] = {}
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+                meta = {"finish_reason": self.finish_reason, "model_name": payload.get("model")}
+            content = delta.get("content") or ""
+            if content or calls or meta or "role" in delta:
+                chunks.append(AIMessageChunk(content, id=payload.get("id") or None,
+                                             tool_call_chunks=calls, response_metadata=meta))
+        usage = payload.get("usage")
+        if usage:
+            details = {"input_token_details": {"cache_read": (usage.get("prompt_tokens_details") or {}).get("cached_tokens")}
+                       if (usage.get("prompt_tokens_details") or {}).get("cached_tokens") else None,
+                       "output_token_details": {"reasoning": (usage.get("completion_tokens_details") or {}).get("reasoning_tokens")}
+                       if (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") else None}
+            chunks.append(AIMessageChunk("", id=payload.get("id") or None, usage_metadata=_usage(
+                usage.get("prompt_tokens"), usage.get("completion_tokens"), **details)))
+        return chunks
+
+    def _tool_chunk(self, call: Dict[str, Any]) -> Dict[str, Any]:
+        index, call_id = call.get("index", 0), call.get("id")
+        if call_id:  # Ollama's /v1 reuses index 0 for parallel calls, told apart by id
+            first = self.tool_ids.setdefault(index, call_id)
+            if first != call_id:
+                index = self.remap.setdefault((index, call_id), max(self.tool_ids) + 1 + len(self.remap))
+        function = call.get("function") or {}
+        return {"name": function.get("name"), "args": function.get("arguments") or "",
+                "id": call_id, "index": index}
+
+    def finish(self) -> None:
+        if not self.done and self.finish_reason is None:
+            raise IncompleteStreamError(
+                "the stream ended before the model finished (no finish_reason and no [DONE]); "
+                "the answer so far would be truncated", provider=self.provider)
+
+
+class _OllamaStream:
+    """Ollama /api/chat NDJSON lines -> AIMessageChunks."""
+
+    provider = "Ollama"
+
+    def __init__(self) -> None:
+        self.done, self.calls = False, 0
+
+    def frame(self, event: str, data: str) -> List[AIMessageChunk]:
+        payload = _payload(data, self.provider)
+        _raise_if_error(payload, self.provider)  # mid-stream errors come with no `done`
+        message = payload.get("message") or {}
+        calls = []
+        for call in message.get("tool_calls") or []:
+            function = call.get("function") or {}
+            arguments = function.get("arguments")
+            calls.append({"name": function.get("name"), "id": call.get("id"), "index": self.calls,
+                          "args": arguments if isinstance(arguments, str) else json.dumps(arguments or {})})
+            self.calls += 1
+        meta: Dict[str, Any] = {}
+        usage = None
+        if payload.get("done"):
+            self.done = True
+            meta = {"model_name": payload.get("model"), "done_reason": payload.get("done_reason"),
+                    "finish_reason": payload.get("done_reason")}
+            usage = _usage(payload.get("prompt_eval_count"), payload.get("eval_count"))
+        content = message.get("content") or ""
+        if not (content or calls or meta):
+            return []
+        return [AIMessageChunk(content, tool_call_chunks=calls, response_metadata=meta,
+                               usage_metadata=usage)]
+
+    def finish(self) -> None:
+        if not self.done:
+            raise IncompleteStreamError("the stream ended before a line with \"done\": true; "
+                                        "the answer so far would be truncated", provider=self.provider)
+
+
+class _AnthropicStream:
+    """Anthropic Messages events -> AIMessageChunks (text, tool_use input JSON, usage)."""
+
+    provider = "Anthropic"
+
+    def __init__(self) -> None:
+        self.done = False
+        self.id: Optional[str] = None
+        self.model: Optional[str] = None
+        self.input_tokens: Optional[int] = None
+        self.output_tokens: Optional[int] = None
+        self.stop: Dict[str, Any] = {}
+
+    def frame(self, event: str, data: str) -> List[AIMessageChunk]:
+        if event == "ping":
+            return []
+        payload = _payload(data, self.provider)
+        _raise_if_error(payload, self.provider)
+        kind = payload.get("type") or event
+        if kind == "message_start":
+            message = payload.get("message") or {}
+            self.id, self.model = message.get("id"), message.get("model")
+            self.input_tokens = (message.get("usage") or {}).get("input_tokens")
+        elif kind == "content_block_start":
+            block = payload.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                return [AIMessageChunk("", id=self.id, tool_call_chunks=[{
+                    "name": block.get("name"), "id": block.get("id"), "args": "",
+                    "index": payload.get("index", 0)}])]
+            if block.get("type") == "text" and block.get("text"):
+                return [AIMessageChunk(block["text"], id=self.id)]
+        elif kind == "content_block_delta":
+            delta = payload.get("delta") or {}
+            if delta.get("type") == "text_delta":
+                return [AIMessageChunk(delta.get("text", ""), id=self.id)]
+            if delta.get("type") == "input_json_delta":
+                return [AIMessageChunk("", id=self.id, tool_call_chunks=[{
+                    "name": None, "id": None, "args": delta.get("partial_json", ""),
+                    "index": payload.get("index", 0)}])]
+        elif kind == "message_delta":
+            self.stop.update({k: v for k, v in (payload.get("delta") or {}).items() if v is not None})
+            usage = payload.get("usage") or {}
+            self.output_tokens = usage.get("output_tokens", self.output_tokens)  # cumulative
+        elif kind == "message_stop":
+            self.done = True
+            meta = {"stop_reason": self.stop.get("stop_reason"), "model_name": self.model}
+            if "stop_sequence" in self.stop:
+                meta["stop_sequence"] = self.stop["stop_sequence"]
+            return [AIMessageChunk("", id=self.id, response_metadata=meta,
+                                   usage_metadata=_usage(self.input_tokens, self.output_tokens))]
+        return []
+
+    def finish(self) -> None:
+        if not self.done:
+            raise IncompleteStreamError("the stream ended before message_stop; the answer so "
+                                        "far would be truncated", provider=self.provider)
+
+
+def _http_error(status: int, headers: Mapping[str, str], body: bytes, provider: str) -> APIError:
+    """The error for a non-2xx answer, with the server's message and type when it gave them."""
+    text = body.decode("utf-8", errors="replace").strip()
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        payload = None
+    error = None
+    if isinstance(payload, dict):
+        try:
+            _raise_if_error(payload, provider, status)
+        except APIError as exc:
+            error = exc
+    if error is None:
+        message = text or "(empty body)"
+        if len(message) > 2000:  # an HTML page from a proxy: keep the start, say how long
+            message = f"{message[:2000]}... ({len(text)} characters in all)"
+        error = APIError(message, status=status, body=text, provider=provider)
+    error.headers = headers
+    return error
+
+
+def _retry_after(exc: BaseException, attempt: int, req: "_Request") -> Optional[float]:
+    """Seconds to wait before trying again after `exc`, or None to give up. Retried: 408, 409,
+    429 and 5xx answers (not `insufficient_quota`, not `x-should-retry: false`) and refused
+    connections; the server's retry-after wins, else 0.5 s, 1 s, 2 s ... 8 s with jitter."""
+    import random
+    if attempt >= req.max_retries or isinstance(exc, APITimeoutError):
+        return None
+    if isinstance(exc, APIError):
+        status, headers = exc.status, exc.headers
+        if status is None or not (status in (408, 409, 429) or status >= 500) \
+                or headers.get("x-should-retry") == "false" or exc.type == "insufficient_quota":
+            return None
+        for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+            try:
+                return min(60.0, max(0.0, float(headers[name]) * scale))
+            except (KeyError, ValueError):
+                pass
+    elif not isinstance(exc, OSError):
+        return None
+    return min(8.0, 0.5 * 2.0 ** attempt) * random.uniform(0.75, 1.0)
+
+
+def _give_up(exc: BaseException, req: "_Request") -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    return APIError(f"cannot connect to {req.host}:{req.port}: {exc}", provider=req.provider)
+
+
+class _Request:
+    """One streaming POST: where, what, and how patiently."""
+
+    def __init__(self, url: str, headers: Dict[str, str], body: Dict[str, Any],
+                 timeout: Tuple[float, float], max_retries: int, provider: str) -> None:
+        import urllib.parse
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{provider} URL {url!r} is not an http(s) URL; pass e.g. "
+                             "base_url='http://localhost:8080/v1'")
+        self.tls = parts.scheme == "https"
+        self.host, self.port = parts.hostname, parts.port or (443 if self.tls else 80)
+        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.headers = {"Content-Type": "application/json", "Accept-Encoding": "identity",
+                        "Connection": "close", "User-Agent": f"minichain/{__version__}", **headers}
+        self.body = json.dumps(body).encode()
+        self.connect_timeout, self.read_timeout = timeout
+        self.max_retries, self.provider = max_retries, provider
+
+    def timed_out(self, what: str) -> APITimeoutError:
+        return APITimeoutError(f"no {what} from {self.host}:{self.port} within "
+                               f"{self.read_timeout} s", provider=self.provider)
+
+
+def _open_sync(req: _Request) -> Tuple[Any, Any]:
+    """Connect, send, and read the status and headers (raising APIError for non-2xx)."""
+    import http.client
+    import socket
+    cls = http.client.HTTPSConnection if req.tls else http.client.HTTPConnection
+    conn = cls(req.host, req.port, timeout=req.connect_timeout)
+    try:
+        conn.connect()
+        conn.sock.settimeout(req.read_timeout)  # generous: a long prompt delays the first token
+        conn.request("POST", req.path, body=req.body, headers=req.headers)
+        resp = conn.getresponse()
+        if resp.status >= 300:
+            headers = {k.lower(): v for k, v in resp.getheaders()}
+            raise _http_error(resp.status, headers, resp.read(), req.provider)
+        return conn, resp
+    except socket.timeout:
+        conn.close()
+        raise req.timed_out("answer") from None
+    except BaseException:
+        conn.close()
+        raise
+
+
+def _post_stream(req: _Request) -> Iterator[bytes]:
+    """The response body of a streaming POST, as bytes arrive; retried only before the first
+    byte of the body. Closing the iterator closes the connection."""
+    import socket
+    attempt = 0
+    while True:
+        try:
+            conn, resp = _open_sync(req)
+            break
+        except (APIError, OSError) as exc:
+            delay = _retry_after(exc, attempt, req)
+            if delay is None:
+                raise _give_up(exc, req) from (exc if not isinstance(exc, APIError) else None)
+        attempt += 1
+        time.sleep(delay)
+    try:
+        while True:
+            try:
+                data = resp.read1(65536)
+            except socket.timeout:
+                raise req.timed_out("data") from None
+            if not data:
+                return
+            yield data
+    finally:
+        resp.close()
+        conn.close()
+
+
+async def _areadline(reader: Any, req: _Request) -> str:
+    try:
+        line = await asyncio.wait_for(reader.readline(), req.read_timeout)
+    except asyncio.TimeoutError:
+        raise req.timed_out("data") from None
+    return cast(bytes, line).decode("latin-1").rstrip("\r\n")
+
+
+async def _abody(reader: Any, headers: Dict[str, str], req: _Request) -> AsyncIterator[bytes]:
+    """The body's bytes as they arrive: chunked, sized, or until the server closes."""
+    async def read(n: int) -> bytes:
+        try:
+            return cast(bytes, await asyncio.wait_for(reader.read(n), req.read_timeout))
+        except asyncio.TimeoutError:
+            raise req.timed_out("data") from None
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        while True:
+            size = int((await _areadline(reader, req)).split(";")[0].strip() or "0", 16)
+            if size == 0:
+                return
+            while size:
+                data = await read(min(size, 65536))
+                if not data:
+                    return
+                size -= len(data)
+                yield data
+            await _areadline(reader, req)  # the CRLF after each chunk
+    remaining = int(headers["content-length"]) if "content-length" in headers else -1
+    while remaining:
+        data = await read(65536 if remaining < 0 else min(remaining, 65536))
+        if not data:
+            return
+        remaining = max(0, remaining - len(data)) if remaining > 0 else remaining
+        yield data
+
+
+async def _aopen(req: _Request) -> Tuple[Any, Any, Dict[str, str]]:
+    """Async twin of `_open_sync`, on asyncio streams (a small HTTP/1.1 client)."""
+    ssl_context = None
+    if req.tls:
+        import ssl
+        ssl_context = ssl.create_default_context()
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            req.host, req.port, ssl=ssl_context, server_hostname=req.host if req.tls else None,
+            limit=2 ** 20), req.connect_timeout)
+    except asyncio.TimeoutError:
+        raise req.timed_out("connection") from None
+    try:
+        head = [f"POST {req.path} HTTP/1.1", f"Host: {req.host}:{req.port}",
+                f"Content-Length: {len(req.body)}"] + [f"{k}: {v}" for k, v in req.headers.items()]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + req.body)
+        await writer.drain()
+        status = 100
+        while status < 200:  # skip 1xx answers
+            status_line = await _areadline(reader, req)
+            parts = status_line.split(None, 2)
+            if len(parts) < 2 or not parts[1].isdigit():
+                raise APIError(f"malformed HTTP status line {status_line!r}", provider=req.provider)
+            status, headers = int(parts[1]), {}
+            while True:
+                line = await _areadline(reader, req)
+                if not line:
+                    break
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        if status >= 300:
+            body = b"".join([data async for data in _abody(reader, headers, req)])
+            raise _http_error(status, headers, body, req.provider)
+        return reader, writer, headers
+    except BaseException:
+        writer.close()
+        raise
+
+
+async def _apost_stream(req: _Request) -> AsyncIterator[bytes]:
+    """Async twin of `_post_stream`; the event loop never blocks, and closing (or cancelling)
+    closes the socket at once."""
+    attempt = 0
+    while True:
+        try:
+            reader, writer, headers = await _aopen(req)
+            break
+        except (APIError, OSError) as exc:
+            delay = _retry_after(exc, attempt, req)
+            if delay is None:
+                raise _give_up(exc, req) from (exc if not isinstance(exc, APIError) else None)
+        attempt += 1
+        await asyncio.sleep(delay)
+    try:
+        async for data in _abody(reader, headers, req):
+            yield data
+    finally:
+        writer.close()
+
+
+def _tool_spec(tool_like: Any) -> Dict[str, Any]:
+    """A tool's name, description and JSON schema, from a tool, a function or a dict."""
+    if isinstance(tool_like, dict):
+        spec = tool_like.get("function", tool_like)
+        return {"name": spec["name"], "description": spec.get("description", ""),
+                "parameters": spec.get("parameters") or spec.get("input_schema")
+                or {"type": "object", "properties": {}}}
+    if not isinstance(tool_like, BaseTool):
+        if not callable(tool_like):
+            raise TypeError(f"bind_tools takes tools, functions or JSON-schema dicts, not "
+                            f"{type(tool_like).__name__}: {_short(tool_like)}")
+        tool_like = _FunctionTool(tool_like)
+    return {"name": tool_like.get_name(), "description": tool_like.description,
+            "parameters": tool_like.args_schema}
+
+
+def _text(content: Any) -> str:
+    return content if isinstance(content, str) else BaseMessage(content).text
+
+
+def _openai_messages(messages: List[BaseMessage]) -> List[Dict[str, Any]]:
+    out: List[Dict[str, Any]] = []
+    for m in messages:
+        if isinstance(m, ToolMessage):
+            out.append({"role": "tool", "tool_call_id": m.tool_call_id, "content": _text(m.content)})
+        elif isinstance(m, AIMessage):
+            item: Dict[str, Any] = {"role": "assistant", "content": m.content}
+            if m.tool_calls:
+                item["content"] = m.content or None
+                item["tool_calls"] = [{"id": c["id"], "type": "function", "function": {
+                    "name": c["name"], "arguments": json.dumps(c["args"])}} for c in m.tool_calls]
+            out.append(item)
+        else:
+            out.append({"role": "system" if m.type == "system" else "user", "content": m.content})
+    return out
+
+
+def _ollama_messages(messages: List[BaseMessage]) -> List[Dict[str, Any]]:
+    out: List[Dict[str, Any]] = []
+    for m in messages:
+        item: Dict[str, Any] = {"role": {"human": "user", "ai": "assistant"}.get(m.type, m.type),
+                                "content": _text(m.content)}
+        if isinstance(m, AIMessage) and m.tool_calls:
+            item["tool_calls"] = [{"function": {"name": c["name"], "arguments": c["args"]}}
+                                  for c in m.tool_calls]
+        if isinstance(m, ToolMessage) and m.name:
+            item["tool_name"] = m.name
+        out.append(item)
+    return out
+
+
+def _anthropic_messages(messages: List[BaseMessage]) -> Tuple[str, List[Dict[str, Any]]]:
+    """The system text and the user/assistant turns (consecutive turns of one role merged)."""
+    system = "\n\n".join(m.text for m in messages if m.type == "system")
+    turns: List[Dict[str, Any]] = []
+    for m in messages:
+        if m.type == "system":
+            continue
+        content: Any
+        if isinstance(m, ToolMessage):
+            role, content = "user", [{"type": "tool_result", "tool_use_id": m.tool_call_id,
+                                      "content": _text(m.content)}]
+        elif isinstance(m, AIMessage) and m.tool_calls:
+            role = "assistant"
+            content = ([{"type": "text", "text": m.text}] if m.text else []) + [
+                {"type": "tool_use", "id": c["id"], "name": c["name"], "input": c["args"]}
+                for c in m.tool_calls]
+        else:
+            role, content = ("assistant" if m.type == "ai" else "user"), m.content
+        if turns and turns[-1]["role"] == role:  # the API wants roles to alternate
+            turns[-1]["content"] = _as_blocks(turns[-1]["content"]) + _as_blocks(content)
+        else:
+            turns.append({"role": role, "content": content})
+    return system, turns
+
+
+class _ServerChatModel(BaseChatModel):
+    """What the three server models share: the request, the transport, the stream loop.
+
+    A subclass says how to build its request (`_request`) and how to read its stream
+    (`_decoder`, `_reader`); extra keyword arguments go into the request body.
+    """
+
+    provider = "server"
+
+    def __init__(self, *, model: str, base_url: str, api_key: Optional[str],
+                 timeout: Union[None, float, Tuple[float, float]] = None, max_retries: int = 2,
+                 tags: Optional[List[str]] = None, metadata: Optional[Dict[str, Any]] = None,
+                 **kwargs: Any) -> None:
+        super().__init__(tags=tags, metadata=metadata, **kwargs)
+        self.model, self.base_url, self.api_key = model, base_url.rstrip("/"), api_key
+        if timeout is None:
+            self.timeout = (10.0, 600.0)  # connect; read: a long prompt can take minutes on a CPU
+        elif isinstance(timeout, tuple):
+            self.timeout = (float(timeout[0]), float(timeout[1]))
+        else:
+            self.timeout = (float(timeout), float(timeout))
+        self.max_retries = max_retries
+        self.tools: List[Dict[str, Any]] = []
+        self.tool_choice: Any = None
+
+    def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None) -> "_ServerChatModel":
+        """A copy of this model that offers `tools` (tools, functions or schemas) to the model.
+
+        >>> @tool
+        ... def get_weather(city: str) -> str:
+        ...     "Get the weather for a city."
+        ...     return "sunny"
+        >>> ChatOpenAI(model="m", base_url="http://x/v1").bind_tools([get_weather]).tools
+        [{'name': 'get_weather', 'description': 'Get the weather for a city.', 'parameters': {'type': 'object', 'properties': {'city': {'type': 'string'}}, 'required': ['city']}}]
+        """
+        import copy
+        bound = copy.copy(self)
+        bound.tools, bound.tool_choice = [_tool_spec(t) for t in tools], tool_choice
+        return bound
+
+    def _request(self, messages: List[BaseMessage], **kwargs: Any) -> _Request:
+        raise NotImplementedError
+
+    def _decoder(self) -> Any:
+        return _SSEDecoder()
+
+    def _reader(self) -> Any:
+        raise NotImplementedError
+
+    def _stream(self, messages: List[BaseMessage], **kwargs: Any) -> Iterator[AIMessageChunk]:
+        decoder, reader = self._decoder(), self._reader()
+        body = _post_stream(self._request(messages, **kwargs))
+        try:
+            for data in body:
+                for event, text in decoder.feed(data):
+                    yield from reader.frame(event, text)
+                    if reader.done:
+                        return  # closes the connection: nothing more is needed
+            for event, text in decoder.finish():
+                yield from reader.frame(event, text)
+            reader.finish()
+        finally:
+            _close(body)
+
+    async def _astream(self, messages: List[BaseMessage], **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
+        decoder, reader = self._decoder(), self._reader()
+        body = _apost_stream(self._request(messages, **kwargs))
+        try:
+            async for data in body:
+                for event, text in decoder.feed(data):
+                    for chunk in reader.frame(event, text):
+                        yield chunk
+                    if reader.done:
+                        return
+            for event, text in decoder.finish():
+                for chunk in reader.frame(event, text):
+                    yield chunk
+            reader.finish()
+        finally:
+            await _aclose(body)
+
+    def _own_metadata(self) -> Dict[str, Any]:
+        return {"ls_provider": self.provider.lower(), "ls_model_name": self.model,
+                "ls_model_type": "chat", "ls_integration": "langchain_chat_model", **self.metadata}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={self.model!r}, base_url={self.base_url!r})"
+
+
+class ChatOpenAI(_ServerChatModel):
+    """A chat model on any OpenAI-compatible Chat Completions server: OpenAI, vLLM,
+    llama.cpp, llama-cpp-python, Ollama's /v1, LM Studio, OpenRouter, Azure-style servers.
+
+    `api_key` and `base_url` default to `OPENAI_API_KEY` and `OPENAI_BASE_URL`; a local
+    server needs no key. `timeout` is seconds, or `(connect, read)`; `max_retries` retries
+    429/5xx/408 answers before the stream starts. Other keywords go into the request body.
+
+    >>> model = ChatOpenAI(model="gpt-4o-mini", base_url="http://localhost:8080/v1", temperature=0)
+    >>> model._request([HumanMessage("hi")]).path
+    '/v1/chat/completions'
+    """
+
+    provider = "OpenAI"
+
+    def __init__(self, *, model: str = "gpt-4o-mini", base_url: Optional[str] = None,
+                 api_key: Optional[str] = None, **kwargs: Any) -> None:
+        super().__init__(model=model, api_key=api_key or os.environ.get("OPENAI_API_KEY"),
+                         base_url=base_url or os.environ.get("OPENAI_BASE_URL")
+                         or "https://api.openai.com/v1", **kwargs)
+
+    def _request(self, messages: List[BaseMessage], **kwargs: Any) -> _Request:
+        if not self.api_key and "api.openai.com" in self.base_url:
+            raise ValueError("ChatOpenAI needs an API key for api.openai.com: set "
+                             "OPENAI_API_KEY or pass api_key=...; for a local server pass base_url=")
+        body: Dict[str, Any] = {"model": self.model, "messages": _openai_messages(messages),
+                                "stream": True, "stream_options": {"include_usage": True}}
+        if self.tools:
+            body["tools"] = [{"type": "function", "function": t} for t in self.tools]
+        if self.tool_choice is not None:
+            choice = self.tool_choice
+            body["tool_choice"] = choice if choice in ("auto", "none", "required") or \
+                not isinstance(choice, str) else {"type": "function", "function": {"name": choice}}
+        body.update(kwargs)
+        headers = {"Accept": "text/event-stream"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return _Request(f"{self.base_url}/chat/completions", headers, body, self.timeout,
+                        self.max_retries, self.provider)
+
+    def _reader(self) -> _OpenAIStream:
+        return _OpenAIStream()
+
+
+_OLLAMA_OPTIONS = ("temperature", "top_p", "top_k", "num_predict", "num_ctx", "seed", "stop",
+                   "repeat_penalty", "mirostat")
+
+
+class ChatOllama(_ServerChatModel):
+    """A chat model on Ollama's native `/api/chat` (NDJSON). `base_url` defaults to
+    `OLLAMA_HOST`, else http://localhost:11434. Sampling options (temperature, num_predict,
+    seed, ...) go into `options`; other keywords (format, keep_alive, think) into the body.
+
+    >>> ChatOllama(model="llama3.2", base_url="localhost:11434")._request([HumanMessage("hi")]).path
+    '/api/chat'
+    """
+
+    provider = "Ollama"
+
+    def __init__(self, *, model: str = "llama3.2", base_url: Optional[str] = None, **kwargs: Any) -> None:
+        url = base_url or os.environ.get("OLLAMA_HOST") or "http://localhost:11434"
+        if "://" not in url:
+            url = f"http://{url}"
+        super().__init__(model=model, base_url=url, api_key=None, **kwargs)
+
+    def _request(self, messages: List[BaseMessage], **kwargs: Any) -> _Request:
+        body: Dict[str, Any] = {"model": self.model, "messages": _ollama_messages(messages),
+                                "stream": True}
+        if self.tools:
+            body["tools"] = [{"type": "function", "function": t} for t in self.tools]
+        options = {k: v for k, v in kwargs.items() if k in _OLLAMA_OPTIONS}
+        body.update({k: v for k, v in kwargs.items() if k not in _OLLAMA_OPTIONS})
+        if options:
+            body["options"] = options
+        return _Request(f"{self.base_url}/api/chat", {"Accept": "application/x-ndjson"}, body,
+                        self.timeout, self.max_retries, self.provider)
+
+    def _decoder(self) -> _NDJSONDecoder:
+        return _NDJSONDecoder()
+
+    def _reader(self) -> _OllamaStream:
+        return _OllamaStream()
+
+
+class ChatAnthropic(_ServerChatModel):
+    """A chat model on Anthropic's Messages API (streamed). `api_key` defaults to
+    `ANTHROPIC_API_KEY`; `max_tokens` (required by the API) to 1024. System messages become
+    the `system` field; tool results go back as `tool_result` blocks.
+
+    >>> req = ChatAnthropic(model="claude-sonnet-4-5", api_key="k")._request([SystemMessage("s"), HumanMessage("hi")])
+    >>> json.loads(req.body)["system"], req.headers["anthropic-version"]
+    ('s', '2023-06-01')
+    """
+
+    provider = "Anthropic"
+
+    def __init__(self, *, model: str = "claude-sonnet-4-5", api_key: Optional[str] = None,
+                 base_url: Optional[str] = None, max_tokens: int = 1024, **kwargs: Any) -> None:
+        super().__init__(model=model, api_key=api_key or os.environ.get("ANTHROPIC_API_KEY"),
+                         base_url=base_url or os.environ.get("ANTHROPIC_BASE_URL")
+                         or "https://api.anthropic.com", **kwargs)
+        self.max_tokens = max_tokens
+
+    def _request(self, messages: List[BaseMessage], **kwargs: Any) -> _Request:
+        if not self.api_key:
+            raise ValueError("ChatAnthropic needs an API key: set ANTHROPIC_API_KEY or pass api_key=...")
+        system, turns = _anthropic_messages(messages)
+        body: Dict[str, Any] = {"model": self.model, "max_tokens": self.max_tokens,
+                                "messages": turns, "stream": True}
+        if system:
+            body["system"] = system
+        if self.tools:
+            body["tools"] = [{"name": t["name"], "description": t["description"],
+                              "input_schema": t["parameters"]} for t in self.tools]
+        choice = self.tool_choice
+        if choice is not None:
+            body["tool_choice"] = choice if isinstance(choice, dict) else \
+                {"type": {"required": "any"}.get(choice, choice)} if choice in ("auto", "any", "none", "required") \
+                else {"type": "tool", "name": choice}
+        body.update(kwargs)
+        headers = {"x-api-key": self.api_key, "anthropic-version": "2023-06-01",
+                   "Accept": "text/event-stream"}
+        return _Request(f"{self.base_url}/v1/messages", headers, body, self.timeout,
+                        self.max_retries, self.provider)
+
+    def _reader(self) -> _AnthropicStream:
+        return _AnthropicStream()
 
 
 # ==============================================================================================

@@ -27,6 +27,7 @@ from minichain import (
     JsonOutputParser, LexicalEmbeddings, MessagesPlaceholder, OutputParserException,
     PromptTemplate, RunnableGenerator, RunnableLambda, RunnableParallel, RunnablePassthrough,
     RunnableSequence, StrOutputParser, SystemMessage, ToolMessage, chain, tool,
+    ChatAnthropic, ChatOllama, ChatOpenAI,
 )
 
 HERE = Path(__file__).parent
@@ -1311,6 +1312,431 @@ def test_astream_log_of_a_parallel_root_diffs_the_output():
     assert mc._json_diff({"a": "x"}, {"a": "xy", "b": [1]}, "/final_output") == [
         {"op": "replace", "path": "/final_output/a", "value": "xy"},
         {"op": "add", "path": "/final_output/b", "value": [1]}]
+
+
+# ---------------------------------------------------------------------------------------------
+# 12. Model servers over HTTP
+# ---------------------------------------------------------------------------------------------
+
+FIXTURES = HERE / "examples" / "fixtures"
+
+
+class Reply:
+    """One scripted answer: status, headers, body parts written (and flushed) one by one."""
+
+    def __init__(self, parts: Any = (), status: int = 200, headers: Any = None,
+                 delay: float = 0.0, raw: bool = False, chunked: bool = True) -> None:
+        self.parts = [parts] if isinstance(parts, bytes) else list(parts)
+        self.status, self.headers, self.delay, self.raw, self.chunked = status, headers or {}, delay, raw, chunked
+
+
+class Server:
+    """An HTTP/1.1 server on 127.0.0.1 that answers each POST with the next `Reply`, records
+    the requests, and notes when a client goes away mid-answer."""
+
+    def __init__(self) -> None:
+        import collections
+        import http.server
+        self.replies: Any = collections.deque()
+        self.requests: List[dict] = []
+        self.disconnected = threading.Event()
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                owner.requests.append({"path": self.path, "headers": dict(self.headers),
+                                       "body": json.loads(body)})
+                reply = owner.replies.popleft()
+                try:
+                    self.send_response(reply.status)
+                    for k, v in reply.headers.items():
+                        self.send_header(k, v)
+                    if reply.raw or reply.chunked:
+                        self.send_header("Transfer-Encoding", "chunked")
+                    else:
+                        self.send_header("Content-Length", str(sum(map(len, reply.parts))))
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    for part in reply.parts:
+                        if reply.delay:
+                            time.sleep(reply.delay)
+                        if reply.raw or not reply.chunked:
+                            self.wfile.write(part)
+                        elif part:
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                        self.wfile.flush()
+                    if reply.chunked and not reply.raw:
+                        self.wfile.write(b"0\r\n\r\n")
+                        self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    owner.disconnected.set()
+                self.close_connection = True
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    s = Server()
+    yield s
+    s.close()
+
+
+def split_at(data: bytes, *cuts: int) -> List[bytes]:
+    edges = [0, *cuts, len(data)]
+    return [data[a:b] for a, b in zip(edges, edges[1:]) if b > a]
+
+
+def both(model: Any, value: Any = "hi") -> List[List[AIMessageChunk]]:
+    """The chunks of `stream` and of `astream` (the server must hold two replies)."""
+    return [list(model.stream(value)), run(alist(model.astream(value)))]
+
+
+OPENAI_EXAMPLE = (
+    b'data: {"id":"chatcmpl-9x","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[{"index":0,"delta":{"role":"assistant","content":"","refusal":null},"finish_reason":null}],"usage":null}\n\n'
+    b'data: {"id":"chatcmpl-9x","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"Let me check \xc3\xa9 \xe2\x80\xa8."},"finish_reason":null}],"usage":null}\n\n'
+    b': keep-alive\n\n'
+    b'data: {"id":"chatcmpl-9x","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_Ab12","type":"function","function":{"name":"get_weather","arguments":""}}]},"finish_reason":null}],"usage":null}\n\n'
+    b'data: {"id":"chatcmpl-9x","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\\"ci"}}]},"finish_reason":null}],"usage":null}\r\n\r\n'
+    b'data: {"id":"chatcmpl-9x","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"ty\\":\\"Paris\\"}"}}]},"finish_reason":null}],"usage":null}\r\r'
+    b'data: {"id":"chatcmpl-9x","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}],"usage":null}\n\n'
+    b'data: {"id":"chatcmpl-9x","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":57,"completion_tokens":21,"total_tokens":78,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}}}\n\n'
+    b'data: [DONE]\n\n')
+
+
+def _check_openai_example(total: AIMessageChunk) -> None:
+    assert total.content == "Let me check \u00e9 \u2028."
+    assert total.id == "chatcmpl-9x"
+    assert total.tool_calls == [{"name": "get_weather", "args": {"city": "Paris"}, "id": "call_Ab12", "type": "tool_call"}]
+    assert total.response_metadata == {"finish_reason": "tool_calls", "model_name": "gpt-4o-mini"}
+    assert total.usage_metadata == {"input_tokens": 57, "output_tokens": 21, "total_tokens": 78}
+
+
+def _decode_openai(pieces: List[bytes]) -> AIMessageChunk:
+    decoder, reader = mc._SSEDecoder(), mc._OpenAIStream()
+    chunks: List[AIMessageChunk] = []
+    for piece in pieces:
+        for event, text in decoder.feed(piece):
+            chunks += reader.frame(event, text)
+    for event, text in decoder.finish():
+        chunks += reader.frame(event, text)
+    reader.finish()
+    return mc._fold(chunks)
+
+
+def test_sse_decoding_is_the_same_at_every_split_point():
+    expected = _decode_openai([OPENAI_EXAMPLE])
+    _check_openai_example(expected)
+    for cut in range(1, len(OPENAI_EXAMPLE)):
+        assert _decode_openai(split_at(OPENAI_EXAMPLE, cut)) == expected
+    rng = random.Random(3)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, len(OPENAI_EXAMPLE)), 5))
+        assert _decode_openai(split_at(OPENAI_EXAMPLE, *cuts)) == expected
+    assert _decode_openai([bytes([b]) for b in OPENAI_EXAMPLE]) == expected
+
+
+@pytest.mark.parametrize("name", ["llamacpp-server_chat_stream_usage", "llamacpp-python_chat_stream_usage",
+                                  "llamacpp-python_chat_stream_toolcall"])
+def test_captured_streams_decode_the_same_at_dense_split_points(name: str):
+    data = (FIXTURES / f"{name}.sse").read_bytes()
+    whole = _decode_openai([data])
+    for cut in range(1, len(data), 13):
+        assert _decode_openai(split_at(data, cut, min(len(data) - 1, cut + 7))) == whole
+    if "toolcall" in name:
+        assert whole.tool_calls == [{"name": "get_weather", "args": {"city": "Paris"},
+                                     "id": whole.tool_calls[0]["id"], "type": "tool_call"}]
+        assert whole.response_metadata["finish_reason"] == "tool_calls"
+    elif "server" in name:
+        assert whole.usage_metadata == {"input_tokens": 27, "output_tokens": 40, "total_tokens": 67}
+        assert whole.content.startswith("The rainbow is a beautiful and magical sight")
+    else:
+        assert whole.usage_metadata is None  # llama-cpp-python sends no usage: None, not zeros
+        assert whole.response_metadata == {"finish_reason": "length", "model_name": "smollm2-135m"}
+
+
+def test_openai_replays_a_captured_stream_sync_and_async(server: Server):
+    raw = (FIXTURES / "llamacpp-server_chat_stream_usage.raw").read_bytes()
+    expected = _decode_openai([(FIXTURES / "llamacpp-server_chat_stream_usage.sse").read_bytes()])
+    for _ in range(2):
+        server.replies.append(Reply(split_at(raw, 100, 1000, 1001, 5000), raw=True,
+                                    headers={"Content-Type": "text/event-stream"}))
+    model = ChatOpenAI(model="smollm2-135m", base_url=server.url + "/v1", api_key="sk-test")
+    for chunks in both(model):
+        assert [c.content for c in chunks][:4] == ["", "The", " rainbow", " is"]
+        total = mc._fold(chunks)
+        assert total.content == expected.content and total.usage_metadata == expected.usage_metadata
+        assert total.response_metadata == {"finish_reason": "length", "model_name": "smollm2-135m"}
+        assert chunks[-1].chunk_position == "last"
+    request = server.requests[0]
+    assert request["path"] == "/v1/chat/completions"
+    assert request["headers"]["Authorization"] == "Bearer sk-test"
+    assert request["body"] == {"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}],
+                               "stream": True, "stream_options": {"include_usage": True}}
+
+
+def test_openai_tool_call_stream_through_the_server_in_small_pieces(server: Server):
+    pieces = [OPENAI_EXAMPLE[i:i + 37] for i in range(0, len(OPENAI_EXAMPLE), 37)]
+    server.replies.extend([Reply(pieces), Reply(pieces)])
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Get the weather for a city."""
+        return "sunny"
+    model = ChatOpenAI(model="gpt-4o-mini", base_url=server.url + "/v1").bind_tools(
+        [get_weather], tool_choice="get_weather")
+    for chunks in both(model, [SystemMessage("s"), HumanMessage("weather?")]):
+        _check_openai_example(mc._fold(chunks))
+    body = server.requests[0]["body"]
+    assert body["tools"] == [{"type": "function", "function": {
+        "name": "get_weather", "description": "Get the weather for a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert "Authorization" not in server.requests[0]["headers"]
+
+
+def test_messages_map_to_each_api():
+    history = [SystemMessage("be brief"), HumanMessage("weather?"),
+               AIMessage("", tool_calls=[{"name": "get_weather", "args": {"city": "Paris"}, "id": "c1"}]),
+               ToolMessage("sunny", tool_call_id="c1", name="get_weather"), HumanMessage("thanks")]
+    assert mc._openai_messages(history) == [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}, {"role": "user", "content": "thanks"}]
+    assert mc._ollama_messages(history)[2:4] == [
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "sunny", "tool_name": "get_weather"}]
+    system, turns = mc._anthropic_messages(history)
+    assert system == "be brief"
+    assert turns == [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "c1", "name": "get_weather", "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "c1", "content": "sunny"},
+                                     {"type": "text", "text": "thanks"}]}]
+
+
+OLLAMA_EXAMPLE = (
+    b'{"model":"llama3.2","created_at":"2026-11-23T10:00:00.101Z","message":{"role":"assistant","content":"The"},"done":false}\n'
+    b'{"model":"llama3.2","created_at":"2026-11-23T10:00:00.142Z","message":{"role":"assistant","content":" sky \xc3\xa9"},"done":false}\n'
+    b'{"model":"llama3.2","created_at":"2026-11-23T10:00:00.150Z","message":{"role":"assistant","content":"","tool_calls":[{"function":{"name":"get_weather","arguments":{"city":"Paris"}}}]},"done":false}\n'
+    b'{"model":"llama3.2","created_at":"2026-11-23T10:00:00.221Z","message":{"role":"assistant","content":""},"done":true,"done_reason":"stop","total_duration":412000000,"prompt_eval_count":26,"eval_count":4}\n')
+
+
+def test_ollama_streams_ndjson_sync_and_async(server: Server):
+    pieces = [OLLAMA_EXAMPLE[i:i + 29] for i in range(0, len(OLLAMA_EXAMPLE), 29)]
+    server.replies.extend([Reply(pieces), Reply(pieces)])
+    model = ChatOllama(model="llama3.2", base_url=server.url, temperature=0, keep_alive="5m")
+    for chunks in both(model):
+        assert [c.content for c in chunks][:2] == ["The", " sky \u00e9"]
+        total = mc._fold(chunks)
+        assert total.content == "The sky \u00e9"
+        assert total.tool_calls == [{"name": "get_weather", "args": {"city": "Paris"}, "id": None, "type": "tool_call"}]
+        assert total.usage_metadata == {"input_tokens": 26, "output_tokens": 4, "total_tokens": 30}
+        assert total.response_metadata == {"model_name": "llama3.2", "done_reason": "stop", "finish_reason": "stop"}
+    assert server.requests[0]["path"] == "/api/chat"
+    assert server.requests[0]["body"] == {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}],
+                                          "stream": True, "keep_alive": "5m", "options": {"temperature": 0}}
+
+
+def test_ollama_mid_stream_error_line_raises(server: Server):
+    server.replies.append(Reply([OLLAMA_EXAMPLE.split(b"\n")[0] + b"\n", b'{"error":"model ran out of memory"}\n']))
+    got = []
+    with pytest.raises(mc.APIError, match=r"Ollama reported an error mid-stream: model ran out of memory"):
+        for chunk in ChatOllama(base_url=server.url).stream("hi"):
+            got.append(chunk.content)
+    assert got == ["The"]
+
+
+ANTHROPIC_EXAMPLE = (
+    b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_01X","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":412,"output_tokens":1}}}\n\n'
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}\n\n'
+    b'event: ping\ndata: {"type":"ping"}\n\n'
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Checking Paris."}}\n\n'
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_01A","name":"get_weather","input":{}}}\n\n'
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":""}}\n\n'
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\\"city\\": \\"Par"}}\n\n'
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"is\\"}"}}\n\n'
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":1}\n\n'
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":2,"content_block":{"type":"tool_use","id":"toolu_02B","name":"now","input":{}}}\n\n'
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":2}\n\n'
+    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null},"usage":{"output_tokens":38}}\n\n'
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+
+
+def test_anthropic_streams_text_tool_input_and_usage(server: Server):
+    pieces = [ANTHROPIC_EXAMPLE[i:i + 51] for i in range(0, len(ANTHROPIC_EXAMPLE), 51)]
+    server.replies.extend([Reply(pieces), Reply(pieces)])
+    model = ChatAnthropic(model="claude-sonnet-4-5", api_key="k", base_url=server.url).bind_tools(
+        [{"name": "get_weather", "description": "d", "input_schema": {"type": "object"}}], tool_choice="any")
+    for chunks in both(model, [SystemMessage("s"), HumanMessage("hi")]):
+        total = mc._fold(chunks)
+        assert total.content == "Checking Paris." and total.id == "msg_01X"
+        assert total.tool_calls == [
+            {"name": "get_weather", "args": {"city": "Paris"}, "id": "toolu_01A", "type": "tool_call"},
+            {"name": "now", "args": {}, "id": "toolu_02B", "type": "tool_call"}]  # no delta: {}
+        assert total.usage_metadata == {"input_tokens": 412, "output_tokens": 38, "total_tokens": 450}
+        assert total.response_metadata == {"stop_reason": "tool_use", "model_name": "claude-sonnet-4-5"}
+    request = server.requests[0]
+    assert request["path"] == "/v1/messages" and request["headers"]["x-api-key"] == "k"
+    assert request["body"] == {"model": "claude-sonnet-4-5", "max_tokens": 1024, "stream": True,
+                               "messages": [{"role": "user", "content": "hi"}], "system": "s",
+                               "tools": [{"name": "get_weather", "description": "d", "input_schema": {"type": "object"}}],
+                               "tool_choice": {"type": "any"}}
+
+
+def test_anthropic_error_event_mid_stream_raises(server: Server):
+    error = b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
+    head = b"\n\n".join(ANTHROPIC_EXAMPLE.split(b"\n\n")[:4]) + b"\n\n"
+    server.replies.append(Reply([head, error]))
+    with pytest.raises(mc.APIError, match=r"Anthropic reported an error mid-stream \(overloaded_error\): Overloaded") as info:
+        list(ChatAnthropic(api_key="k", base_url=server.url).stream("hi"))
+    assert info.value.status is None and info.value.type == "overloaded_error"
+
+
+@pytest.mark.parametrize("fixture,status,kind,message", [
+    ("llamacpp-python_error_500_validation", 500, "internal_server_error", "1 validation error:"),
+    ("llamacpp-server_error_context_overflow_stream", 400, "exceed_context_size_error",
+     "request (3031 tokens) exceeds the available context size (2048 tokens), try increasing it"),
+])
+def test_http_errors_carry_status_message_and_type(server: Server, fixture: str, status: int, kind: str, message: str):
+    body = (FIXTURES / f"{fixture}.body.json").read_bytes()
+    server.replies.extend([Reply(body, status=status, chunked=False, headers={"Content-Type": "application/json"})] * 2)
+    model = ChatOpenAI(base_url=server.url + "/v1", max_retries=0)
+    for call in (lambda: list(model.stream("hi")), lambda: run(model.ainvoke("hi"))):
+        with pytest.raises(mc.APIError) as info:
+            call()
+        assert (info.value.status, info.value.type) == (status, kind)
+        assert info.value.message.startswith(message)
+        assert str(info.value).startswith(f"OpenAI returned HTTP {status} ({kind}): {message}")
+
+
+def test_rate_limits_and_server_errors_are_retried_before_streaming(server: Server):
+    ok = Reply(OPENAI_EXAMPLE)
+    limited = Reply(b'{"error":{"message":"slow down","type":"rate_limit_error"}}', status=429,
+                    chunked=False, headers={"retry-after": "0"})
+    busy = Reply(b"<html>bad gateway</html>", status=502, chunked=False, headers={"retry-after-ms": "1"})
+    server.replies.extend([limited, busy, ok, limited, ok])
+    model = ChatOpenAI(base_url=server.url + "/v1", max_retries=2)
+    _check_openai_example(model.invoke("hi"))
+    _check_openai_example(run(model.ainvoke("hi")))
+    assert len(server.requests) == 5
+    quota = Reply(b'{"error":{"message":"no credit","type":"insufficient_quota"}}', status=429,
+                  chunked=False, headers={"retry-after": "0"})
+    server.replies.extend([quota, ok])
+    with pytest.raises(mc.APIError, match=r"HTTP 429 \(insufficient_quota\): no credit"):
+        model.invoke("hi")
+    assert len(server.requests) == 6  # not retried
+    server.replies.clear()
+    server.replies.append(Reply(b"<html>bad gateway</html>", status=502, chunked=False, headers={"retry-after": "0"}))
+    with pytest.raises(mc.APIError, match=r"HTTP 502: <html>bad gateway</html>"):
+        ChatOpenAI(base_url=server.url + "/v1", max_retries=0).invoke("hi")
+
+
+def test_a_failure_after_streaming_began_is_never_retried(server: Server):
+    head = OPENAI_EXAMPLE.split(b"\n\n")[1] + b"\n\n"
+    server.replies.extend([Reply([head, b'data: {"error": {"message": "boom", "type": "server_error"}}\n\n']), Reply(OPENAI_EXAMPLE)])
+    got = []
+    with pytest.raises(mc.APIError, match=r"OpenAI reported an error mid-stream \(server_error\): boom"):
+        for chunk in ChatOpenAI(base_url=server.url + "/v1", max_retries=3).stream("hi"):
+            got.append(chunk.content)
+    assert got == ["Let me check \u00e9 \u2028."] and len(server.requests) == 1
+
+
+@pytest.mark.parametrize("body,match", [
+    (b"", r"OpenAI: the stream ended before the model finished \(no finish_reason and no \[DONE\]\); the answer so far would be truncated"),
+    (OPENAI_EXAMPLE.split(b"\n\n")[1] + b"\n\n", r"the stream ended before the model finished"),
+    (b'data: {"choices": [{"delta": {"content": "a"}}]}\n\ndata: {not json}\n\n', r"malformed stream line '\{not json\}'"),
+    (b'data: {"object": "error", "message": "bad model", "type": "BadRequestError", "code": 400}\n\n', r"\(BadRequestError\): bad model"),
+    (b'error: {"code": 400, "message": "context overflow"}\n\ndata: [DONE]\n\n', r"\(400\): context overflow"),
+])
+def test_truncated_malformed_and_error_streams_raise(server: Server, body: bytes, match: str):
+    server.replies.extend([Reply(body), Reply(body)])
+    model = ChatOpenAI(base_url=server.url + "/v1")
+    with pytest.raises(mc.APIError, match=match):
+        list(model.stream("hi"))
+    with pytest.raises(mc.APIError, match=match):
+        run(alist(model.astream("hi")))
+
+
+def test_missing_done_is_fine_once_the_model_finished(server: Server):
+    body = OPENAI_EXAMPLE.replace(b"data: [DONE]\n\n", b"")
+    server.replies.extend([Reply(body), Reply(body)])
+    for chunks in both(ChatOpenAI(base_url=server.url + "/v1")):
+        _check_openai_example(mc._fold(chunks))
+
+
+def test_timeouts_are_configurable_and_reported(server: Server):
+    server.replies.extend([Reply([b"", OPENAI_EXAMPLE], delay=1.0)] * 2)
+    model = ChatOpenAI(base_url=server.url + "/v1", timeout=(1.0, 0.2))
+    with pytest.raises(mc.APITimeoutError, match=r"OpenAI: no (answer|data) from 127.0.0.1:\d+ within 0.2 s"):
+        list(model.stream("hi"))
+    with pytest.raises(mc.APITimeoutError, match=r"within 0.2 s"):
+        run(model.ainvoke("hi"))
+    refused = ChatOpenAI(base_url="http://127.0.0.1:9/v1", max_retries=0)
+    with pytest.raises(mc.APIError, match=r"cannot connect to 127.0.0.1:9"):
+        refused.invoke("hi")
+    with pytest.raises(mc.APIError, match=r"cannot connect to 127.0.0.1:9"):
+        run(refused.ainvoke("hi"))
+
+
+def test_closing_the_stream_early_closes_the_connection(server: Server):
+    endless = [b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"tok "},"finish_reason":null}]}\n\n'] * 400
+    server.replies.append(Reply(endless, delay=0.005))
+    stream = ChatOpenAI(base_url=server.url + "/v1").stream("hi")
+    assert next(stream).content == "tok "
+    stream.close()
+    assert server.disconnected.wait(5)
+    server.disconnected.clear()
+    server.replies.append(Reply(endless, delay=0.005))
+
+    async def main() -> None:
+        agen = ChatOpenAI(base_url=server.url + "/v1").astream("hi")
+        assert (await agen.__anext__()).content == "tok "
+        await agen.aclose()
+    run(main())
+    assert server.disconnected.wait(5)
+
+
+def test_server_models_report_the_same_events_as_the_fakes(server: Server):
+    server.replies.append(Reply(OPENAI_EXAMPLE))
+    model = ChatOpenAI(model="gpt-4o-mini", base_url=server.url + "/v1")
+    rows = trace(list((model | StrOutputParser()).stream_events("hi")), meta=True)
+    assert short(rows)[:4] == [("on_chain_start", "RunnableSequence"), ("on_chat_model_start", "ChatOpenAI"),
+                               ("on_chat_model_stream", "ChatOpenAI"), ("on_parser_start", "StrOutputParser")]
+    assert rows[1][6] == {"ls_provider": "openai", "ls_model_name": "gpt-4o-mini", "ls_model_type": "chat",
+                          "ls_integration": "langchain_chat_model"}
+    assert rows[-1][5] == repr({"output": "Let me check \u00e9 \u2028."})
+
+
+def test_keys_and_urls_come_from_the_environment(monkeypatch: Any):
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://example.test:1234/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
+    monkeypatch.setenv("OLLAMA_HOST", "0.0.0.0:11434")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "ak-env")
+    assert ChatOpenAI().base_url == "http://example.test:1234/v1" and ChatOpenAI().api_key == "sk-env"
+    assert ChatOllama().base_url == "http://0.0.0.0:11434"
+    assert ChatAnthropic().api_key == "ak-env"
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    with pytest.raises(ValueError, match="ChatAnthropic needs an API key: set ANTHROPIC_API_KEY or pass api_key="):
+        ChatAnthropic().invoke("hi")
+    with pytest.raises(ValueError, match=r"OpenAI URL 'ftp://x/chat/completions' is not an http\(s\) URL"):
+        ChatOpenAI(base_url="ftp://x").invoke("hi")
 
 
 # ---------------------------------------------------------------------------------------------
