@@ -80,7 +80,7 @@ __all__ = [
     "BaseTool", "tool", "ToolException",
     # 12. model servers
     "ChatOpenAI", "ChatOllama", "ChatAnthropic", "APIError", "APITimeoutError",
-    "IncompleteStreamError",
+    "IncompleteStreamError", "demo_model",
 ]
 
 T = TypeVar("T")
@@ -4399,12 +4399,33 @@ class ChatAnthropic(_ServerChatModel):
 # 12. Demo: `python -m minichain`
 # ==============================================================================================
 
-def _demo() -> None:
-    """Stream a joke, token by token, from the built-in fake model."""
-    prompt = ChatPromptTemplate.from_template("tell me a joke about {topic}")
-    model = GenericFakeChatModel(messages=iter([
+def demo_model() -> BaseChatModel:
+    """The model the environment names: an OpenAI-compatible server (`OPENAI_BASE_URL` or
+    `OPENAI_API_KEY`, model `OPENAI_MODEL`), Ollama (`OLLAMA_HOST`, model `OLLAMA_MODEL`),
+    Anthropic (`ANTHROPIC_API_KEY`, model `ANTHROPIC_MODEL`), else the fake model.
+
+    >>> type(demo_model()).__name__ if not any(k in os.environ for k in (
+    ...     "OPENAI_BASE_URL", "OPENAI_API_KEY", "OLLAMA_HOST", "ANTHROPIC_API_KEY")) else "GenericFakeChatModel"
+    'GenericFakeChatModel'
+    """
+    env = os.environ
+    if env.get("OPENAI_BASE_URL") or env.get("OPENAI_API_KEY"):
+        return ChatOpenAI(model=env.get("OPENAI_MODEL", "gpt-4o-mini"))
+    if env.get("OLLAMA_HOST"):
+        return ChatOllama(model=env.get("OLLAMA_MODEL", "llama3.2"))
+    if env.get("ANTHROPIC_API_KEY"):
+        return ChatAnthropic(model=env.get("ANTHROPIC_MODEL", "claude-sonnet-4-5"))
+    return GenericFakeChatModel(messages=iter([
         "Why don't parrots ever get lost? Because they always follow the flock's directions!"]),
         sleep=0.05)
+
+
+def _demo() -> None:
+    """Stream a joke, token by token, from the model the environment names (or the fake)."""
+    import sys
+    model = demo_model()
+    print(f"[{model!r}]", file=sys.stderr)
+    prompt = ChatPromptTemplate.from_template("tell me a joke about {topic}")
     for chunk in (prompt | model | StrOutputParser()).stream({"topic": "parrot"}):
         print(chunk, end="|", flush=True)
     print()
