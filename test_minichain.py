@@ -1427,7 +1427,10 @@ def _check_openai_example(total: AIMessageChunk) -> None:
 
 
 def _decode_openai(pieces: List[bytes]) -> AIMessageChunk:
-    decoder, reader = mc._SSEDecoder(), mc._OpenAIStream()
+    return _decode(mc._SSEDecoder(), mc._OpenAIStream(), pieces)
+
+
+def _decode(decoder: Any, reader: Any, pieces: List[bytes]) -> AIMessageChunk:
     chunks: List[AIMessageChunk] = []
     for piece in pieces:
         for event, text in decoder.feed(piece):
@@ -1535,6 +1538,18 @@ OLLAMA_EXAMPLE = (
     b'{"model":"llama3.2","created_at":"2026-11-23T10:00:00.142Z","message":{"role":"assistant","content":" sky \xc3\xa9"},"done":false}\n'
     b'{"model":"llama3.2","created_at":"2026-11-23T10:00:00.150Z","message":{"role":"assistant","content":"","tool_calls":[{"function":{"name":"get_weather","arguments":{"city":"Paris"}}}]},"done":false}\n'
     b'{"model":"llama3.2","created_at":"2026-11-23T10:00:00.221Z","message":{"role":"assistant","content":""},"done":true,"done_reason":"stop","total_duration":412000000,"prompt_eval_count":26,"eval_count":4}\n')
+
+
+@pytest.mark.parametrize("decoder,reader,data", [
+    (mc._NDJSONDecoder, mc._OllamaStream, OLLAMA_EXAMPLE),
+    (mc._SSEDecoder, mc._AnthropicStream, None),
+], ids=["ollama", "anthropic"])
+def test_ollama_and_anthropic_decode_the_same_at_every_split_point(decoder: Any, reader: Any, data: Any):
+    data = data or ANTHROPIC_EXAMPLE
+    whole = _decode(decoder(), reader(), [data])
+    assert whole.content in ("The sky \u00e9", "Checking Paris.")
+    for cut in range(1, len(data)):
+        assert _decode(decoder(), reader(), split_at(data, cut)) == whole
 
 
 def test_ollama_streams_ndjson_sync_and_async(server: Server):
