@@ -138,11 +138,12 @@ class BaseMessage:
 
     type = "base"
     _fields: Tuple[str, ...] = ("content", "additional_kwargs", "response_metadata", "name", "id")
+    __slots__ = _fields  # messages are made per token: slots make them cheap
 
     def __init__(self, content: Any = "", *, additional_kwargs: Optional[Dict[str, Any]] = None,
                  response_metadata: Optional[Dict[str, Any]] = None, name: Optional[str] = None,
                  id: Optional[str] = None, **kwargs: Any) -> None:
-        if not isinstance(content, (str, list)):
+        if content.__class__ is not str and not isinstance(content, list):
             raise TypeError(f"{type(self).__name__} content must be a str or a list of content "
                             f"blocks, not {type(content).__name__}: {_short(content)}")
         if kwargs:
@@ -188,6 +189,7 @@ class SystemMessage(BaseMessage):
     'system'
     """
     type = "system"
+    __slots__ = ()
 
 
 class HumanMessage(BaseMessage):
@@ -197,6 +199,7 @@ class HumanMessage(BaseMessage):
     'hello'
     """
     type = "human"
+    __slots__ = ()
 
 
 class AIMessage(BaseMessage):
@@ -207,13 +210,14 @@ class AIMessage(BaseMessage):
     """
     type = "ai"
     _fields = BaseMessage._fields + ("tool_calls", "invalid_tool_calls", "usage_metadata")
+    __slots__ = ("tool_calls", "invalid_tool_calls", "usage_metadata")
 
     def __init__(self, content: Any = "", *, tool_calls: Optional[List[Dict[str, Any]]] = None,
                  invalid_tool_calls: Optional[List[Dict[str, Any]]] = None,
                  usage_metadata: Optional[Dict[str, int]] = None, **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
-        self.tool_calls = [dict(c, type="tool_call") for c in tool_calls or []]
-        self.invalid_tool_calls = list(invalid_tool_calls or [])
+        BaseMessage.__init__(self, content, **kwargs)
+        self.tool_calls = [dict(c, type="tool_call") for c in tool_calls] if tool_calls else []
+        self.invalid_tool_calls = list(invalid_tool_calls) if invalid_tool_calls else []
         self.usage_metadata = usage_metadata
 
 
@@ -291,14 +295,26 @@ class AIMessageChunk(AIMessage):
     ('Hello!', 'lc_run--1', [{'name': 'f', 'args': {'x': 1}, 'id': 'c1', 'type': 'tool_call'}])
     """
     _fields = AIMessage._fields + ("tool_call_chunks", "chunk_position")
+    __slots__ = ("tool_call_chunks", "chunk_position")
 
     def __init__(self, content: Any = "", *, tool_call_chunks: Optional[List[Dict[str, Any]]] = None,
-                 chunk_position: Optional[str] = None, **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
-        self.tool_call_chunks = [dict(c, type="tool_call_chunk") for c in tool_call_chunks or []]
+                 chunk_position: Optional[str] = None, id: Optional[str] = None,
+                 **kwargs: Any) -> None:
+        if kwargs:
+            AIMessage.__init__(self, content, id=id, **kwargs)
+        else:  # the per-token case (content and id only): set the fields directly
+            if content.__class__ is not str and not isinstance(content, list):
+                AIMessage.__init__(self, content)  # raises the TypeError
+            self.content, self.id, self.name, self.usage_metadata = content, id, None, None
+            self.additional_kwargs, self.response_metadata = {}, {}
+            self.tool_calls, self.invalid_tool_calls = [], []
         self.chunk_position = chunk_position
-        if self.tool_call_chunks and not self.tool_calls:
-            self.tool_calls, self.invalid_tool_calls = _parse_tool_call_chunks(self.tool_call_chunks)
+        if tool_call_chunks:
+            self.tool_call_chunks = [dict(c, type="tool_call_chunk") for c in tool_call_chunks]
+            if not self.tool_calls:
+                self.tool_calls, self.invalid_tool_calls = _parse_tool_call_chunks(self.tool_call_chunks)
+        else:
+            self.tool_call_chunks = []
 
     def __add__(self, other: Any) -> "AIMessageChunk":
         if not isinstance(other, AIMessageChunk):
@@ -306,19 +322,41 @@ class AIMessageChunk(AIMessage):
                 raise TypeError(f"cannot add {type(other).__name__} to AIMessageChunk: only "
                                 "chunks add up; convert whole messages before joining them")
             return NotImplemented
-        if isinstance(self.content, str) and isinstance(other.content, str):
-            content: Any = self.content + other.content
+        return AIMessageChunk.join([self, other])
+
+    @staticmethod
+    def join(chunks: Sequence["AIMessageChunk"]) -> "AIMessageChunk":
+        """The sum of many chunks in one pass: `join([a, b, c])` equals `a + b + c`, at a cost
+        linear in their total size (adding them one by one copies the text each time).
+
+        >>> AIMessageChunk.join([AIMessageChunk("a", id="x"), AIMessageChunk("b"), AIMessageChunk("c")])
+        AIMessageChunk(content='abc', id='x')
+        """
+        texts = [c.content for c in chunks]
+        if all(t.__class__ is str for t in texts):
+            content: Any = "".join(cast(List[str], texts))
         else:
-            content = _as_blocks(self.content) + _as_blocks(other.content)
-        return AIMessageChunk(
-            content,
-            additional_kwargs=_merge_dicts(self.additional_kwargs, other.additional_kwargs),
-            response_metadata=_merge_dicts(self.response_metadata, other.response_metadata),
-            tool_call_chunks=_merge_tool_call_chunks(self.tool_call_chunks, other.tool_call_chunks),
-            usage_metadata=_add_usage(self.usage_metadata, other.usage_metadata),
-            id=_pick_id(self.id, other.id), name=self.name or other.name,
-            chunk_position="last" if "last" in (self.chunk_position, other.chunk_position) else None,
-        )
+            content = [block for t in texts for block in _as_blocks(t)]
+        first = chunks[0]
+        kwargs, meta, calls = first.additional_kwargs, first.response_metadata, first.tool_call_chunks
+        usage, id_, name = first.usage_metadata, first.id, first.name
+        last = first.chunk_position == "last"
+        for c in chunks[1:]:
+            if c.additional_kwargs:
+                kwargs = _merge_dicts(kwargs, c.additional_kwargs)
+            if c.response_metadata:
+                meta = _merge_dicts(meta, c.response_metadata)
+            if c.tool_call_chunks:
+                calls = _merge_tool_call_chunks(calls, c.tool_call_chunks)
+            if c.usage_metadata is not None:
+                usage = _add_usage(usage, c.usage_metadata)
+            if c.id is not None and c.id != id_:
+                id_ = _pick_id(id_, c.id)
+            name = name or c.name
+            last = last or c.chunk_position == "last"
+        return AIMessageChunk(content, additional_kwargs=dict(kwargs), response_metadata=dict(meta),
+                              tool_call_chunks=calls, usage_metadata=usage, id=id_, name=name,
+                              chunk_position="last" if last else None)
 
     def to_message(self) -> AIMessage:
         """The finished `AIMessage` this chunk adds up to.
@@ -347,6 +385,7 @@ class ToolMessage(BaseMessage):
     """
     type = "tool"
     _fields = BaseMessage._fields + ("tool_call_id",)
+    __slots__ = ("tool_call_id",)
 
     def __init__(self, content: Any = "", *, tool_call_id: str, **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
@@ -569,12 +608,38 @@ def _add(a: Any, b: Any) -> Any:
         return b
 
 
-def _fold(chunks: Iterable[Any]) -> Any:
-    """All chunks `+`-ed together (`_MISSING` for none)."""
+def _combine(chunks: List[Any]) -> Any:
+    """`chunks[0] + chunks[1] + ...` (`_MISSING` for none), in one pass where the types allow:
+    strings join, message chunks join, one-key dicts combine key by key. Adding them one by one
+    would copy the growing text at every step (quadratic for a long answer).
+
+    >>> _combine(["a", "b", "c"]), _combine([AddableDict(a="x"), AddableDict(b=1), AddableDict(a="y")])
+    ('abc', {'a': 'xy', 'b': 1})
+    """
+    if len(chunks) < 2:
+        return chunks[0] if chunks else _MISSING
+    kinds = {c.__class__ for c in chunks}
+    if kinds == {str}:
+        return "".join(chunks)
+    if kinds == {AIMessageChunk}:
+        return AIMessageChunk.join(chunks)
+    if kinds == {AddableDict}:
+        by_key: Dict[str, List[Any]] = {}
+        for chunk in chunks:
+            for key, value in chunk.items():
+                if value is not None or key not in by_key:
+                    by_key.setdefault(key, []).append(value)
+        return AddableDict({k: _combine([v for v in vs if v is not None]) if any(v is not None for v in vs)
+                            else None for k, vs in by_key.items()})
     out = _MISSING
     for chunk in chunks:
         out = _add(out, chunk)
     return out
+
+
+def _fold(chunks: Iterable[Any]) -> Any:
+    """All chunks `+`-ed together (`_MISSING` for none)."""
+    return _combine(list(chunks))
 
 
 def _uuid7() -> str:
@@ -616,7 +681,7 @@ class Run:
     """
 
     __slots__ = ("id", "name", "type", "tags", "metadata", "parent_ids", "handlers", "root",
-                 "streams", "input", "output")
+                 "streams", "input", "inputs", "outputs")
 
     def __init__(self, name: str, run_type: str, tags: List[str], metadata: Dict[str, Any],
                  parent: Optional["Run"], handlers: Sequence[Handler], run_id: Optional[str],
@@ -625,8 +690,9 @@ class Run:
         self.name, self.type, self.tags, self.metadata = name, run_type, tags, metadata
         self.parent_ids: List[str] = parent.parent_ids + [parent.id] if parent else []
         self.handlers, self.root, self.streams = handlers, parent is None, streams
-        self.input: Any = _MISSING
-        self.output: Any = _MISSING
+        self.input: Any = _MISSING  # the whole input, where it was known or folded up front
+        self.inputs: List[Any] = []  # else the input chunks seen, combined at the end
+        self.outputs: List[Any] = []  # the output chunks, combined at the end
 
     def emit(self, event: Event) -> None:
         """Send one event to every handler."""
@@ -641,7 +707,7 @@ class Run:
 
     def chunk(self, chunk: Any) -> None:
         """Fold one output chunk; emit `on_<type>_stream` for it where this run streams."""
-        self.output = _add(self.output, chunk)
+        self.outputs.append(chunk)
         if self.streams:
             self.emit({"event": f"on_{self.type}_stream", "run_id": self.id, "name": self.name,
                        "tags": self.tags, "metadata": self.metadata, "data": {"chunk": chunk},
@@ -650,8 +716,8 @@ class Run:
     def end(self, output: Any, extra: Optional[Dict[str, Any]] = None) -> None:
         """Emit `on_<type>_end` with the output (and the input, except for the root)."""
         data = {"output": output}
-        if not self.root and self.input is not _MISSING:
-            data["input"] = self.input
+        if not self.root and (self.input is not _MISSING or self.inputs):
+            data["input"] = self.input if self.input is not _MISSING else _combine(self.inputs)
         if extra:
             data.update(extra)
         self.emit({"event": f"on_{self.type}_end", "data": data, "run_id": self.id,
@@ -770,12 +836,12 @@ async def _aclose(it: Any) -> None:
 
 
 def _tap(first: Any, rest: Iterator[Any], run: Run) -> Iterator[Any]:
-    """Re-yield the input chunks, folding them into `run.input` for the end event."""
-    run.input = first
+    """Re-yield the input chunks, keeping them for the end event's `input`."""
+    run.inputs.append(first)
     yield first
     try:
         for chunk in rest:
-            run.input = _add(run.input, chunk)
+            run.inputs.append(chunk)
             yield chunk
     finally:
         _close(rest)
@@ -783,11 +849,11 @@ def _tap(first: Any, rest: Iterator[Any], run: Run) -> Iterator[Any]:
 
 async def _atap(first: Any, rest: AsyncIterator[Any], run: Run) -> AsyncIterator[Any]:
     """The async twin of `_tap`."""
-    run.input = first
+    run.inputs.append(first)
     yield first
     try:
         async for chunk in rest:
-            run.input = _add(run.input, chunk)
+            run.inputs.append(chunk)
             yield chunk
     finally:
         await _aclose(rest)
@@ -795,13 +861,10 @@ async def _atap(first: Any, rest: AsyncIterator[Any], run: Run) -> AsyncIterator
 
 async def _afold(chunks: AsyncIterator[Any]) -> Any:
     """All chunks of an async iterator `+`-ed together (`_MISSING` for none)."""
-    out = _MISSING
     try:
-        async for chunk in chunks:
-            out = _add(out, chunk)
+        return _combine([chunk async for chunk in chunks])
     finally:
         await _aclose(chunks)
-    return out
 
 
 async def _aiter(items: Iterable[T]) -> AsyncIterator[T]:
@@ -978,7 +1041,7 @@ class Runnable(Generic[Input, Output]):
             outputs = list(chunks)
             for chunk in outputs:
                 run.chunk(chunk)
-            run.end(self._event_output(self._invoked(run.output) if invoked else run.output))
+            self._end(run, invoked)
             yield from outputs
             return
         try:
@@ -987,7 +1050,11 @@ class Runnable(Generic[Input, Output]):
                 yield chunk
         finally:
             _close(chunks)
-        run.end(self._event_output(self._invoked(run.output) if invoked else run.output))
+        self._end(run, invoked)
+
+    def _end(self, run: Run, invoked: bool) -> None:
+        output = _combine(run.outputs)
+        run.end(self._event_output(self._invoked(output) if invoked else output))
 
     def _start_folded(self, run: Run, value: Any, known: Any) -> None:
         run.input = self._event_input(value, end=True)
@@ -1029,7 +1096,7 @@ class Runnable(Generic[Input, Output]):
             outputs = [chunk async for chunk in agen]
             for chunk in outputs:
                 run.chunk(chunk)
-            run.end(self._event_output(self._invoked(run.output) if invoked else run.output))
+            self._end(run, invoked)
             for chunk in outputs:
                 yield chunk
             return
@@ -1039,7 +1106,7 @@ class Runnable(Generic[Input, Output]):
                 yield chunk
         finally:
             await _aclose(agen)
-        run.end(self._event_output(self._invoked(run.output) if invoked else run.output))
+        self._end(run, invoked)
 
     def _invoke(self, value: Any, config: RunnableConfig, tag: Optional[str] = None) -> Any:
         out = _fold(self._stream_run(iter([value]), config, tag, value, invoked=True))
