@@ -38,19 +38,36 @@ Sections (each uses only the ones above it):
 """
 from __future__ import annotations
 
-import asyncio
 import contextvars
-import inspect
-import json
 import os
 import re
-import string
 import threading
 import time
 from typing import (
-    Any, AsyncIterator, Awaitable, Callable, Dict, Generic, Iterable, Iterator, List,
+    TYPE_CHECKING, Any, AsyncIterator, Callable, Dict, Generic, Iterable, Iterator, List,
     Mapping, Optional, Sequence, Tuple, TypeVar, Union, cast,
 )
+
+
+class _LazyModule:
+    """A module imported on first use: asyncio alone costs ~25 ms to import, which code that
+    never awaits should not pay. The first access swaps the real module into this namespace."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        module = __import__(self._name)
+        globals()[self._name] = module
+        return getattr(module, attr)
+
+
+if TYPE_CHECKING:
+    import asyncio
+    import inspect
+    import json
+else:
+    asyncio, inspect, json = _LazyModule("asyncio"), _LazyModule("inspect"), _LazyModule("json")
 
 __version__ = "0.1.0"
 
@@ -536,6 +553,7 @@ class ChatPromptValue(PromptValue):
 def _variables(template: str) -> List[str]:
     """The `{name}` variables of a template, in order of first use."""
     names: List[str] = []
+    import string
     for _, field, _, _ in string.Formatter().parse(template):
         if field is not None:
             name = re.split(r"[.\[]", field, maxsplit=1)[0]
@@ -643,12 +661,11 @@ def _fold(chunks: Iterable[Any]) -> Any:
 
 
 def _uuid7() -> str:
-    """A time-ordered UUID (version 7) as a string, as langchain_core uses for run ids."""
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    n = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (rand >> 68) << 64 | 0b10 << 62 | rand & ((1 << 62) - 1)
-    h = f"{n:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    """A time-ordered UUID (version 7) as a string, as langchain_core uses for run ids:
+    48 bits of Unix milliseconds, the version, random bits with the RFC 4122 variant."""
+    t = f"{time.time_ns() // 1_000_000:012x}"
+    r = os.urandom(10).hex()
+    return f"{t[:8]}-{t[8:]}-7{r[:3]}-{'89ab'[int(r[3], 16) & 3]}{r[4:7]}-{r[8:]}"
 
 
 def _handler(h: Any) -> Handler:
@@ -753,6 +770,8 @@ def _merge_configs(base: Optional[RunnableConfig], extra: Optional[Mapping[str, 
 
 def _child_config(config: RunnableConfig, run: Optional[Run]) -> RunnableConfig:
     """The config that runnables called inside a run inherit (no name or id of its own)."""
+    if run is None and "run_name" not in config and "run_id" not in config:
+        return config  # nothing to drop or add: share it
     child = {k: v for k, v in config.items() if k not in ("run_name", "run_id")}
     if run is not None:
         child["callbacks"] = run
@@ -2324,26 +2343,13 @@ def _run_id(config: RunnableConfig) -> str:
     return run.id if isinstance(run, Run) else _uuid7()
 
 
-class _Stamp:
-    """Gives every chunk of one model call the run's id and marks the last one."""
-
-    def __init__(self, config: RunnableConfig) -> None:
-        self.id = f"lc_run--{_run_id(config)}"
-        self.last: Optional[AIMessageChunk] = None
-
-    def feed(self, chunk: AIMessageChunk) -> AIMessageChunk:
-        if chunk.id is None:
-            chunk.id = self.id
-        self.last = chunk
-        return chunk
-
-    def finish(self) -> Optional[AIMessageChunk]:
-        """The closing empty chunk, where the model did not mark its last one."""
-        if self.last is None:
-            raise ValueError("No generation chunks were returned: the model streamed nothing")
-        if self.last.chunk_position == "last":
-            return None
-        return AIMessageChunk("", id=self.last.id, chunk_position="last")
+def _closing(last: Optional[AIMessageChunk]) -> List[AIMessageChunk]:
+    """What a model's stream ends with: nothing if its last chunk says it is the last, else an
+    empty chunk that does; no chunks at all is an error (as in langchain_core)."""
+    if last is None:
+        raise ValueError("No generation chunks were returned: the model streamed nothing")
+    return [] if last.chunk_position == "last" else [
+        AIMessageChunk("", id=last.id, chunk_position="last")]
 
 
 class BaseChatModel(Runnable[Any, AIMessage]):
@@ -2377,23 +2383,24 @@ class BaseChatModel(Runnable[Any, AIMessage]):
         return _in_thread(lambda: self._stream(messages, **kwargs))
 
     def _produce(self, value: Any, config: RunnableConfig) -> Iterator[Any]:
-        stamp = _Stamp(config)
-        for chunk in self._stream(_to_messages(value), **self.kwargs):
-            yield stamp.feed(chunk)
-        closing = stamp.finish()
-        if closing is not None:
-            yield closing
+        run_id, last = f"lc_run--{_run_id(config)}", None
+        for last in self._stream(_to_messages(value), **self.kwargs):
+            if last.id is None:
+                last.id = run_id  # every chunk of a call carries the run's id
+            yield last
+        yield from _closing(last)
 
     async def _aproduce(self, value: Any, config: RunnableConfig) -> AsyncIterator[Any]:
-        stamp = _Stamp(config)
+        run_id, last = f"lc_run--{_run_id(config)}", None
         chunks = self._astream(_to_messages(value), **self.kwargs)
         try:
-            async for chunk in chunks:
-                yield stamp.feed(chunk)
+            async for last in chunks:
+                if last.id is None:
+                    last.id = run_id
+                yield last
         finally:
             await _aclose(chunks)
-        closing = stamp.finish()
-        if closing is not None:
+        for closing in _closing(last):
             yield closing
 
     def _invoked(self, output: Any) -> Any:
@@ -3042,6 +3049,23 @@ class StrOutputParser(BaseOutputParser[str]):
 
     def parse(self, text: str) -> str:
         return text
+
+    # The loops of BaseOutputParser, specialised: this parser sits on the per-token path.
+    def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        try:
+            for chunk in inputs:
+                content = chunk.content if chunk.__class__ is AIMessageChunk else None
+                yield content if content.__class__ is str else _text_of(chunk)
+        finally:
+            _close(inputs)
+
+    async def _atransform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        try:
+            async for chunk in inputs:
+                content = chunk.content if chunk.__class__ is AIMessageChunk else None
+                yield content if content.__class__ is str else _text_of(chunk)
+        finally:
+            await _aclose(inputs)
 
 
 class JsonOutputParser(BaseOutputParser[Any]):
