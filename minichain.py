@@ -23,18 +23,20 @@ work chunk by chunk folds its input with `+` first, and that is exactly where st
 >>> [chunk for chunk in chain.stream({"topic": "parrot"})]
 ['Why', ' ', 'did', ' ', 'the', ' ', 'parrot', ' ', 'talk?']
 
-Sections (each uses only the ones above it):
+Sections (each relies only on the ones above it):
   1. Messages and documents
-  2. Prompts
+  2. Prompt values
   3. Config, runs, events and the fold
   4. The Runnable protocol: transform, stream, invoke, batch
   5. Composition: sequence, parallel, lambda, generator, passthrough, @chain
-  6. Event streaming: astream_events, stream_events
+  6. Event streaming: astream_events, stream_events, custom events, astream_log
   7. Chat models, LLMs and fakes
   8. Output parsers: str and incremental JSON
-  9. Retrieval
- 10. Tools
- 11. Demo (`python -m minichain`)
+  9. Prompt templates
+ 10. Retrieval
+ 11. Tools
+ 12. Model servers over HTTP: OpenAI-compatible, Ollama, Anthropic
+ 13. Demo (`python -m minichain`)
 """
 from __future__ import annotations
 
@@ -476,10 +478,10 @@ class AddableDict(Dict[str, Any]):
 
 
 # ==============================================================================================
-# 2. Prompts
+# 2. Prompt values
 #
-# A prompt turns a dict of variables into a prompt value: a string for an LLM, messages for a
-# chat model. Templates use `{name}` placeholders; `{{` and `}}` are literal braces.
+# What a prompt produces: a string for an LLM, messages for a chat model; and the checks of a
+# template's `{name}` variables, which the prompt templates of section 9 use.
 # ==============================================================================================
 
 class PromptValue:
@@ -585,9 +587,6 @@ def _check_variables(owner: str, expected: List[str], values: Any) -> None:
             f"{', '.join(repr(m) for m in missing)}; the template expects {expected} and got "
             f"{sorted(values)}; pass {{{', '.join(f'{m!r}: ...' for m in missing)}}} "
             f"(or write '{{{{{missing[0]}}}}}' for a literal brace)")
-
-
-# Runnable is defined in section 4; prompts subclass it there (see `_PromptBase`).
 
 
 # ==============================================================================================
@@ -1915,7 +1914,7 @@ class RunnableAssign(Runnable[Dict[str, Any], Dict[str, Any]]):
 
 
 # ==============================================================================================
-# 6. Event streaming: astream_events, stream_events, custom events
+# 6. Event streaming: astream_events, stream_events, custom events, astream_log
 #
 # An event stream is the run with one more listener: it pushes each event into a queue that
 # the consumer reads while the run executes elsewhere (a task, or a worker thread for the sync
@@ -2025,7 +2024,7 @@ class RunLogPatch:
 
     def __add__(self, other: "RunLogPatch") -> "RunLog":
         ops = self.ops + other.ops
-        return RunLog(*ops, state=_apply_ops(None, copy_ops(ops)))
+        return RunLog(*ops, state=_apply_ops(None, _copy_ops(ops)))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RunLogPatch) and type(self) is type(other) and self.ops == other.ops
@@ -2051,7 +2050,7 @@ class RunLog(RunLogPatch):
 
     def __add__(self, other: "RunLogPatch") -> "RunLog":
         import copy
-        state = _apply_ops(copy.deepcopy(self.state), copy_ops(other.ops))
+        state = _apply_ops(copy.deepcopy(self.state), _copy_ops(other.ops))
         return RunLog(*self.ops, *other.ops, state=state)
 
     def __eq__(self, other: object) -> bool:
@@ -2062,7 +2061,7 @@ class RunLog(RunLogPatch):
         return f"RunLog({pprint.pformat(self.state)})"
 
 
-def copy_ops(ops: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def _copy_ops(ops: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """The ops with their values deep-copied, so applying them shares nothing."""
     import copy
     return [dict(op, value=copy.deepcopy(op["value"])) if "value" in op else dict(op) for op in ops]
@@ -2222,7 +2221,7 @@ async def _astream_log(runnable: Runnable[Any, Any], input: Any, config: Optiona
             if diff:
                 yield patch
             else:
-                log = RunLog(*patch.ops, state=_apply_ops(None, copy_ops(patch.ops))) \
+                log = RunLog(*patch.ops, state=_apply_ops(None, _copy_ops(patch.ops))) \
                     if log is None else log + patch
                 yield log
     finally:
@@ -2521,9 +2520,11 @@ class GenericFakeChatModel(BaseChatModel):
         return _fake_chunks(AIMessage(item) if isinstance(item, str) else item)
 
     def _stream(self, messages: List[BaseMessage], **kwargs: Any) -> Iterator[AIMessageChunk]:
+        if not self.sleep:
+            yield from self._next()
+            return
         for chunk in self._next():
-            if self.sleep:
-                time.sleep(self.sleep)
+            time.sleep(self.sleep)
             yield chunk
 
     async def _astream(self, messages: List[BaseMessage], **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
@@ -3113,7 +3114,7 @@ class JsonOutputParser(BaseOutputParser[Any]):
 
 
 # ==============================================================================================
-# 9. Prompts
+# 9. Prompt templates
 #
 # A prompt turns a dict of variables into a prompt value. It needs its whole input, so it is
 # where a chain's input stream is folded. Templates use `{name}`; `{{` and `}}` are braces.
@@ -4487,7 +4488,7 @@ class ChatAnthropic(_ServerChatModel):
 
 
 # ==============================================================================================
-# 12. Demo: `python -m minichain`
+# 13. Demo: `python -m minichain`
 # ==============================================================================================
 
 def demo_model() -> BaseChatModel:
