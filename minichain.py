@@ -3993,32 +3993,26 @@ def _http_error(status: int, headers: Mapping[str, str], body: bytes, provider: 
     return error
 
 
-def _retry_after(exc: BaseException, attempt: int, req: "_Request") -> Optional[float]:
-    """Seconds to wait before trying again after `exc`, or None to give up. Retried: 408, 409,
-    429 and 5xx answers (not `insufficient_quota`, not `x-should-retry: false`) and refused
-    connections; the server's retry-after wins, else 0.5 s, 1 s, 2 s ... 8 s with jitter."""
+def _retry_after(exc: BaseException, attempt: int, req: "_Request") -> float:
+    """Seconds to wait before trying again after `exc`; raises it (as an APIError) when it is
+    not worth retrying. Retried: 408, 409, 429 and 5xx answers (not `insufficient_quota`, not
+    `x-should-retry: false`) and refused connections, `max_retries` times; the server's
+    retry-after wins, else 0.5 s, 1 s, 2 s ... 8 s with jitter."""
     import random
-    if attempt >= req.max_retries or isinstance(exc, APITimeoutError):
-        return None
+    retry = attempt < req.max_retries and not isinstance(exc, APITimeoutError)
     if isinstance(exc, APIError):
         status, headers = exc.status, exc.headers
-        if status is None or not (status in (408, 409, 429) or status >= 500) \
+        if not retry or status is None or not (status in (408, 409, 429) or status >= 500) \
                 or headers.get("x-should-retry") == "false" or exc.type == "insufficient_quota":
-            return None
+            raise exc
         for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
             try:
                 return min(60.0, max(0.0, float(headers[name]) * scale))
             except (KeyError, ValueError):
                 pass
-    elif not isinstance(exc, OSError):
-        return None
+    elif not retry:
+        raise APIError(f"cannot connect to {req.host}:{req.port}: {exc}", provider=req.provider) from exc
     return min(8.0, 0.5 * 2.0 ** attempt) * random.uniform(0.75, 1.0)
-
-
-def _give_up(exc: BaseException, req: "_Request") -> APIError:
-    if isinstance(exc, APIError):
-        return exc
-    return APIError(f"cannot connect to {req.host}:{req.port}: {exc}", provider=req.provider)
 
 
 class _Request:
@@ -4078,9 +4072,7 @@ def _post_stream(req: _Request) -> Iterator[bytes]:
             conn, resp = _open_sync(req)
             break
         except (APIError, OSError) as exc:
-            delay = _retry_after(exc, attempt, req)
-            if delay is None:
-                raise _give_up(exc, req) from (exc if not isinstance(exc, APIError) else None)
+            delay = _retry_after(exc, attempt, req)  # raises when it is not worth retrying
         attempt += 1
         time.sleep(delay)
     try:
@@ -4181,9 +4173,7 @@ async def _apost_stream(req: _Request) -> AsyncIterator[bytes]:
             reader, writer, headers = await _aopen(req)
             break
         except (APIError, OSError) as exc:
-            delay = _retry_after(exc, attempt, req)
-            if delay is None:
-                raise _give_up(exc, req) from (exc if not isinstance(exc, APIError) else None)
+            delay = _retry_after(exc, attempt, req)  # raises when it is not worth retrying
         attempt += 1
         await asyncio.sleep(delay)
     try:
