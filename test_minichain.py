@@ -1809,3 +1809,43 @@ def test_every_public_name_has_a_doctest():
     missing = [name for name in mc.__all__
                if name not in aliases and ">>>" not in (getattr(mc, name).__doc__ or "")]
     assert missing == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs where it is put: vendored, doctested on its own
+# ---------------------------------------------------------------------------------------------
+
+VENDORED_APP = """
+import asyncio, os, sys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I leaves it off on 3.11+
+import minichain
+from minichain import ChatPromptTemplate, GenericFakeChatModel, StrOutputParser
+
+chain = (ChatPromptTemplate.from_template("joke about {topic}")
+         | GenericFakeChatModel(messages=iter(["a parrot joke", "two"])) | StrOutputParser())
+print("|".join(chain.stream({"topic": "parrot"})))
+
+async def main():
+    return [e["event"] async for e in chain.astream_events({"topic": "x"}, include_types=["parser"])]
+print(asyncio.run(main()))
+print(sorted(m for m in sys.modules if m.split(".")[0] not in sys.stdlib_module_names
+             and not m.startswith("_")) if hasattr(sys, "stdlib_module_names") else ["minichain"])
+"""
+
+
+def test_a_vendored_copy_runs_with_nothing_installed(tmp_path: Path):
+    (tmp_path / "minichain.py").write_bytes((HERE / "minichain.py").read_bytes())
+    (tmp_path / "app.py").write_text(VENDORED_APP)
+    got = subprocess.run([sys.executable, "-I", "-S", "-W", "error", str(tmp_path / "app.py")],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.splitlines() == [
+        "a| |parrot| |joke", "['on_parser_start', 'on_parser_stream', 'on_parser_end']", "['minichain']"]
+
+
+def test_the_doctests_pass_with_plain_doctest_and_include_the_tour():
+    assert ">>> chain = prompt | model | StrOutputParser()" in (mc.__doc__ or "")
+    got = subprocess.run([sys.executable, "-m", "doctest", "minichain.py"], capture_output=True,
+                         text=True, timeout=120, cwd=HERE,
+                         env={k: v for k, v in os.environ.items() if k not in SERVER_ENV})
+    assert got.returncode == 0, got.stdout + got.stderr
