@@ -1849,3 +1849,13 @@ def test_the_doctests_pass_with_plain_doctest_and_include_the_tour():
                          text=True, timeout=120, cwd=HERE,
                          env={k: v for k, v in os.environ.items() if k not in SERVER_ENV})
     assert got.returncode == 0, got.stdout + got.stderr
+
+
+def test_importing_loads_no_module_that_only_some_users_need():
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import minichain; "
+            "print([m for m in ('asyncio', 'http.client', 'ssl', 'inspect', 'json', "
+            "'concurrent.futures', 'urllib.parse', 'socket', 'queue') if m in sys.modules])")
+    got = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(HERE)], capture_output=True,
+                         text=True, timeout=60)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.strip() == "[]"
