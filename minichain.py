@@ -120,20 +120,26 @@ def _short(value: Any, limit: int = 80) -> str:
 # becomes one message; `AddableDict` is how a parallel step's one-key chunks become one dict.
 # ==============================================================================================
 
-def _merge_dicts(left: Dict[str, Any], right: Dict[str, Any]) -> Dict[str, Any]:
-    """Merge metadata dicts of two chunks: strings concatenate, dicts merge, lists extend.
+_ATOMIC_KEYS = frozenset({"id", "index", "type", "created", "model", "model_name",
+                          "finish_reason", "stop_reason", "done_reason", "system_fingerprint"})
 
-    >>> _merge_dicts({"a": "x", "n": {"p": 1}}, {"a": "y", "n": {"q": 2}, "b": 3})
-    {'a': 'xy', 'n': {'p': 1, 'q': 2}, 'b': 3}
+
+def _merge_dicts(left: Dict[str, Any], right: Dict[str, Any]) -> Dict[str, Any]:
+    """Merge metadata dicts of two chunks: strings concatenate, dicts merge, lists extend;
+    names and ids (`model_name`, `finish_reason`...) and other values take the newer value.
+    The merge is associative, so chunks add up the same however they are grouped.
+
+    >>> _merge_dicts({"a": "x", "n": {"p": 1}, "model_name": "m"}, {"a": "y", "n": {"q": 2}, "model_name": "m"})
+    {'a': 'xy', 'n': {'p': 1, 'q': 2}, 'model_name': 'm'}
     """
     merged = dict(left)
     for key, value in right.items():
         old = merged.get(key)
-        if old is None or old == value:
-            merged[key] = value if old is None else old
-        elif value is None:
-            continue
-        elif isinstance(old, str) and isinstance(value, str):
+        if value is None:
+            merged.setdefault(key, None)
+        elif old is None:
+            merged[key] = value
+        elif isinstance(old, str) and isinstance(value, str) and key not in _ATOMIC_KEYS:
             merged[key] = old + value
         elif isinstance(old, dict) and isinstance(value, dict):
             merged[key] = _merge_dicts(old, value)
@@ -354,8 +360,14 @@ class AIMessageChunk(AIMessage):
         texts = [c.content for c in chunks]
         if all(t.__class__ is str for t in texts):
             content: Any = "".join(cast(List[str], texts))
-        else:
-            content = [block for t in texts for block in _as_blocks(t)]
+        else:  # content blocks; adjacent plain text joins, so that addition is associative
+            content = []
+            for block in (b for t in texts for b in _as_blocks(t)):
+                if isinstance(block, str):
+                    block = {"type": "text", "text": block}
+                if content and _plain_text(block) and _plain_text(content[-1]):
+                    block = {"type": "text", "text": content.pop()["text"] + block["text"]}
+                content.append(block)
         first = chunks[0]
         kwargs, meta, calls = first.additional_kwargs, first.response_metadata, first.tool_call_chunks
         usage, id_, name = first.usage_metadata, first.id, first.name
@@ -387,6 +399,10 @@ class AIMessageChunk(AIMessage):
                          response_metadata=self.response_metadata, name=self.name, id=self.id,
                          tool_calls=self.tool_calls, invalid_tool_calls=self.invalid_tool_calls,
                          usage_metadata=self.usage_metadata)
+
+
+def _plain_text(block: Any) -> bool:
+    return isinstance(block, dict) and block.get("type") == "text" and block.keys() == {"type", "text"}
 
 
 def _as_blocks(content: Any) -> List[Any]:
@@ -668,19 +684,35 @@ def _uuid7() -> str:
 
 
 def _handler(h: Any) -> Handler:
-    """A listener from a callable or an object with methods named after events."""
-    if callable(h):
-        return cast(Handler, h)
+    """A listener from a callable or an object with methods named after events.
 
-    def by_name(event: Event) -> None:
-        method = getattr(h, event["event"], None)
-        if method is not None:
-            method(event)
-    if not any(name.startswith("on_") for name in dir(h)):
+    A listener that raises does not break the run: the error is logged (logger "minichain")
+    and the run goes on, as in langchain_core; give the listener `raise_error = True` to
+    have its errors raised instead.
+    """
+    if callable(h):
+        call = cast(Handler, h)
+    elif any(name.startswith("on_") for name in dir(h)):
+        def call(event: Event) -> None:
+            method = getattr(h, event["event"], None)
+            if method is not None:
+                method(event)
+    else:
         raise TypeError(f"callbacks entry {_short(h)} is neither callable nor has on_* methods; "
                         "pass a function taking an event dict, or an object with methods like "
                         "on_chat_model_stream(event)")
-    return by_name
+    if getattr(h, "raise_error", False):
+        return call
+
+    def guarded(event: Event) -> None:
+        try:
+            call(event)
+        except Exception as exc:
+            import logging
+            logging.getLogger("minichain").warning(
+                "callback %s failed on %s and was skipped: %r (set raise_error = True on it to "
+                "raise instead)", _short(h, 60), event["event"], exc)
+    return guarded
 
 
 class Run:
@@ -1966,6 +1998,7 @@ def _event_filter(version: str, include_names: Optional[Sequence[str]],
 
 def _listening(config: Optional[RunnableConfig], listen: Handler) -> RunnableConfig:
     """The call's config with `listen` added to its handlers; the run becomes a new root."""
+    setattr(listen, "raise_error", True)  # minichain's own listener: its errors are real
     cfg = dict(_resolve(config))
     handlers = cfg.get("callbacks")
     cfg["callbacks"] = [listen] + (list(handlers) if isinstance(handlers, (list, tuple)) else [])

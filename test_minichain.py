@@ -1859,3 +1859,317 @@ def test_importing_loads_no_module_that_only_some_users_need():
                          text=True, timeout=60)
     assert got.returncode == 0, got.stderr
     assert got.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability: failures mid-stream, cancellation, concurrency, invariants
+# ---------------------------------------------------------------------------------------------
+
+class Boom(Exception):
+    """The error the failing steps raise; tests check the very same object reaches them."""
+
+
+RAISED: List[Boom] = []
+
+
+def _raise(where: str) -> None:
+    RAISED.append(Boom(f"boom at {where}"))
+    raise RAISED[-1]
+
+
+def _words(chunks: Iterator[str]) -> Iterator[str]:
+    for c in chunks:
+        yield from c.split()
+
+
+def _fail_first(chunks: Iterator[str]) -> Iterator[str]:
+    for _ in chunks:
+        _raise("first chunk")
+        yield ""
+
+
+def _fail_middle(chunks: Iterator[str]) -> Iterator[str]:
+    count = 0
+    for c in chunks:
+        for ch in c:
+            count += 1
+            if count == 3:
+                _raise("middle")
+            yield ch
+
+
+def _fail_after_last(chunks: Iterator[str]) -> Iterator[str]:
+    yield from chunks
+    _raise("after the last chunk")
+
+
+def _fail_nested(x: str) -> str:
+    return "".join((RunnableLambda(lambda s: s) | _fail_middle).stream(x))
+
+
+FAILING = {
+    "first chunk": lambda: RunnableLambda(lambda x: x) | _words | _fail_first,
+    "middle": lambda: RunnableLambda(lambda x: x) | _words | _fail_middle,
+    "after the last chunk": lambda: RunnableLambda(lambda x: x) | _words | _fail_after_last,
+    "parallel branch": lambda: RunnableParallel(ok=RunnableLambda(lambda x: x), bad=RunnableLambda(lambda x: x) | _words | _fail_middle),
+    "nested call in a lambda": lambda: RunnableLambda(lambda x: x.split()) | RunnableLambda(_fail_nested),
+}
+METHODS = {
+    "invoke": lambda r, x: r.invoke(x),
+    "stream": lambda r, x: list(r.stream(x)),
+    "astream": lambda r, x: run(alist(r.astream(x))),
+    "ainvoke": lambda r, x: run(r.ainvoke(x)),
+    "stream_events": lambda r, x: list(r.stream_events(x)),
+    "astream_events": lambda r, x: run(alist(r.astream_events(x))),
+    "batch": lambda r, x: r.batch([x, x]),
+    "abatch": lambda r, x: run(r.abatch([x, x])),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("where", FAILING)
+def test_an_exception_anywhere_reaches_every_method_unchanged(where: str, method: str):
+    with pytest.raises(Boom) as info:
+        METHODS[method](FAILING[where](), "a b c d")
+    assert info.value is RAISED[-1] or info.value in RAISED
+    assert str(info.value).startswith("boom at ")
+
+
+@pytest.mark.parametrize("where", FAILING)
+def test_batch_returns_each_exception_in_its_place(where: str):
+    ok = RunnableLambda(lambda x: x)
+    for out in (FAILING[where]().batch(["a b c d", "x"], return_exceptions=True),
+                run(FAILING[where]().abatch(["a b c d"], return_exceptions=True))):
+        assert isinstance(out[0], Boom) and out[0] in RAISED
+    assert ok.batch(["a"], return_exceptions=True) == ["a"]
+
+
+@pytest.mark.parametrize("where", ["first chunk", "middle", "after the last chunk"])
+def test_every_event_emitted_before_a_failure_is_delivered(where: str):
+    for events_of in (lambda r, cfg: r.stream_events("a b c d", cfg),
+                      lambda r, cfg: _sync(r.astream_events("a b c d", cfg))):
+        emitted: List[dict] = []
+        delivered: List[dict] = []
+        with pytest.raises(Boom):
+            for e in events_of(FAILING[where](), {"callbacks": [emitted.append]}):
+                delivered.append(e)
+        assert trace(delivered) == trace(emitted) and delivered
+        assert not [e for e in delivered if e["event"] == "on_chain_end" and not e["parent_ids"]]
+
+
+def test_a_failing_branch_stops_and_closes_the_others():
+    closed: List[str] = []
+
+    def slow(chunks: Iterator[str]) -> Iterator[str]:
+        try:
+            for c in chunks:
+                for _ in range(1000):
+                    time.sleep(0.002)
+                    yield c
+        finally:
+            closed.append("slow")
+
+    async def aslow(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            async for c in chunks:
+                for _ in range(1000):
+                    await asyncio.sleep(0.002)
+                    yield c
+        finally:
+            closed.append("aslow")
+    bad = RunnableLambda(lambda x: x) | _words | _fail_middle
+    with pytest.raises(Boom):
+        list(RunnableParallel(slow=RunnableLambda(lambda x: x) | slow, bad=bad).stream("a b c d"))
+    assert closed == ["slow"]
+    with pytest.raises(Boom):
+        run(alist(RunnableParallel(slow=RunnableLambda(lambda x: x) | aslow, bad=bad).astream("a b c d")))
+    assert closed == ["slow", "aslow"]
+
+
+def _tracked_pipeline(closed: List[str]) -> Any:
+    def step(name: str) -> Any:
+        def gen(chunks: Iterator[str]) -> Iterator[str]:
+            try:
+                for c in chunks:
+                    for i in range(5):
+                        yield f"{c}{i}"
+            finally:
+                closed.append(name)
+        gen.__name__ = name
+        return gen
+
+    def astep(name: str) -> Any:
+        async def agen(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+            try:
+                async for c in chunks:
+                    for i in range(5):
+                        await asyncio.sleep(0)
+                        yield f"{c}{i}"
+            finally:
+                closed.append(name)
+        agen.__name__ = name
+        return agen
+    return step, astep
+
+
+def test_stopping_after_any_chunk_closes_every_step():
+    for stop_after in range(0, 12):
+        closed: List[str] = []
+        step, astep = _tracked_pipeline(closed)
+        chain_ = RunnableLambda(lambda x: x) | step("one") | step("two")
+        stream = chain_.stream("a")
+        for _ in zip(range(stop_after), stream):
+            pass
+        stream.close()
+        assert sorted(closed) == (["one", "two"] if stop_after else []), stop_after
+
+        closed.clear()
+        achain = RunnableLambda(lambda x: x) | astep("one") | astep("two")
+
+        async def consume_then_cancel() -> int:
+            async def consume() -> None:
+                async for _ in achain.astream("a"):
+                    await asyncio.sleep(0)
+            task = asyncio.ensure_future(consume())
+            for _ in range(stop_after):
+                await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return len(asyncio.all_tasks())
+        assert run(consume_then_cancel()) == 1
+        assert sorted(closed) in ([], ["one", "two"]) and (stop_after < 3 or closed), stop_after
+
+
+def test_a_thousand_concurrent_event_streams_get_only_their_own_events():
+    import itertools
+    chain_ = ChatPromptTemplate.from_template("{topic}") | \
+        GenericFakeChatModel(messages=itertools.repeat("x y")) | StrOutputParser()
+
+    async def one(i: int) -> List[dict]:
+        return [e async for e in chain_.astream_events({"topic": f"t{i}"})]
+
+    async def main() -> List[List[dict]]:
+        return await asyncio.gather(*(one(i) for i in range(1000)))
+    results = run(main())
+    for i, events in enumerate(results):
+        assert len(events) == 17
+        root = events[0]["run_id"]
+        assert all(e["run_id"] == root or e["parent_ids"] == [root] for e in events)
+        assert events[0]["data"] == {"input": {"topic": f"t{i}"}}
+        prompt_end = [e for e in events if e["event"] == "on_prompt_end"][0]
+        assert prompt_end["data"]["output"].to_messages() == [HumanMessage(f"t{i}")]
+    assert len({e["run_id"] for events in results for e in events}) == 4000
+
+
+def test_batch_threads_keep_each_inputs_context():
+    seen = []
+
+    def inner(x: str, config: dict) -> str:
+        seen.append((x, config.get("tags"), config.get("metadata")))
+        return x
+    outer = RunnableLambda(lambda x: RunnableLambda(inner).invoke(x))
+    configs = [{"tags": [f"t{i}"], "metadata": {"i": i}} for i in range(8)]
+    assert outer.batch([f"x{i}" for i in range(8)], configs) == [f"x{i}" for i in range(8)]
+    assert sorted(seen) == [(f"x{i}", [f"t{i}"], {"i": i}) for i in range(8)]
+
+
+def test_a_listener_that_raises_is_logged_and_the_run_goes_on(caplog: Any):
+    def broken(event: dict) -> None:
+        raise RuntimeError("listener bug")
+    with caplog.at_level("WARNING", logger="minichain"):
+        assert RunnableLambda(str.upper).invoke("a", {"callbacks": [broken]}) == "A"
+    assert [r.getMessage().split(" failed on ")[1] for r in caplog.records] == [
+        "on_chain_start and was skipped: RuntimeError('listener bug') (set raise_error = True on it to raise instead)",
+        "on_chain_end and was skipped: RuntimeError('listener bug') (set raise_error = True on it to raise instead)"]
+
+    class Strict:
+        raise_error = True
+
+        def on_chain_start(self, event: dict) -> None:
+            raise RuntimeError("strict listener")
+    with pytest.raises(RuntimeError, match="strict listener"):
+        RunnableLambda(str.upper).invoke("a", {"callbacks": [Strict()]})
+
+
+def _random_chunk(rng: random.Random) -> AIMessageChunk:
+    kwargs: dict = {}
+    if rng.random() < 0.3:
+        kwargs["tool_call_chunks"] = [{"name": rng.choice([None, "f", "g"]), "args": rng.choice(["", '{"a"', ": 1}"]),
+                                       "id": rng.choice([None, "c1"]), "index": rng.choice([0, 1])}]
+    if rng.random() < 0.3:
+        kwargs["usage_metadata"] = {"input_tokens": rng.randint(0, 5), "output_tokens": rng.randint(0, 5), "total_tokens": 3}
+    if rng.random() < 0.3:
+        kwargs["response_metadata"] = {rng.choice(["a", "b"]): rng.choice(["x", "y"])}
+    content: Any = rng.choice(["", "hi", " ", "é"]) if rng.random() < 0.8 else [{"type": "text", "text": "blk"}]
+    return AIMessageChunk(content, id=rng.choice([None, "lc_run--1", "prov-2"]),
+                          chunk_position=rng.choice([None, None, "last"]), **kwargs)
+
+
+def test_chunk_addition_is_associative_and_join_agrees():
+    rng = random.Random(11)
+    for _ in range(500):
+        a, b, c = (_random_chunk(rng) for _ in range(3))
+        assert (a + b) + c == a + (b + c) == AIMessageChunk.join([a, b, c])
+
+
+def _twice(x: str) -> Iterator[str]:
+    yield x
+    yield x
+
+
+INVOKE_KINDS = {
+    "lambda": lambda: RunnableLambda(lambda x: x * 2),
+    "generator lambda": lambda: RunnableLambda(_twice),
+    "generator step": lambda: RunnableLambda(lambda x: x) | _words,
+    "sequence": lambda: RunnableLambda(lambda x: x) | RunnableLambda(str.upper),
+    "parallel": lambda: RunnableParallel(a=RunnableLambda(str.upper), b=_words),
+    "passthrough": lambda: RunnablePassthrough(),
+    "assign": lambda: RunnableLambda(lambda x: {"q": x}) | RunnablePassthrough.assign(n=lambda d: len(d["q"])),
+    "prompt": lambda: PromptTemplate.from_template("Q: {q}"),
+    "chat model": lambda: GenericFakeChatModel(messages=iter(["a b", "a b", "a b", "a b", "a b"])),
+    "llm": lambda: FakeListLLM(responses=["ok"]),
+    "str parser": lambda: RunnableLambda(lambda x: AIMessageChunk(x)) | StrOutputParser(),
+    "json parser": lambda: RunnableLambda(lambda x: '{"a": [1, 2]}') | JsonOutputParser(),
+    "retriever": lambda: InMemoryVectorStore.from_texts(["a b", "c"], embedding=LexicalEmbeddings()).as_retriever(),
+    "tool": lambda: tool(lambda q: q + "!", name="bang", description="Add a bang."),
+    "bound": lambda: RunnableLambda(str.upper).with_config(tags=["t"]),
+}
+
+
+@pytest.mark.parametrize("kind", INVOKE_KINDS)
+def test_invoke_equals_the_fold_of_stream_for_every_kind(kind: str):
+    make = INVOKE_KINDS[kind]
+    value = "a b"
+    whole = make().invoke(value)
+    folded = mc._fold(make().stream(value))
+    afolded = mc._fold(run(alist(make().astream(value))))
+    if isinstance(whole, AIMessage):  # invoke gives the whole message; streams give chunks
+        folded, afolded = folded.to_message(), afolded.to_message()
+        whole.id = folded.id = afolded.id = None
+    assert whole == folded == afolded
+    if kind != "chat model":  # (a fake model answers each call with the next message)
+        assert run(make().ainvoke(value)) == whole
+
+
+def test_memory_stays_flat_when_no_one_listens():
+    import tracemalloc
+
+    class Counting(mc.BaseChatModel):
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.n = n
+
+        def _stream(self, messages: list, **kwargs: Any) -> Iterator[AIMessageChunk]:
+            for _ in range(self.n):
+                yield AIMessageChunk("tok ")
+
+    def peak(n: int) -> int:
+        chain_ = ChatPromptTemplate.from_template("{q}") | Counting(n) | StrOutputParser()
+        tracemalloc.start()
+        count = sum(1 for _ in chain_.stream({"q": "x"}))
+        size = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert count == n + 1
+        return size
+    small, large = peak(20_000), peak(200_000)
+    assert large < small * 1.5 + 50_000, (small, large)
