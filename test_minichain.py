@@ -2173,3 +2173,10 @@ def test_memory_stays_flat_when_no_one_listens():
         return size
     small, large = peak(20_000), peak(200_000)
     assert large < small * 1.5 + 50_000, (small, large)
+
+
+def test_extra_prompt_keys_are_ignored_and_a_misspelt_one_shows_in_the_error():
+    prompt = PromptTemplate.from_template("Q: {question}")
+    assert prompt.invoke({"question": "why?", "context": "passed along"}).to_string() == "Q: why?"
+    with pytest.raises(KeyError, match=r"missing variable 'question'; the template expects \['question'\] and got \['questoin'\]"):
+        prompt.invoke({"questoin": "why?"})
