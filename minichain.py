@@ -36,7 +36,8 @@ Sections (each relies only on the ones above it):
  10. Retrieval
  11. Tools
  12. Model servers over HTTP: OpenAI-compatible, Ollama, Anthropic
- 13. Demo (`python -m minichain`)
+ 13. Server-sent events out: streaming a run to a browser
+ 14. Demo (`python -m minichain`)
 """
 from __future__ import annotations
 
@@ -100,6 +101,8 @@ __all__ = [
     # 12. model servers
     "ChatOpenAI", "ChatOllama", "ChatAnthropic", "APIError", "APITimeoutError",
     "IncompleteStreamError", "demo_model",
+    # 13. server-sent events
+    "to_sse", "ato_sse", "read_sse",
 ]
 
 T = TypeVar("T")
@@ -4511,7 +4514,105 @@ class ChatAnthropic(_ServerChatModel):
 
 
 # ==============================================================================================
-# 13. Demo: `python -m minichain`
+# 13. Server-sent events out: streaming a run to a browser
+#
+# `to_sse` turns what `stream_events`, `astream_events` or `stream` yields into the bytes of a
+# `text/event-stream` response; `read_sse` reads them back with the decoder of section 12.
+# ==============================================================================================
+
+def _jsonable(value: Any) -> Any:
+    """A JSON-friendly form of what runs produce: messages, documents, prompt values, errors."""
+    if isinstance(value, BaseMessage):
+        out: Dict[str, Any] = {"type": type(value).__name__}
+        out.update({f: getattr(value, f) for f in value._fields if getattr(value, f) or f == "content"})
+        return _jsonable(out)
+    if isinstance(value, Document):
+        return {"type": "Document", "page_content": value.page_content,
+                "metadata": _jsonable(value.metadata)}
+    if isinstance(value, StringPromptValue):
+        return {"type": "StringPromptValue", "text": value.text}
+    if isinstance(value, ChatPromptValue):
+        return {"type": "ChatPromptValue", "messages": _jsonable(value.messages)}
+    if isinstance(value, BaseException):
+        return {"type": type(value).__name__, "message": str(value)}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)
+
+
+def _sse(event: str, data: Any) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(_jsonable(data), ensure_ascii=False)}\n\n".encode()
+
+
+def _sse_frame(item: Any) -> bytes:
+    if isinstance(item, dict) and isinstance(item.get("event"), str) and "data" in item:
+        return _sse(item["event"], item)  # an event: named after its kind
+    return _sse("data", item)  # a chunk of output
+
+
+def to_sse(items: Iterable[Any]) -> Iterator[bytes]:
+    r"""`text/event-stream` bytes for an event stream (or a stream of chunks): one SSE event per
+    item, named after the event kind (`on_chat_model_stream`...; `data` for plain chunks),
+    its JSON as `data:`; then `event: end`, or `event: error` if the run fails. Closing this
+    iterator closes `items`, which stops the run.
+
+    >>> chunks = GenericFakeChatModel(messages=iter(["hi there"])).stream("x")
+    >>> b"".join(to_sse(StrOutputParser().transform(chunks))).decode()
+    'event: data\ndata: "hi"\n\nevent: data\ndata: " "\n\nevent: data\ndata: "there"\n\nevent: end\ndata: null\n\n'
+    """
+    iterator = iter(items)
+    try:
+        for item in iterator:
+            yield _sse_frame(item)
+    except Exception as exc:
+        yield _sse("error", exc)
+        return
+    finally:
+        _close(iterator)
+    yield _sse("end", None)
+
+
+async def ato_sse(items: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+    """Async twin of `to_sse`, for `astream_events` and `astream`.
+
+    >>> async def main():
+    ...     events = RunnableLambda(str.upper).astream_events("hi", include_types=["chain"])
+    ...     return [read for read in read_sse([b"".join([b async for b in ato_sse(events)])])]
+    >>> [(name, data["data"] if data else data) for name, data in asyncio.run(main())]
+    [('on_chain_start', {'input': 'hi'}), ('on_chain_stream', {'chunk': 'HI'}), ('on_chain_end', {'output': 'HI'}), ('end', None)]
+    """
+    try:
+        async for item in items:
+            yield _sse_frame(item)
+    except Exception as exc:
+        yield _sse("error", exc)
+        return
+    finally:
+        await _aclose(items)
+    yield _sse("end", None)
+
+
+def read_sse(chunks: Iterable[bytes]) -> Iterator[Tuple[str, Any]]:
+    r"""`(event, data)` pairs, data parsed from JSON, from `text/event-stream` bytes (as they
+    arrive, in pieces of any size): the client side of `to_sse`.
+
+    >>> list(read_sse([b'event: data\ndata: "a"\n\nevent: e', b'nd\ndata: null\n\n']))
+    [('data', 'a'), ('end', None)]
+    """
+    decoder = _SSEDecoder()
+    for chunk in chunks:
+        for event, data in decoder.feed(chunk):
+            yield event, json.loads(data)
+    for event, data in decoder.finish():
+        yield event, json.loads(data)
+
+
+# ==============================================================================================
+# 14. Demo: `python -m minichain`
 # ==============================================================================================
 
 def demo_model() -> BaseChatModel:

@@ -2180,3 +2180,128 @@ def test_extra_prompt_keys_are_ignored_and_a_misspelt_one_shows_in_the_error():
     assert prompt.invoke({"question": "why?", "context": "passed along"}).to_string() == "Q: why?"
     with pytest.raises(KeyError, match=r"missing variable 'question'; the template expects \['question'\] and got \['questoin'\]"):
         prompt.invoke({"questoin": "why?"})
+
+
+# ---------------------------------------------------------------------------------------------
+# 13. Server-sent events out, and the served example page
+# ---------------------------------------------------------------------------------------------
+
+def _serve_module() -> Any:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("serve_example", HERE / "examples" / "serve.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sse_round_trips_events_chunks_and_errors():
+    chain_ = GenericFakeChatModel(messages=iter(["a b"])) | StrOutputParser()
+    events = list(chain_.stream_events("x"))
+    data = b"".join(mc.to_sse(iter(events)))
+    expected = [(e["event"], json.loads(json.dumps(mc._jsonable(e)))) for e in events] + [("end", None)]
+    assert list(mc.read_sse([data])) == expected
+    for cut in range(1, len(data), 3):
+        assert list(mc.read_sse(split_at(data, cut))) == expected
+    assert expected[2][0] == "on_chat_model_stream"
+    assert expected[2][1]["data"]["chunk"] == {"type": "AIMessageChunk", "content": "a",
+                                                "id": events[2]["data"]["chunk"].id}
+    failing = FAILING["middle"]()
+    frames = list(mc.read_sse(mc.to_sse(failing.stream("a b c d"))))
+    assert frames == [("data", "a"), ("data", "b"), ("error", {"type": "Boom", "message": "boom at middle"})]
+
+    async def agen() -> List[Any]:
+        return list(mc.read_sse([b"".join([b async for b in mc.ato_sse(FAILING["middle"]().astream("a b c d"))])]))
+    assert run(agen()) == frames
+    docs = mc._jsonable([Document("d", metadata={"k": 1}), ChatPromptValue([HumanMessage("h")])])
+    assert docs == [{"type": "Document", "page_content": "d", "metadata": {"k": 1}},
+                    {"type": "ChatPromptValue", "messages": [{"type": "HumanMessage", "content": "h"}]}]
+
+
+def test_the_served_endpoint_streams_the_chains_events_in_order():
+    import http.client
+    serve = _serve_module()
+    server = serve.serve(0, lambda: serve.make_chain(delay=0))
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+        conn.request("GET", "/")
+        page = conn.getresponse()
+        assert page.status == 200 and b'new EventSource("/events?topic="' in page.read()
+        conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+        conn.request("GET", "/events?topic=cats")
+        resp = conn.getresponse()
+        assert resp.getheader("Content-Type") == "text/event-stream; charset=utf-8"
+        frames = list(mc.read_sse(iter(lambda: resp.read1(4096), b"")))
+        conn.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    kinds = [(name, data["name"]) if data else (name, None) for name, data in frames]
+    assert kinds[0] == ("on_parser_start", "text") and kinds[-1] == ("end", None)
+    assert {k for k in kinds[:-1]} == {("on_parser_start", "text"), ("on_parser_start", "json"),
+                                       ("on_parser_stream", "text"), ("on_parser_stream", "json"),
+                                       ("on_parser_end", "text"), ("on_parser_end", "json")}
+    text = "".join(d["data"]["chunk"] for n, d in frames if n == "on_parser_stream" and d["name"] == "text")
+    snapshots = [d["data"]["chunk"] for n, d in frames if n == "on_parser_stream" and d["name"] == "json"]
+    assert text == serve.ANSWER and snapshots[0] == {} and snapshots[-1] == json.loads(serve.ANSWER)
+
+
+def test_closing_the_page_stops_the_run_on_the_server():
+    serve = _serve_module()
+    closed = threading.Event()
+
+    def endless(chunks: Iterator[Any]) -> Iterator[str]:
+        try:
+            for _ in chunks:
+                while True:
+                    time.sleep(0.01)
+                    yield "tok "
+        finally:
+            closed.set()
+    server = serve.serve(0, lambda: RunnableLambda(lambda x: x) | endless
+                         | {"text": StrOutputParser().with_config(run_name="text")})
+    try:
+        import socket
+        sock = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10)
+        sock.sendall(b"GET /events?topic=x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        received = b""
+        while b"event: on_parser_stream" not in received:
+            received += sock.recv(4096)
+        assert received.startswith(b"HTTP/1.1 200 OK") and not closed.is_set()
+        sock.close()  # the page goes away
+        assert closed.wait(5)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _chromium() -> Any:
+    import shutil
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_the_page_shows_the_streamed_answer_in_a_real_browser(tmp_path: Path):
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: .ci/test installs Debian's chromium package")
+        pytest.skip("no chromium here (CI installs it): the browser check needs a browser")
+    serve = _serve_module()
+    server = serve.serve(0, lambda: serve.make_chain(delay=0.01))
+    try:
+        got = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", f"--user-data-dir={tmp_path}", "--virtual-time-budget=20000",
+             "--dump-dom", f"http://127.0.0.1:{server.server_address[1]}/"],
+            capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+        server.server_close()
+    import html
+    dom = html.unescape(got.stdout)
+    assert '<span id="status">done</span>' in dom, got.stdout[-2000:] + got.stderr[-2000:]
+    assert f'<pre id="answer">{serve.ANSWER}</pre>' in dom
+    shown = re.search(r'<pre id="json">(.*?)</pre>', dom, re.S)
+    assert shown and json.loads(shown.group(1)) == json.loads(serve.ANSWER)
