@@ -2707,6 +2707,7 @@ class _JsonStream:
         self.preamble = ""  # text before the value, while looking for a ```json fence
         self.strip = markdown
         self.changed = False
+        self.shown_value: Any = _MISSING  # the last snapshot given out (for diff mode)
         self.in_trailing_string = self.trailing_escape = self.stray_closer = False
         self.trailing_depth = 0
 
@@ -2984,6 +2985,40 @@ class _JsonStream:
         return inner
 
 
+def _grow_ops(old: Any, new: Any, path: str) -> List[Dict[str, Any]]:
+    """JSON-patch ops from one JSON snapshot to the next. Only the end of each container can
+    change between snapshots (its last member grows, hides or is followed by new ones), and
+    finished members are the same objects, so only the ends are looked at.
+
+    >>> _grow_ops({"a": [1], "b": "x"}, {"a": [1], "b": "xy", "c": {}}, "")
+    [{'op': 'add', 'path': '/c', 'value': {}}, {'op': 'replace', 'path': '/b', 'value': 'xy'}]
+    """
+    if old is new:
+        return []
+    if isinstance(old, dict) and isinstance(new, dict):  # removed, added, then changed keys
+        ops: List[Dict[str, Any]] = []
+        last = next(reversed(old), None) if old else None
+        if last is not None and last not in new:
+            ops.append({"op": "remove", "path": f"{path}/{_escape(last)}"})
+        added = []
+        for key in reversed(new):  # the keys after the old ones
+            if key in old:
+                break
+            added.append(key)
+        ops += [{"op": "add", "path": f"{path}/{_escape(k)}", "value": new[k]} for k in reversed(added)]
+        if last is not None and last in new:
+            ops += _grow_ops(old[last], new[last], f"{path}/{_escape(last)}")
+        return ops
+    if isinstance(old, list) and isinstance(new, list):
+        if len(new) < len(old):  # the last element was hidden again (a partial \u escape)
+            return [{"op": "remove", "path": f"{path}/{i}"} for i in range(len(old) - 1, len(new) - 1, -1)]
+        ops = _grow_ops(old[-1], new[len(old) - 1], f"{path}/{len(old) - 1}") if old else []
+        return ops + [{"op": "add", "path": f"{path}/{i}", "value": new[i]} for i in range(len(old), len(new))]
+    if type(old) is type(new) and old == new:
+        return []
+    return [{"op": "replace", "path": path, "value": new}]
+
+
 def parse_partial_json(text: str) -> Any:
     """Parse the start of a JSON document as if it were closed where it stops.
 
@@ -3119,7 +3154,17 @@ class JsonOutputParser(BaseOutputParser[Any]):
     [{'name': 'Fr'}, {'name': 'France'}, {'name': 'France', 'pop': 67}, {'name': 'France', 'pop': 674}]
     >>> JsonOutputParser().invoke('```json\\n{"a": [1, 2]}\\n```')
     {'a': [1, 2]}
+
+    With `diff=True` it streams JSON-patch operations from one snapshot to the next instead
+    (as langchain_core's does); they are found by looking at the growing end of each open
+    container only, not by comparing whole snapshots.
+
+    >>> list(JsonOutputParser(diff=True).transform(iter(['{"a": [1', ', 2], "b": "x', 'y"}'])))
+    [[{'op': 'replace', 'path': '', 'value': {'a': [1]}}], [{'op': 'add', 'path': '/b', 'value': 'x'}, {'op': 'add', 'path': '/a/1', 'value': 2}], [{'op': 'replace', 'path': '/b', 'value': 'xy'}]]
     """
+
+    def __init__(self, *, diff: bool = False) -> None:
+        self.diff = diff
 
     def _start(self) -> _JsonStream:
         return _JsonStream()
@@ -3128,7 +3173,13 @@ class JsonOutputParser(BaseOutputParser[Any]):
         if state.feed(text):
             value = state.snapshot()
             if value is not _MISSING:
-                return (value,)
+                if not self.diff:
+                    return (value,)
+                previous, state.shown_value = state.shown_value, value
+                if previous is _MISSING:
+                    return ([{"op": "replace", "path": "", "value": value}],)
+                ops = _grow_ops(previous, value, "")
+                return (ops,) if ops else ()
         return ()
 
     def parse(self, text: str) -> Any:

@@ -2305,3 +2305,23 @@ def test_the_page_shows_the_streamed_answer_in_a_real_browser(tmp_path: Path):
     assert f'<pre id="answer">{serve.ANSWER}</pre>' in dom
     shown = re.search(r'<pre id="json">(.*?)</pre>', dom, re.S)
     assert shown and json.loads(shown.group(1)) == json.loads(serve.ANSWER)
+
+
+def test_json_diff_mode_patches_rebuild_every_snapshot():
+    import copy
+    rng = random.Random(5)
+    doc = {"name": "Fr\u00e9", "n": [1, -2.5, {"x": [True, None]}], "e": {}, "s": "a b "}
+    for ascii_ in (True, False):
+        text = json.dumps(doc, ensure_ascii=ascii_)
+        for _ in range(100):
+            pieces = _random_splits(text, rng)
+            snapshots = list(JsonOutputParser().transform(iter(pieces)))
+            patches = list(JsonOutputParser(diff=True).transform(iter(pieces)))
+            assert len(patches) == len(snapshots) and patches[0][0]["path"] == ""
+            state = None
+            for ops, snapshot in zip(patches, snapshots):
+                state = mc._apply_ops(state, copy.deepcopy(ops))
+                assert state == snapshot
+    assert list(JsonOutputParser(diff=True).transform(iter(['{"a": "x', '\\u00', 'e9"}']))) == [
+        [{"op": "replace", "path": "", "value": {"a": "x"}}], [{"op": "remove", "path": "/a"}],
+        [{"op": "add", "path": "/a", "value": "x\u00e9"}]]
