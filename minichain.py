@@ -1651,6 +1651,9 @@ class RunnableParallel(Runnable[Input, Dict[str, Any]]):
 
     def __init__(self, steps: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> None:
         merged = {**(steps or {}), **kwargs}
+        if not merged:
+            raise ValueError("a RunnableParallel needs at least one branch, e.g. "
+                             "RunnableParallel(answer=model)")
         self.steps = {key: coerce_to_runnable(step) for key, step in merged.items()}
 
     def get_name(self) -> str:
@@ -1685,7 +1688,7 @@ class RunnableParallel(Runnable[Input, Dict[str, Any]]):
     def _invoke_transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
         import concurrent.futures
         value = _fold(inputs)
-        with concurrent.futures.ThreadPoolExecutor(max_workers=len(self.steps) or 1) as pool:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(self.steps)) as pool:
             futures = {key: pool.submit(contextvars.copy_context().run, step._invoke, value,
                                         config, f"map:key:{key}")
                        for key, step in self.steps.items()}

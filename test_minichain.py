@@ -2325,3 +2325,8 @@ def test_json_diff_mode_patches_rebuild_every_snapshot():
     assert list(JsonOutputParser(diff=True).transform(iter(['{"a": "x', '\\u00', 'e9"}']))) == [
         [{"op": "replace", "path": "", "value": {"a": "x"}}], [{"op": "remove", "path": "/a"}],
         [{"op": "add", "path": "/a", "value": "x\u00e9"}]]
+
+
+def test_a_parallel_step_needs_a_branch():
+    with pytest.raises(ValueError, match=r"a RunnableParallel needs at least one branch, e.g. RunnableParallel\(answer=model\)"):
+        RunnableParallel({})
