@@ -745,6 +745,14 @@ class Run:
         self.inputs: List[Any] = []  # else the input chunks seen, combined at the end
         self.outputs: List[Any] = []  # the output chunks, combined at the end
 
+    def adding(self, handlers: Sequence[Any]) -> "Run":
+        """This run as the parent of runs that also report to `handlers` (a step bound with
+        its own callbacks, inside a run that already has listeners)."""
+        import copy
+        parent = copy.copy(self)
+        parent.handlers = list(self.handlers) + [_handler(h) for h in handlers]
+        return parent
+
     def emit(self, event: Event) -> None:
         """Send one event to every handler."""
         for handler in self.handlers:
@@ -1422,6 +1430,10 @@ class RunnableBinding(Runnable[Input, Output]):
         merged = _merge_configs(self.config, config)
         if "run_name" in self.config and "run_name" not in config:
             merged["run_name"] = self.config["run_name"]
+        bound, given = self.config.get("callbacks"), config.get("callbacks")
+        if bound and given and bound is not given:  # both listen: neither is dropped
+            merged["callbacks"] = given.adding(bound) if isinstance(given, Run) else \
+                list(given) + list(bound)
         return merged
 
     def _stream_run(self, inputs: Iterator[Any], config: RunnableConfig, tag: Optional[str] = None,

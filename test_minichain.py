@@ -2330,3 +2330,15 @@ def test_json_diff_mode_patches_rebuild_every_snapshot():
 def test_a_parallel_step_needs_a_branch():
     with pytest.raises(ValueError, match=r"a RunnableParallel needs at least one branch, e.g. RunnableParallel\(answer=model\)"):
         RunnableParallel({})
+
+
+def test_callbacks_bound_to_a_step_still_fire_inside_a_listened_run():
+    bound: List[str] = []
+    model = GenericFakeChatModel(messages=iter(["a b"])).with_config(callbacks=[lambda e: bound.append(e["event"])])
+    rows = short(trace(list((RunnableLambda(lambda x: x) | model).stream_events("x"))))
+    assert ("on_chat_model_stream", "GenericFakeChatModel") in rows
+    assert bound == ["on_chat_model_start"] + ["on_chat_model_stream"] * 3 + ["on_chat_model_end"]
+    both: List[str] = []
+    outer = RunnableLambda(lambda x: x).with_config(callbacks=[lambda e: both.append("bound")])
+    outer.invoke(1, {"callbacks": [lambda e: both.append("call")]})
+    assert sorted(both) == ["bound", "bound", "call", "call"]
