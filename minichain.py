@@ -3650,9 +3650,8 @@ class BaseTool(Runnable[Any, Any]):
             return handler if isinstance(handler, str) else (str(exc) or "Tool execution error")
         run = config.get("callbacks")
         if isinstance(run, Run):
-            args = value.get("args", value) if isinstance(value, dict) else {}
             call_id = value.get("id") if isinstance(value, dict) and "args" in value else None
-            run.emit({"event": "on_tool_error", "data": {"error": exc, "input": args,
+            run.emit({"event": "on_tool_error", "data": {"error": exc, "input": self._event_input(value, end=True),
                                                         "tool_call_id": call_id},
                       "run_id": run.id, "name": run.name, "tags": run.tags,
                       "metadata": run.metadata, "parent_ids": run.parent_ids})

@@ -1096,6 +1096,19 @@ def test_tool_errors_are_the_only_error_events():
             seen.append(e)
     assert [e["event"] for e in seen] == ["on_tool_start", "on_tool_error"]
     assert repr(seen[1]["data"]) == "{'error': ValueError('bad'), 'input': {'x': 'a'}, 'tool_call_id': None}"
+    nested = [e for e in _events_or_error((RunnableLambda(lambda x: x) | fails).stream_events("a"))
+              if e["event"] == "on_tool_error"]
+    assert repr(nested[0]["data"]) == "{'error': ValueError('bad'), 'input': None, 'tool_call_id': None}"
+
+
+def _events_or_error(events: Iterator[dict]) -> List[dict]:
+    seen: List[dict] = []
+    try:
+        for e in events:
+            seen.append(e)
+    except Exception:
+        pass
+    return seen
 
 
 def _forever_step(closed: List[bool]) -> Any:
