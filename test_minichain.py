@@ -1739,6 +1739,22 @@ def test_closing_the_stream_early_closes_the_connection(server: Server):
         await agen.aclose()
     run(main())
     assert server.disconnected.wait(5)
+    server.disconnected.clear()
+    server.replies.append(Reply(endless, delay=0.005))
+
+    async def cancel_mid_stream() -> int:
+        got = asyncio.Event()
+
+        async def consume() -> None:
+            async for _ in ChatOpenAI(base_url=server.url + "/v1").astream("hi"):
+                got.set()
+        task = asyncio.ensure_future(consume())
+        await got.wait()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return len(asyncio.all_tasks())
+    assert run(cancel_mid_stream()) == 1
+    assert server.disconnected.wait(5)
 
 
 def test_server_models_report_the_same_events_as_the_fakes(server: Server):
