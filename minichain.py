@@ -47,7 +47,7 @@ import re
 import threading
 import time
 from typing import (
-    TYPE_CHECKING, Any, AsyncIterator, Callable, Dict, Generic, Iterable, Iterator, List,
+    TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Dict, Generic, Iterable, Iterator, List,
     Mapping, Optional, Sequence, Tuple, TypeVar, Union, cast,
 )
 
@@ -4135,9 +4135,10 @@ class _Request:
         self.connect_timeout, self.read_timeout = timeout
         self.max_retries, self.provider = max_retries, provider
 
-    def timed_out(self, what: str) -> APITimeoutError:
+    def timed_out(self, what: str, seconds: Optional[float] = None) -> APITimeoutError:
         return APITimeoutError(f"no {what} from {self.host}:{self.port} within "
-                               f"{self.read_timeout} s", provider=self.provider)
+                               f"{self.read_timeout if seconds is None else seconds} s",
+                               provider=self.provider)
 
 
 def _open_sync(req: _Request) -> Tuple[Any, Any]:
@@ -4190,21 +4191,30 @@ def _post_stream(req: _Request) -> Iterator[bytes]:
         conn.close()
 
 
-async def _areadline(reader: Any, req: _Request) -> str:
+async def _within(awaitable: Awaitable[T], seconds: float, req: _Request, what: str) -> T:
+    """`await awaitable`, or APITimeoutError after `seconds`. (Not asyncio.wait_for: before
+    Python 3.12 it can swallow a cancellation that arrives together with the result.)"""
+    task = asyncio.ensure_future(awaitable)
     try:
-        line = await asyncio.wait_for(reader.readline(), req.read_timeout)
-    except asyncio.TimeoutError:
-        raise req.timed_out("data") from None
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    except BaseException:  # cancelled: take the read down with us
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        raise req.timed_out(what, seconds)
+    return task.result()
+
+
+async def _areadline(reader: Any, req: _Request) -> str:
+    line = await _within(reader.readline(), req.read_timeout, req, "data")
     return cast(bytes, line).decode("latin-1").rstrip("\r\n")
 
 
 async def _abody(reader: Any, headers: Dict[str, str], req: _Request) -> AsyncIterator[bytes]:
     """The body's bytes as they arrive: chunked, sized, or until the server closes."""
     async def read(n: int) -> bytes:
-        try:
-            return cast(bytes, await asyncio.wait_for(reader.read(n), req.read_timeout))
-        except asyncio.TimeoutError:
-            raise req.timed_out("data") from None
+        return cast(bytes, await _within(reader.read(n), req.read_timeout, req, "data"))
     if "chunked" in headers.get("transfer-encoding", "").lower():
         while True:
             size = int((await _areadline(reader, req)).split(";")[0].strip() or "0", 16)
@@ -4232,12 +4242,9 @@ async def _aopen(req: _Request) -> Tuple[Any, Any, Dict[str, str]]:
     if req.tls:
         import ssl
         ssl_context = ssl.create_default_context()
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(
-            req.host, req.port, ssl=ssl_context, server_hostname=req.host if req.tls else None,
-            limit=2 ** 20), req.connect_timeout)
-    except asyncio.TimeoutError:
-        raise req.timed_out("connection") from None
+    reader, writer = await _within(asyncio.open_connection(
+        req.host, req.port, ssl=ssl_context, server_hostname=req.host if req.tls else None,
+        limit=2 ** 20), req.connect_timeout, req, "connection")
     try:
         head = [f"POST {req.path} HTTP/1.1", f"Host: {req.host}:{req.port}",
                 f"Content-Length: {len(req.body)}"] + [f"{k}: {v}" for k, v in req.headers.items()]
