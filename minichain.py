@@ -2029,13 +2029,16 @@ async def _astream_events(runnable: Runnable[Any, Any], input: Any,
     loop = asyncio.get_running_loop()
     loop_thread = threading.get_ident()
     events: "asyncio.Queue[Any]" = asyncio.Queue()
+    stopped = threading.Event()
 
     def listen(event: Event) -> None:
-        if keep is None or keep(event):
-            if threading.get_ident() == loop_thread:
+        if threading.get_ident() == loop_thread:
+            if keep is None or keep(event):
                 events.put_nowait(event)
-            else:  # a sync step running on a worker thread
-                loop.call_soon_threadsafe(events.put_nowait, event)
+        elif stopped.is_set():  # a sync step on a worker thread, still running after the
+            raise _Stopped()     # consumer left: stop it at its next event
+        elif keep is None or keep(event):
+            loop.call_soon_threadsafe(events.put_nowait, event)
 
     async def run() -> None:
         chunks = runnable._astream_run(_aiter([input]), _listening(config, listen), None, input)
@@ -2056,6 +2059,7 @@ async def _astream_events(runnable: Runnable[Any, Any], input: Any,
         if exc is not None:
             raise exc
     finally:
+        stopped.set()
         if not task.done():
             task.cancel()
         await asyncio.gather(task, return_exceptions=True)

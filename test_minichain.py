@@ -2371,3 +2371,28 @@ def test_callbacks_bound_to_a_step_still_fire_inside_a_listened_run():
     outer = RunnableLambda(lambda x: x).with_config(callbacks=[lambda e: both.append("bound")])
     outer.invoke(1, {"callbacks": [lambda e: both.append("call")]})
     assert sorted(both) == ["bound", "bound", "call", "call"]
+
+
+def test_a_sync_step_still_running_when_the_event_consumer_leaves_is_stopped():
+    closed = threading.Event()
+    model = GenericFakeChatModel(messages=iter(["a b c d e f g h i j k l m n o p"]), sleep=0.02)
+
+    class Tracked(mc.BaseChatModel):
+        def _stream(self, messages: list, **kwargs: Any) -> Iterator[AIMessageChunk]:
+            try:
+                yield from model._stream(messages)
+            finally:
+                closed.set()
+
+    def sync_step(x: str) -> str:
+        return Tracked().invoke(x).content  # runs on a worker thread under astream_events
+
+    async def main() -> None:
+        events = RunnableLambda(sync_step).astream_events("q")
+        async for e in events:
+            if e["event"] == "on_chat_model_stream":
+                break
+        await events.aclose()
+    start = time.monotonic()
+    run(main())
+    assert closed.wait(2) and time.monotonic() - start < 0.5  # not the 0.6 s the answer takes
