@@ -48,7 +48,7 @@ import threading
 import time
 from typing import (
     TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Dict, Generic, Iterable, Iterator, List,
-    Mapping, Optional, Sequence, Tuple, TypeVar, Union, cast,
+    Deque, Mapping, Optional, Sequence, Tuple, TypeVar, Union, cast,
 )
 
 
@@ -675,7 +675,88 @@ def _combine(chunks: List[Any]) -> Any:
 
 def _fold(chunks: Iterable[Any]) -> Any:
     """All chunks `+`-ed together (`_MISSING` for none)."""
-    return _combine(list(chunks))
+    fold = _Fold()
+    for chunk in chunks:
+        fold.add(chunk)
+    return fold.value()
+
+
+class _Fold:
+    """A `+`-fold that grows one chunk at a time and keeps little per chunk: `add(a)`, `add(b)`,
+    then `value()` is `a + b`. Text (strings, and the content of message chunks that carry
+    nothing else) is kept as pieces joined once at the end; one-key dicts fold key by key;
+    anything else is added as it comes. A run folds its input and output with this for its
+    end event, so a long answer costs a string per chunk, not a chunk object.
+
+    >>> fold = _Fold()
+    >>> for chunk in [AIMessageChunk("a", id="x"), AIMessageChunk("b"), AIMessageChunk("c", chunk_position="last")]:
+    ...     fold.add(chunk)
+    >>> fold.value()
+    AIMessageChunk(content='abc', id='x', chunk_position='last')
+    """
+
+    __slots__ = ("kind", "texts", "parts", "keys", "total")
+
+    def __init__(self) -> None:
+        self.kind: Any = None  # str, AIMessageChunk, AddableDict, or object (anything else)
+        self.texts: List[str] = []  # text not yet joined
+        self.parts: List[Any] = []  # message chunks that carry more than text
+        self.keys: Dict[str, _Fold] = {}
+        self.total: Any = _MISSING
+
+    def add(self, chunk: Any) -> None:
+        if chunk.__class__ is self.kind:
+            if self.kind is str:
+                self.texts.append(chunk)
+                return
+            if self.kind is AIMessageChunk and chunk.content.__class__ is str and _bare(chunk, self.parts[0].id):
+                self.texts.append(chunk.content)
+                return
+        self._add(chunk)
+
+    def _add(self, chunk: Any) -> None:
+        kind = chunk.__class__
+        if self.kind is None and kind in (str, AIMessageChunk, AddableDict):
+            self.kind = kind
+        elif kind is not self.kind and self.kind is not object:  # mixed kinds: add as they come
+            self.total, self.kind = self.value(), object
+        if self.kind is str:
+            self.texts.append(chunk)
+        elif self.kind is AIMessageChunk:
+            self._flush()
+            self.parts.append(chunk)
+        elif self.kind is AddableDict:
+            for key, value in chunk.items():
+                fold = self.keys.get(key)
+                if fold is None:
+                    fold = self.keys[key] = _Fold()
+                if value is not None:  # None is "no value": any value replaces it
+                    fold.add(value)
+        else:
+            self.total = _add(self.total, chunk)
+
+    def _flush(self) -> None:
+        if self.texts:
+            self.parts.append(AIMessageChunk("".join(self.texts), id=self.parts[0].id))
+            self.texts = []
+
+    def value(self) -> Any:
+        """The fold so far (`_MISSING` if nothing was added)."""
+        if self.kind is str:
+            return "".join(self.texts)
+        if self.kind is AIMessageChunk:
+            self._flush()
+            return self.parts[0] if len(self.parts) == 1 else AIMessageChunk.join(self.parts)
+        if self.kind is AddableDict:
+            return AddableDict({k: None if f.kind is None else f.value() for k, f in self.keys.items()})
+        return self.total
+
+
+def _bare(chunk: AIMessageChunk, id: Optional[str]) -> bool:
+    """Whether a message chunk is only text under the given id (the common per-token case)."""
+    return not (chunk.additional_kwargs or chunk.response_metadata or chunk.tool_call_chunks
+                or chunk.usage_metadata is not None or chunk.name or chunk.chunk_position
+                or (chunk.id is not None and chunk.id != id))
 
 
 def _uuid7() -> str:
@@ -689,33 +770,56 @@ def _uuid7() -> str:
 def _handler(h: Any) -> Handler:
     """A listener from a callable or an object with methods named after events.
 
-    A listener that raises does not break the run: the error is logged (logger "minichain")
-    and the run goes on, as in langchain_core; give the listener `raise_error = True` to
-    have its errors raised instead.
+    A listener runs outside the run it listens to: a runnable it calls starts a run of its
+    own, which does not report back to it. An `async def` listener returns its call for the
+    async run to await. A listener that raises does not break the run: the error is logged
+    (logger "minichain") and the run goes on, as in langchain_core; give the listener
+    `raise_error = True` to have its errors raised instead.
     """
+    if isinstance(h, _Channel):
+        return h  # minichain's own: it never calls runnables, and its errors are real
     if callable(h):
         call = cast(Handler, h)
     elif any(name.startswith("on_") for name in dir(h)):
-        def call(event: Event) -> None:
+        def call(event: Event) -> Any:
             method = getattr(h, event["event"], None)
-            if method is not None:
-                method(event)
+            return None if method is None else method(event)
     else:
         raise TypeError(f"callbacks entry {_short(h)} is neither callable nor has on_* methods; "
                         "pass a function taking an event dict, or an object with methods like "
                         "on_chat_model_stream(event)")
-    if getattr(h, "raise_error", False):
-        return call
+    raise_error = getattr(h, "raise_error", False)
 
-    def guarded(event: Event) -> None:
+    def failed(event: Event, exc: Exception) -> None:
+        if raise_error:
+            raise exc
+        import logging
+        logging.getLogger("minichain").warning(
+            "callback %s failed on %s and was skipped: %r (set raise_error = True on it to "
+            "raise instead)", _short(h, 60), event["event"], exc)
+
+    async def settled(event: Event, result: Awaitable[Any]) -> None:
+        token = _current.set(None)
         try:
-            call(event)
+            await result
         except Exception as exc:
-            import logging
-            logging.getLogger("minichain").warning(
-                "callback %s failed on %s and was skipped: %r (set raise_error = True on it to "
-                "raise instead)", _short(h, 60), event["event"], exc)
-    return guarded
+            failed(event, exc)
+        finally:
+            _current.reset(token)
+
+    def outside(event: Event) -> Any:
+        token = _current.set(None)  # outside the run: what it calls does not report back
+        try:
+            result = call(event)
+        except Exception as exc:
+            failed(event, exc)
+            return None
+        finally:
+            _current.reset(token)
+        if result is not None and inspect.isawaitable(result):
+            return settled(event, result)
+        return None
+    return outside
 
 
 class Run:
@@ -732,7 +836,7 @@ class Run:
     """
 
     __slots__ = ("id", "name", "type", "tags", "metadata", "parent_ids", "handlers", "root",
-                 "streams", "input", "inputs", "outputs")
+                 "streams", "input", "inputs", "outputs", "channel", "pending")
 
     def __init__(self, name: str, run_type: str, tags: List[str], metadata: Dict[str, Any],
                  parent: Optional["Run"], handlers: Sequence[Handler], run_id: Optional[str],
@@ -742,8 +846,12 @@ class Run:
         self.parent_ids: List[str] = parent.parent_ids + [parent.id] if parent else []
         self.handlers, self.root, self.streams = handlers, parent is None, streams
         self.input: Any = _MISSING  # the whole input, where it was known or folded up front
-        self.inputs: List[Any] = []  # else the input chunks seen, combined at the end
-        self.outputs: List[Any] = []  # the output chunks, combined at the end
+        self.inputs = _Fold()  # else the input chunks seen, folded as they come
+        self.outputs = _Fold()  # the output chunks, folded as they come
+        # the event stream this run reports to, if any (it may pause the run: backpressure)
+        self.channel: Optional[_Channel] = parent.channel if parent else next(
+            (h for h in handlers if isinstance(h, _Channel)), None)
+        self.pending: List[Awaitable[Any]] = []  # async listeners' calls, awaited in order
 
     def adding(self, handlers: Sequence[Any]) -> "Run":
         """This run as the parent of runs that also report to `handlers` (a step bound with
@@ -754,9 +862,27 @@ class Run:
         return parent
 
     def emit(self, event: Event) -> None:
-        """Send one event to every handler."""
+        """Send one event to every handler; an async listener's call waits in `pending` until
+        the async run awaits it (`settle`)."""
         for handler in self.handlers:
-            handler(event)
+            call = handler(event)
+            if call is not None:
+                self.pending.append(call)
+
+    async def settle(self) -> None:
+        """Await the async listeners' calls, in the order of their events."""
+        while self.pending:
+            await self.pending.pop(0)
+
+    def refuse_async(self) -> None:
+        """Refuse async listeners in a sync run: nothing there could await them."""
+        if self.pending:
+            for call in self.pending:
+                getattr(call, "close", lambda: None)()
+            self.pending.clear()
+            raise TypeError(f"an async listener (callback) was given to the sync run "
+                            f"{self.name!r}; async listeners are awaited only in async runs: "
+                            "call ainvoke/astream/astream_events, or pass a sync function")
 
     def start(self, data: Dict[str, Any]) -> None:
         """Emit `on_<type>_start`."""
@@ -766,7 +892,7 @@ class Run:
 
     def chunk(self, chunk: Any) -> None:
         """Fold one output chunk; emit `on_<type>_stream` for it where this run streams."""
-        self.outputs.append(chunk)
+        self.outputs.add(chunk)
         if self.streams:
             self.emit({"event": f"on_{self.type}_stream", "run_id": self.id, "name": self.name,
                        "tags": self.tags, "metadata": self.metadata, "data": {"chunk": chunk},
@@ -775,13 +901,140 @@ class Run:
     def end(self, output: Any, extra: Optional[Dict[str, Any]] = None) -> None:
         """Emit `on_<type>_end` with the output (and the input, except for the root)."""
         data = {"output": output}
-        if not self.root and (self.input is not _MISSING or self.inputs):
-            data["input"] = self.input if self.input is not _MISSING else _combine(self.inputs)
+        if not self.root and (self.input is not _MISSING or self.inputs.kind is not None):
+            data["input"] = self.input if self.input is not _MISSING else self.inputs.value()
         if extra:
             data.update(extra)
         self.emit({"event": f"on_{self.type}_end", "data": data, "run_id": self.id,
                    "name": self.name, "tags": self.tags, "metadata": self.metadata,
                    "parent_ids": self.parent_ids})
+
+
+_EVENT_WINDOW = 64  # the most events a run on another task or thread gets ahead of its consumer
+
+
+class _Stopped(BaseException):
+    """Raised inside a run whose consumer went away (or whose sibling failed), to unwind
+    every step. A BaseException, so that `except Exception` in user code lets it pass."""
+
+
+class _Channel:
+    """The listener of an event stream: it hands a run's events to the stream's consumer and
+    makes the run wait while the consumer is behind (backpressure).
+
+    Events wait in `buffer` until the consumer takes them. How the run waits depends on where
+    its code runs:
+
+    - in the task the consumer drives (`astream_events`): before it pulls its next chunk, a
+      run with events waiting hands control to the consumer, as a generator does at `yield`
+      (`pause`), so it is never ahead by more than the events of one step;
+    - in another task (a parallel branch) or thread (a sync step; `stream_events`' worker):
+      it waits once `_EVENT_WINDOW` events are waiting, until the consumer has taken them.
+
+    After `stop` (the consumer left), the run's next event raises `_Stopped` in it.
+    """
+
+    def __init__(self, keep: Optional[Callable[[Event], bool]],
+                 loop: Optional["asyncio.AbstractEventLoop"] = None) -> None:
+        import collections
+        self.keep, self.loop = keep, loop
+        self.loop_thread = threading.get_ident() if loop is not None else None
+        self.buffer: Deque[Event] = collections.deque()
+        self.stopped = self.done = False
+        self.cond = threading.Condition()  # where threads wait for room, and a sync consumer for events
+        self.blocked = 0  # threads waiting for room
+        self.paused: List["asyncio.Future[None]"] = []  # tasks waiting for room
+        self.waiter: Optional["asyncio.Future[None]"] = None  # the async consumer, asleep
+        self.consumer_waits = False  # the sync consumer, asleep
+        self.task: Any = None  # the task the consumer drives the run in
+        self.closers: List[Callable[[], None]] = []  # unblock a sync step's I/O on stop
+
+    def __call__(self, event: Event) -> None:
+        if self.stopped:
+            raise _Stopped()
+        if self.keep is not None and not self.keep(event):
+            return
+        buffer = self.buffer
+        buffer.append(event)
+        if len(buffer) == 1:
+            self.wake()
+        elif len(buffer) >= _EVENT_WINDOW and threading.get_ident() != self.loop_thread:
+            with self.cond:
+                self.blocked += 1
+                while len(buffer) >= _EVENT_WINDOW and not self.stopped:
+                    self.cond.wait()
+                self.blocked -= 1
+            if self.stopped:
+                raise _Stopped()
+
+    def wake(self) -> None:
+        """Wake the consumer if it sleeps (it checks the buffer before it sleeps)."""
+        if self.consumer_waits:
+            with self.cond:
+                self.cond.notify_all()
+        waiter = self.waiter
+        if waiter is not None:
+            if threading.get_ident() == self.loop_thread:
+                _set_done(waiter)
+            else:
+                cast(Any, self.loop).call_soon_threadsafe(_set_done, waiter)
+
+    async def pause(self) -> None:
+        """A run's checkpoint, before it pulls its next chunk, when events are waiting."""
+        if asyncio.current_task() is self.task:
+            await _HANDOFF  # back to the consumer, which resumes the run when it wants more
+        elif len(self.buffer) >= _EVENT_WINDOW:
+            room = cast(Any, self.loop).create_future()
+            self.paused.append(room)
+            self.wake()
+            await room
+            if self.stopped:
+                raise _Stopped()
+
+    def caught_up(self) -> None:
+        """The consumer has taken every event: whoever waits for room goes on."""
+        for room in self.paused:
+            _set_done(room)
+        self.paused.clear()
+        if self.blocked:
+            with self.cond:
+                self.cond.notify_all()
+
+    def stop(self) -> None:
+        """The consumer left: release every waiting producer (each raises `_Stopped`) and
+        unblock sync steps waiting on I/O."""
+        self.stopped = True
+        self.caught_up()
+        for close in list(self.closers):
+            close()
+
+
+def _set_done(future: "asyncio.Future[None]") -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _Handoff:
+    """Awaited by the run the consumer drives: suspends the whole run up to `astream_events`,
+    which hands out the waiting events and resumes the run on the consumer's next request."""
+
+    def __await__(self) -> Any:
+        yield self
+
+
+_HANDOFF = _Handoff()
+
+
+def _when_stopped(close: Callable[[], None]) -> Callable[[], None]:
+    """Register `close` to run if the consumer of the active event stream leaves (so that a
+    sync step blocked in I/O returns at once); returns the function that unregisters it."""
+    config = _current.get()
+    run = config.get("callbacks") if config else None
+    channel = run.channel if isinstance(run, Run) else None
+    if channel is None:
+        return lambda: None
+    channel.closers.append(close)
+    return lambda: channel.closers.remove(close) if close in channel.closers else None
 
 
 def _merge_configs(base: Optional[RunnableConfig], extra: Optional[Mapping[str, Any]]) -> RunnableConfig:
@@ -897,24 +1150,24 @@ async def _aclose(it: Any) -> None:
 
 
 def _tap(first: Any, rest: Iterator[Any], run: Run) -> Iterator[Any]:
-    """Re-yield the input chunks, keeping them for the end event's `input`."""
-    run.inputs.append(first)
-    yield first
+    """Re-yield the input chunks, folding them for the end event's `input`."""
     try:
+        run.inputs.add(first)
+        yield first
         for chunk in rest:
-            run.inputs.append(chunk)
+            run.inputs.add(chunk)
             yield chunk
-    finally:
+    finally:  # also when closed at the first chunk: the upstream closes with us
         _close(rest)
 
 
 async def _atap(first: Any, rest: AsyncIterator[Any], run: Run) -> AsyncIterator[Any]:
     """The async twin of `_tap`."""
-    run.inputs.append(first)
-    yield first
     try:
+        run.inputs.add(first)
+        yield first
         async for chunk in rest:
-            run.inputs.append(chunk)
+            run.inputs.add(chunk)
             yield chunk
     finally:
         await _aclose(rest)
@@ -1084,6 +1337,7 @@ class Runnable(Generic[Input, Output]):
 
     def _traced(self, transform: Callable[..., Iterator[Any]], inputs: Iterator[Any],
                 config: RunnableConfig, run: Run, known: Any, invoked: bool) -> Iterator[Any]:
+        source = inputs  # closed with this run, even if its transform never started
         if self.input_in_start:
             value = _fold(inputs)
             if value is _MISSING:
@@ -1096,25 +1350,28 @@ class Runnable(Generic[Input, Output]):
                 return
             run.start({} if known is _MISSING else {"input": known})
             inputs = _tap(first, inputs, run)
+        if run.pending:
+            run.refuse_async()
         child = _child_config(config, run)
         chunks = _scoped(transform(inputs, child), child)
-        if not run.streams:  # its run ends before its output moves on, as in langchain_core
-            outputs = list(chunks)
-            for chunk in outputs:
-                run.chunk(chunk)
-            self._end(run, invoked)
-            yield from outputs
-            return
+        held = []  # a run that does not stream ends before its output moves on (langchain_core)
         try:
             for chunk in chunks:
                 run.chunk(chunk)
-                yield chunk
+                if run.streams:
+                    yield chunk
+                else:
+                    held.append(chunk)
         finally:
             _close(chunks)
+            _close(source)
         self._end(run, invoked)
+        if run.pending:
+            run.refuse_async()
+        yield from held
 
     def _end(self, run: Run, invoked: bool) -> None:
-        output = _combine(run.outputs)
+        output = run.outputs.value()
         run.end(self._event_output(self._invoked(output) if invoked else output))
 
     def _start_folded(self, run: Run, value: Any, known: Any) -> None:
@@ -1138,6 +1395,7 @@ class Runnable(Generic[Input, Output]):
     async def _atraced(self, transform: Callable[..., AsyncIterator[Any]],
                        inputs: AsyncIterator[Any], config: RunnableConfig, run: Run, known: Any,
                        invoked: bool) -> AsyncIterator[Any]:
+        source = inputs
         if self.input_in_start:
             value = await _afold(inputs)
             if value is _MISSING:
@@ -1153,21 +1411,31 @@ class Runnable(Generic[Input, Output]):
             inputs = _atap(first, inputs, run)
         child = _child_config(config, run)
         agen = _ascoped(transform(inputs, child), child)
-        if not run.streams:
-            outputs = [chunk async for chunk in agen]
-            for chunk in outputs:
-                run.chunk(chunk)
-            self._end(run, invoked)
-            for chunk in outputs:
-                yield chunk
-            return
+        channel, held = run.channel, []
         try:
-            async for chunk in agen:
+            while True:
+                if run.pending:
+                    await run.settle()
+                if channel is not None and channel.buffer:  # backpressure: the consumer first
+                    await channel.pause()
+                try:
+                    chunk = await agen.__anext__()
+                except StopAsyncIteration:
+                    break
                 run.chunk(chunk)
-                yield chunk
+                if run.streams:
+                    if run.pending:
+                        await run.settle()
+                    yield chunk
+                else:
+                    held.append(chunk)
         finally:
             await _aclose(agen)
+            await _aclose(source)
         self._end(run, invoked)
+        await run.settle()
+        for chunk in held:
+            yield chunk
 
     def _invoke(self, value: Any, config: RunnableConfig, tag: Optional[str] = None) -> Any:
         out = _fold(self._stream_run(iter([value]), config, tag, value, invoked=True))
@@ -2026,43 +2294,94 @@ def _listening(config: Optional[RunnableConfig], listen: Handler) -> RunnableCon
 async def _astream_events(runnable: Runnable[Any, Any], input: Any,
                           config: Optional[RunnableConfig],
                           keep: Optional[Callable[[Event], bool]]) -> AsyncIterator[Event]:
-    loop = asyncio.get_running_loop()
-    loop_thread = threading.get_ident()
-    events: "asyncio.Queue[Any]" = asyncio.Queue()
-    stopped = threading.Event()
-
-    def listen(event: Event) -> None:
-        if threading.get_ident() == loop_thread:
-            if keep is None or keep(event):
-                events.put_nowait(event)
-        elif stopped.is_set():  # a sync step on a worker thread, still running after the
-            raise _Stopped()     # consumer left: stop it at its next event
-        elif keep is None or keep(event):
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
-    async def run() -> None:
-        chunks = runnable._astream_run(_aiter([input]), _listening(config, listen), None, input)
-        try:
-            async for _ in chunks:
-                pass
-        finally:
-            await _aclose(chunks)
-    task = asyncio.ensure_future(run())
-    task.add_done_callback(lambda _: events.put_nowait(_MISSING))
+    """The run's events, handed over as it makes them. The run is not a task of its own: this
+    generator steps the run's coroutine by hand, as a task would (`send`, then await whatever
+    future it awaits), so when the run pauses at a checkpoint (`_Channel.pause`) or its root
+    yields a chunk, the waiting events go to the consumer and the run stays suspended until
+    the consumer asks for more: nothing piles up, and a consumer that leaves stops it there.
+    """
+    channel = _Channel(keep, asyncio.get_running_loop())
+    chunks = runnable._astream_run(_aiter([input]), _listening(config, channel), None, input)
+    context = contextvars.copy_context()  # the run's own context, as a task would have
+    step: Any = None  # the run's current step (one `__anext__()` of the root), while suspended
+    signal: Any = None  # what the step yielded: a future it awaits, or `_HANDOFF`
+    failure: Optional[BaseException] = None
     try:
         while True:
-            event = await events.get()
-            if event is _MISSING:
+            if step is None:
+                step = chunks.__anext__()
+            channel.task = asyncio.current_task()
+            try:
+                signal = context.run(step.send, None)
+            except StopIteration:  # the root yielded a chunk
+                step = signal = None
+            except StopAsyncIteration:
+                step = None
                 break
-            yield event
-        exc = task.exception()
-        if exc is not None:
-            raise exc
+            except BaseException as exc:  # the run failed: raised after the events before it
+                step, failure = None, exc
+                break
+            while channel.buffer:
+                yield channel.buffer.popleft()
+            channel.caught_up()
+            if signal is _HANDOFF or step is None:  # the consumer had its turn: go on
+                continue
+            if signal is None:  # a bare `yield` (asyncio.sleep(0)): let the loop run once
+                await asyncio.sleep(0)
+                continue
+            signal._asyncio_future_blocking = False  # as a task does before it waits
+            while not signal.done():
+                await _first_of(signal, channel)
+                while channel.buffer:  # events from other tasks and threads, meanwhile
+                    yield channel.buffer.popleft()
+                channel.caught_up()
+        while channel.buffer:
+            yield channel.buffer.popleft()
+        if failure is not None:
+            raise failure
     finally:
-        stopped.set()
-        if not task.done():
-            task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        channel.stop()
+        if step is not None:  # the consumer left (or was cancelled) with the run suspended
+            await _unwind(step, signal, context)
+        await _aclose(chunks)
+
+
+async def _first_of(future: "asyncio.Future[Any]", channel: _Channel) -> None:
+    """Wait until `future` is done or an event arrives from another task or thread."""
+    waiter = cast(Any, channel.loop).create_future()
+    channel.waiter = waiter
+    if channel.buffer:
+        channel.waiter = None
+        return
+
+    def done(_: Any) -> None:
+        _set_done(waiter)
+    future.add_done_callback(done)
+    try:
+        await waiter
+    finally:
+        channel.waiter = None
+        future.remove_done_callback(done)
+
+
+async def _unwind(step: Any, signal: Any, context: contextvars.Context) -> None:
+    """Stop a suspended run: cancel what it awaits, then throw `_Stopped` in where it waits
+    and drive it until every `finally` of it has run (closing generators and connections)."""
+    error: Optional[BaseException] = _Stopped()
+    if signal is not None and signal is not _HANDOFF:
+        signal.cancel()
+        await asyncio.wait([signal])
+    while True:
+        try:
+            signal = context.run(step.throw, error) if error is not None else context.run(step.send, None)
+        except (StopIteration, StopAsyncIteration, _Stopped, asyncio.CancelledError, GeneratorExit):
+            return
+        error = None
+        if signal is None or signal is _HANDOFF:
+            await asyncio.sleep(0)
+        else:  # its `finally` awaits: let that finish
+            signal._asyncio_future_blocking = False
+            await asyncio.wait([signal])
 
 
 class RunLogPatch:
@@ -2283,49 +2602,51 @@ async def _astream_log(runnable: Runnable[Any, Any], input: Any, config: Optiona
         await _aclose(events)
 
 
-class _Stopped(BaseException):
-    """Raised inside a run whose event consumer went away, to unwind every step."""
-
-
 def _stream_events(runnable: Runnable[Any, Any], input: Any, config: Optional[RunnableConfig],
                    keep: Optional[Callable[[Event], bool]]) -> Iterator[Event]:
-    import queue
-    events: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
-    stopped = threading.Event()
+    """The sync event stream: the run executes on a worker thread, which waits whenever
+    `_EVENT_WINDOW` events wait for the consumer; closing stops it at its next event (and
+    unblocks a model call waiting on its server) and waits until every step has closed."""
+    channel = _Channel(keep)
     failure: List[BaseException] = []
 
-    def listen(event: Event) -> None:
-        if stopped.is_set():
-            raise _Stopped()
-        if keep is None or keep(event):
-            events.put(event)
-
     def run() -> None:
-        chunks = runnable._stream_run(iter([input]), _listening(config, listen), None, input)
+        chunks = runnable._stream_run(iter([input]), _listening(config, channel), None, input)
         try:
             for _ in chunks:
-                if stopped.is_set():
+                if channel.stopped:
                     break
         except _Stopped:
             pass
         except BaseException as exc:  # handed to the consumer, raised there
             failure.append(exc)
         finally:
-            _close(chunks)
-            events.put(_MISSING)
+            try:
+                _close(chunks)
+            finally:
+                with channel.cond:
+                    channel.done = True
+                    channel.cond.notify_all()
     worker = threading.Thread(target=contextvars.copy_context().run, args=(run,), daemon=True,
                               name="minichain-events")
     worker.start()
+    buffer = channel.buffer
     try:
         while True:
-            event = events.get()
-            if event is _MISSING:
+            with channel.cond:
+                channel.caught_up()
+                while not buffer and not channel.done:
+                    channel.consumer_waits = True
+                    channel.cond.wait()
+                channel.consumer_waits = False
+            if not buffer:
                 break
-            yield event
-        if failure:
+            while buffer:
+                yield buffer.popleft()
+        if failure and not channel.stopped:
             raise failure[0]
     finally:
-        stopped.set()
+        channel.stop()
         worker.join()
 
 

@@ -1131,7 +1131,7 @@ def test_closing_astream_events_stops_the_run_with_no_pending_task():
     async def main() -> int:
         events = (RunnableLambda(lambda x: x) | forever).astream_events("x")
         async for e in events:
-            if e["event"] == "on_chain_stream":
+            if e["event"] == "on_chain_stream" and e["name"] == "forever":
                 break
         await events.aclose()
         return len(asyncio.all_tasks())
@@ -1229,7 +1229,8 @@ def test_cancelling_the_consumer_task_closes_the_run_without_warnings(caplog: An
 
     async def consume(started: asyncio.Event) -> None:
         async for e in (RunnableLambda(lambda x: x) | forever).astream_events("x"):
-            started.set()
+            if e["name"] == "forever":
+                started.set()
 
     async def main() -> int:
         started = asyncio.Event()
