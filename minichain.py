@@ -799,7 +799,7 @@ def _handler(h: Any) -> Handler:
             "raise instead)", _short(h, 60), event["event"], exc)
 
     async def settled(event: Event, result: Awaitable[Any]) -> None:
-        token = _current.set(None)
+        token = _current.set(None)  # outside the run, as `Run.emit` calls the sync ones
         try:
             await result
         except Exception as exc:
@@ -807,19 +807,16 @@ def _handler(h: Any) -> Handler:
         finally:
             _current.reset(token)
 
-    def outside(event: Event) -> Any:
-        token = _current.set(None)  # outside the run: what it calls does not report back
+    def guarded(event: Event) -> Any:
         try:
             result = call(event)
         except Exception as exc:
             failed(event, exc)
             return None
-        finally:
-            _current.reset(token)
         if result is not None and inspect.isawaitable(result):
             return settled(event, result)
         return None
-    return outside
+    return guarded
 
 
 class Run:
@@ -835,14 +832,16 @@ class Run:
     [('on_chain_start', 'RunnableLambda', {'input': 1}), ('on_chain_end', 'RunnableLambda', {'output': 2})]
     """
 
-    __slots__ = ("id", "name", "type", "tags", "metadata", "parent_ids", "handlers", "root",
-                 "streams", "input", "inputs", "outputs", "channel", "pending")
+    __slots__ = ("id", "name", "type", "tags", "inherited_tags", "metadata", "parent_ids",
+                 "handlers", "root", "streams", "input", "inputs", "outputs", "channel", "pending")
 
     def __init__(self, name: str, run_type: str, tags: List[str], metadata: Dict[str, Any],
-                 parent: Optional["Run"], handlers: Sequence[Handler], run_id: Optional[str],
-                 streams: bool) -> None:
-        self.id = run_id or _uuid7()
+                 parent: Optional["Run"], handlers: Sequence[Handler], run_id: Any,
+                 streams: bool, positional: bool = False) -> None:
+        self.id = str(run_id) if run_id else _uuid7()  # a uuid.UUID given by the caller, too
         self.name, self.type, self.tags, self.metadata = name, run_type, tags, metadata
+        # what a custom event shows: the tags without the step's place (`seq:step:2`)
+        self.inherited_tags = tags[1:] if positional else tags
         self.parent_ids: List[str] = parent.parent_ids + [parent.id] if parent else []
         self.handlers, self.root, self.streams = handlers, parent is None, streams
         self.input: Any = _MISSING  # the whole input, where it was known or folded up front
@@ -853,21 +852,31 @@ class Run:
             (h for h in handlers if isinstance(h, _Channel)), None)
         self.pending: List[Awaitable[Any]] = []  # async listeners' calls, awaited in order
 
-    def adding(self, handlers: Sequence[Any]) -> "Run":
+    def adding(self, handlers: Any) -> "Run":
         """This run as the parent of runs that also report to `handlers` (a step bound with
-        its own callbacks, inside a run that already has listeners)."""
+        its own callbacks, inside a run that already has listeners); `handlers` is a list,
+        or another run, whose listeners join ours once each."""
         import copy
+        extra = handlers.handlers if isinstance(handlers, Run) else [_handler(h) for h in handlers]
         parent = copy.copy(self)
-        parent.handlers = list(self.handlers) + [_handler(h) for h in handlers]
+        parent.handlers = list(self.handlers) + [h for h in extra if h not in self.handlers]
         return parent
 
     def emit(self, event: Event) -> None:
-        """Send one event to every handler; an async listener's call waits in `pending` until
-        the async run awaits it (`settle`)."""
-        for handler in self.handlers:
-            call = handler(event)
-            if call is not None:
-                self.pending.append(call)
+        """Send one event to every handler, outside this run: a runnable a listener calls does
+        not report back to it. An async listener's call waits in `pending` until the async
+        run awaits it (`settle`)."""
+        if self.channel is not None and len(self.handlers) == 1:  # only an event stream's
+            self.channel(event)
+            return
+        token = _current.set(None)
+        try:
+            for handler in self.handlers:
+                call = handler(event)
+                if call is not None:
+                    self.pending.append(call)
+        finally:
+            _current.reset(token)
 
     async def settle(self) -> None:
         """Await the async listeners' calls, in the order of their events."""
@@ -893,10 +902,16 @@ class Run:
     def chunk(self, chunk: Any) -> None:
         """Fold one output chunk; emit `on_<type>_stream` for it where this run streams."""
         self.outputs.add(chunk)
-        if self.streams:
+        if not self.streams:
+            return
+        if self.root or self.type not in ("chat_model", "llm"):
             self.emit({"event": f"on_{self.type}_stream", "run_id": self.id, "name": self.name,
                        "tags": self.tags, "metadata": self.metadata, "data": {"chunk": chunk},
                        "parent_ids": self.parent_ids})
+        else:  # a nested model's tokens: langchain_core builds these with `data` second
+            self.emit({"event": f"on_{self.type}_stream", "data": {"chunk": chunk},
+                       "run_id": self.id, "name": self.name, "tags": self.tags,
+                       "metadata": self.metadata, "parent_ids": self.parent_ids})
 
     def end(self, output: Any, extra: Optional[Dict[str, Any]] = None) -> None:
         """Emit `on_<type>_end` with the output (and the input, except for the root)."""
@@ -1089,7 +1104,7 @@ def _open_run(runnable: "Runnable[Any, Any]", config: RunnableConfig, tag: Optio
     metadata = {**config.get("metadata", {}), **runnable._own_metadata()}
     return Run(config.get("run_name") or runnable.get_name(), runnable.run_type,
                list(dict.fromkeys(tags)), metadata, parent, handlers, config.get("run_id"),
-               streams)
+               streams, positional=bool(tag) and tags.count(tag) == 1)
 
 
 # ==============================================================================================
@@ -1104,9 +1119,13 @@ _STREAMING_TYPES = ("chain", "parser", "chat_model", "llm")
 
 
 def _scoped(inner: Iterator[T], config: RunnableConfig) -> Iterator[T]:
-    """Run each step of `inner` with `config` as the active config, then restore the caller's."""
+    """Run each step of `inner` with `config` as the active config, then restore the caller's.
+    Where a sibling failed (`_run_all`), stop at the next chunk."""
+    stop = _stop.get()
     try:
         while True:
+            if stop is not None and stop.is_set():
+                raise _Stopped()
             token = _current.set(config)
             try:
                 chunk = next(inner)
@@ -1187,12 +1206,14 @@ async def _aiter(items: Iterable[T]) -> AsyncIterator[T]:
         yield item
 
 
-def _in_thread(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
+def _in_thread(make: Callable[[], Iterator[T]], source: "Optional[_SyncInput[Any]]" = None) -> AsyncIterator[T]:
     """Run a blocking iterator on its own worker thread, one `next()` per pull.
 
     Used where a sync-only step runs under `astream`: the event loop keeps running while the
     step blocks, the context (and so the active run) is copied into the thread, and closing
-    the async iterator closes the sync one on its thread before returning.
+    the async iterator closes the sync one on its thread before returning. If the step waits
+    on its async input (`source`) when we close, that wait is cancelled first, so closing
+    does not wait for a stalled upstream.
     """
     import concurrent.futures
     loop = asyncio.get_running_loop()
@@ -1209,8 +1230,10 @@ def _in_thread(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
                     return
                 yield chunk
         finally:
+            if source is not None:
+                source.abandon()
             if it is not None:
-                await asyncio.shield(loop.run_in_executor(pool, ctx.run, _close, it))
+                await asyncio.shield(loop.run_in_executor(pool, ctx.run, _close_quietly, it))
             pool.shutdown(wait=False)
     return pull()
 
@@ -1219,23 +1242,122 @@ def _next_or_missing(it: Iterator[T]) -> Any:
     return next(it, _MISSING)
 
 
+def _close_quietly(it: Any) -> None:
+    """Close a step that is being abandoned; what it raises on the way out has no one to go to."""
+    try:
+        _close(it)
+    except (Exception, _Stopped):
+        pass
+
+
 class _SyncInput(Iterator[T]):
-    """A blocking iterator over an async one, for a sync step running on a worker thread."""
+    """A blocking iterator over an async one, for a sync step running on a worker thread.
+    `abandon()` (from the loop) cancels a pending pull: the step sees `_Stopped`."""
 
     def __init__(self, source: AsyncIterator[T], loop: asyncio.AbstractEventLoop) -> None:
         self.source, self.loop = source, loop
+        self.pulling: Any = None  # the pull the worker thread waits on
+        self.abandoned = False
 
     def __next__(self) -> T:
+        if self.abandoned:
+            raise _Stopped()
+        self.pulling = asyncio.run_coroutine_threadsafe(self._pull(), self.loop)
         try:
-            return asyncio.run_coroutine_threadsafe(
-                self.source.__anext__(), self.loop).result()  # type: ignore[arg-type]
+            return cast(T, self.pulling.result())
         except StopAsyncIteration:
             raise StopIteration from None
+        except BaseException:
+            if self.abandoned:
+                raise _Stopped() from None
+            raise
+
+    async def _pull(self) -> T:
+        return await self.source.__anext__()
+
+    def abandon(self) -> None:
+        self.abandoned = True
+        if self.pulling is not None:
+            self.pulling.cancel()
 
 
 def _sync_only(name: str, method: str) -> TypeError:
     return TypeError(f"{name} is async-only and cannot run in {method}(); use "
                      f"a{method}() (or await it) instead, or give it a sync function")
+
+
+class _StopSignal:
+    """Set when a call's sibling failed: the steps running under it stop at their next chunk
+    (`_scoped`). A signal set on an enclosing call stops nested ones too."""
+
+    __slots__ = ("flag", "parent")
+
+    def __init__(self, parent: "Optional[_StopSignal]") -> None:
+        self.flag, self.parent = False, parent
+
+    def set(self) -> None:
+        self.flag = True
+
+    def is_set(self) -> bool:
+        signal: Optional[_StopSignal] = self
+        while signal is not None:
+            if signal.flag:
+                return True
+            signal = signal.parent
+        return False
+
+
+_stop: "contextvars.ContextVar[Optional[_StopSignal]]" = contextvars.ContextVar(
+    "minichain_stop", default=None)
+
+
+def _run_all(calls: Sequence[Callable[[], T]], workers: int) -> List[T]:
+    """Run `calls` on up to `workers` threads, each in a copy of the caller's context, and
+    return their results in order. On the first failure the calls not started never start,
+    the running ones stop at their next chunk, and the failure is raised once they have:
+    no thread outlives the call. (A function blocked inside user code finishes first.)"""
+    import concurrent.futures
+    if len(calls) == 1:
+        return [calls[0]()]
+    signal = _StopSignal(_stop.get())
+
+    def contained(call: Callable[[], T]) -> T:
+        _stop.set(signal)
+        return call()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="minichain")
+    try:
+        futures = [pool.submit(contextvars.copy_context().run, contained, call) for call in calls]
+        concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+        failed = [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None
+                  and not isinstance(f.exception(), _Stopped)]
+        if failed:
+            signal.set()
+            for future in futures:
+                future.cancel()
+            concurrent.futures.wait(futures)
+            raise cast(BaseException, failed[0].exception())
+        return [f.result() for f in futures]
+    finally:
+        signal.set()
+        pool.shutdown(wait=True)
+
+
+async def _gather(awaitables: Sequence[Awaitable[T]]) -> List[T]:
+    """`asyncio.gather`, structured: on the first failure (or if we are cancelled) the others
+    are cancelled and awaited before the failure is raised; no task outlives the call."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        pending = [t for t in tasks if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            raise cast(BaseException, task.exception())
+    return [task.result() for task in tasks]
 
 
 class Runnable(Generic[Input, Output]):
@@ -1330,7 +1452,8 @@ class Runnable(Generic[Input, Output]):
         run = _open_run(self, config, tag, self._streams(invoked)) if config.get("callbacks") else None
         if run is None:
             child = _child_config(config, None)
-            if child or self._user_code:  # user code may call runnables: give it the config
+            # user code may call runnables: give it the config; siblings may have to stop us
+            if child or self._user_code or _stop.get() is not None:
                 return _scoped(transform(inputs, child), child)
             return transform(inputs, child)
         return self._traced(transform, inputs, config, run, known, invoked)
@@ -1348,7 +1471,8 @@ class Runnable(Generic[Input, Output]):
             first = next(inputs, _MISSING)
             if first is _MISSING:
                 return
-            run.start({} if known is _MISSING else {"input": known})
+            # the input is shown where the call gave it whole: the root, or a nested invoke
+            run.start({"input": known} if known is not _MISSING and (run.root or invoked) else {})
             inputs = _tap(first, inputs, run)
         if run.pending:
             run.refuse_async()
@@ -1407,7 +1531,7 @@ class Runnable(Generic[Input, Output]):
                 first = await inputs.__anext__()
             except StopAsyncIteration:
                 return
-            run.start({} if known is _MISSING else {"input": known})
+            run.start({"input": known} if known is not _MISSING and (run.root or invoked) else {})
             inputs = _atap(first, inputs, run)
         child = _child_config(config, run)
         agen = _ascoped(transform(inputs, child), child)
@@ -1447,12 +1571,21 @@ class Runnable(Generic[Input, Output]):
 
     # -- the public interface -----------------------------------------------------------------
 
-    def get_name(self) -> str:
-        """The run name events show: `name` if set, else the class name.
+    def get_name(self, suffix: Optional[str] = None, *, name: Optional[str] = None) -> str:
+        """The run's name in events: `name` if set, else the class name (a `run_name` bound
+        with `with_config` names the runs, not the runnable, as in langchain_core). A
+        `suffix` is appended: `Title`-cased after a capitalised name, else after `_`.
 
-        >>> RunnableLambda(lambda x: x).with_config(run_name="mine").get_name()
-        'mine'
+        >>> r = RunnableLambda(lambda x: x)
+        >>> r.get_name(), r.with_config(run_name="mine").get_name(), r.get_name("input")
+        ('RunnableLambda', 'RunnableLambda', 'RunnableLambdaInput')
         """
+        name = name or self._name()
+        if not suffix:
+            return name
+        return name + suffix.title() if name[:1].isupper() else f"{name}_{suffix.lower()}"
+
+    def _name(self) -> str:
         return self.name or type(self).__name__
 
     def transform(self, input: Iterator[Input], config: Optional[RunnableConfig] = None) -> Iterator[Output]:
@@ -1522,21 +1655,19 @@ class Runnable(Generic[Input, Output]):
         """
         if not inputs:
             return []
-        import concurrent.futures
         configs = _batch_configs(config, len(inputs))
         workers = configs[0].get("max_concurrency") or min(32, len(inputs))
 
-        def one(value: Input, cfg: RunnableConfig) -> Any:
-            try:
-                return self._invoke(value, cfg)
-            except Exception as exc:
-                if return_exceptions:
-                    return exc
-                raise
-        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(contextvars.copy_context().run, one, v, c)
-                       for v, c in zip(inputs, configs)]
-            return [f.result() for f in futures]
+        def one(value: Input, cfg: RunnableConfig) -> Callable[[], Any]:
+            def call() -> Any:
+                try:
+                    return self._invoke(value, cfg)
+                except Exception as exc:
+                    if return_exceptions:
+                        return exc
+                    raise
+            return call
+        return _run_all([one(v, c) for v, c in zip(inputs, configs)], workers)
 
     async def abatch(self, inputs: List[Input], config: Union[RunnableConfig, List[RunnableConfig], None] = None,
                      *, return_exceptions: bool = False) -> List[Output]:
@@ -1550,13 +1681,16 @@ class Runnable(Generic[Input, Output]):
         gate = asyncio.Semaphore(limit) if limit else None
 
         async def one(value: Input, cfg: RunnableConfig) -> Any:
-            if gate is None:
-                return await self._ainvoke(value, cfg)
-            async with gate:
-                return await self._ainvoke(value, cfg)
-        results = await asyncio.gather(*(one(v, c) for v, c in zip(inputs, configs)),
-                                       return_exceptions=return_exceptions)
-        return cast(List[Output], list(results))
+            try:
+                if gate is None:
+                    return await self._ainvoke(value, cfg)
+                async with gate:
+                    return await self._ainvoke(value, cfg)
+            except Exception as exc:
+                if return_exceptions:
+                    return exc
+                raise
+        return await _gather([one(v, c) for v, c in zip(inputs, configs)])
 
     def astream_events(self, input: Any, config: Optional[RunnableConfig] = None, *,
                        version: str = "v2", include_names: Optional[Sequence[str]] = None,
@@ -1675,7 +1809,14 @@ def _batch_configs(config: Union[RunnableConfig, List[RunnableConfig], None], n:
             raise ValueError(f"batch got {len(config)} configs for {n} inputs; pass one config "
                              "or one per input")
         return [_resolve(c) for c in config]
-    return [_resolve(config)] * n
+    resolved = _resolve(config)
+    if config and config.get("run_id") is not None and n > 1:  # one id names one run
+        import warnings
+        warnings.warn("Provided run_id be used only for the first element of the batch.",
+                      RuntimeWarning, stacklevel=3)
+        rest = {k: v for k, v in resolved.items() if k != "run_id"}
+        return [resolved] + [rest] * (n - 1)
+    return [resolved] * n
 
 
 class RunnableBinding(Runnable[Input, Output]):
@@ -1691,8 +1832,8 @@ class RunnableBinding(Runnable[Input, Output]):
     def __init__(self, bound: Runnable[Input, Output], config: RunnableConfig) -> None:
         self.bound, self.config = bound, config
 
-    def get_name(self) -> str:
-        return self.config.get("run_name") or self.bound.get_name()
+    def _name(self) -> str:
+        return self.bound.get_name()
 
     def _bind(self, config: RunnableConfig) -> RunnableConfig:
         merged = _merge_configs(self.config, config)
@@ -1700,8 +1841,15 @@ class RunnableBinding(Runnable[Input, Output]):
             merged["run_name"] = self.config["run_name"]
         bound, given = self.config.get("callbacks"), config.get("callbacks")
         if bound and given and bound is not given:  # both listen: neither is dropped
-            merged["callbacks"] = given.adding(bound) if isinstance(given, Run) else \
-                list(given) + list(bound)
+            if isinstance(bound, Run):  # a parent passed on by hand (a tool's `callbacks`) wins
+                merged["callbacks"] = bound.adding(given)
+            elif isinstance(given, Run):
+                merged["callbacks"] = given.adding(bound)
+            else:
+                merged["callbacks"] = list(given) + list(bound)
+        if isinstance(given, Run) and self.config.get("metadata"):
+            # inside a run, langchain_core lists the inherited metadata first (values as merged)
+            merged["metadata"] = {**config.get("metadata", {}), **merged["metadata"]}
         return merged
 
     def _stream_run(self, inputs: Iterator[Any], config: RunnableConfig, tag: Optional[str] = None,
@@ -1871,6 +2019,9 @@ def _interleave(branches: List[Tuple[str, Iterator[Any]]]) -> Iterator[Tuple[str
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(branches),
                                                  thread_name_prefix="minichain")
     contexts = {key: contextvars.copy_context() for key, _ in branches}
+    signal = _StopSignal(_stop.get())  # on a failure or a close, running branches stop
+    for context in contexts.values():
+        context.run(_stop.set, signal)
 
     def pull(key: str, it: Iterator[Any]) -> "concurrent.futures.Future[Any]":
         return pool.submit(contexts[key].run, _next_or_missing, it)
@@ -1886,6 +2037,7 @@ def _interleave(branches: List[Tuple[str, Iterator[Any]]]) -> Iterator[Tuple[str
                     yield key, chunk
                     pending[pull(key, it)] = (key, it)
     finally:
+        signal.set()
         concurrent.futures.wait(pending)
         for key, it in branches:
             contexts[key].run(_close, it)
@@ -1936,7 +2088,7 @@ class RunnableParallel(Runnable[Input, Dict[str, Any]]):
                              "RunnableParallel(answer=model)")
         self.steps = {key: coerce_to_runnable(step) for key, step in merged.items()}
 
-    def get_name(self) -> str:
+    def _name(self) -> str:
         return self.name or f"RunnableParallel<{','.join(self.steps)}>"
 
     def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
@@ -1966,18 +2118,17 @@ class RunnableParallel(Runnable[Input, Dict[str, Any]]):
             await _aclose(inputs)
 
     def _invoke_transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
-        import concurrent.futures
         value = _fold(inputs)
-        with concurrent.futures.ThreadPoolExecutor(max_workers=len(self.steps)) as pool:
-            futures = {key: pool.submit(contextvars.copy_context().run, step._invoke, value,
-                                        config, f"map:key:{key}")
-                       for key, step in self.steps.items()}
-            yield {key: f.result() for key, f in futures.items()}
+
+        def branch(key: str, step: Runnable[Any, Any]) -> Callable[[], Any]:
+            return lambda: step._invoke(value, config, f"map:key:{key}")
+        results = _run_all([branch(k, s) for k, s in self.steps.items()], len(self.steps))
+        yield dict(zip(self.steps, results))
 
     async def _ainvoke_transform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
         value = await _afold(inputs)
-        results = await asyncio.gather(*(step._ainvoke(value, config, f"map:key:{key}")
-                                         for key, step in self.steps.items()))
+        results = await _gather([step._ainvoke(value, config, f"map:key:{key}")
+                                 for key, step in self.steps.items()])
         yield dict(zip(self.steps, results))
 
 
@@ -2126,8 +2277,8 @@ class RunnableGenerator(Runnable[Input, Output]):
         if inspect.isasyncgenfunction(func):
             chunks = func(inputs)
         else:  # deviation: langchain_core raises; we run the sync generator on a worker thread
-            loop = asyncio.get_running_loop()
-            chunks = _in_thread(lambda: func(_SyncInput(inputs, loop)))
+            source = _SyncInput(inputs, asyncio.get_running_loop())
+            chunks = _in_thread(lambda: func(source), source)
         try:
             async for chunk in chunks:
                 yield chunk
@@ -2192,7 +2343,7 @@ class RunnableAssign(Runnable[Dict[str, Any], Dict[str, Any]]):
     def __init__(self, mapper: RunnableParallel[Any]) -> None:
         self.mapper = mapper
 
-    def get_name(self) -> str:
+    def _name(self) -> str:
         return self.name or f"RunnableAssign<{','.join(self.mapper.steps)}>"
 
     def _passthrough(self, chunk: Any) -> Optional[AddableDict]:
@@ -2650,16 +2801,19 @@ def _stream_events(runnable: Runnable[Any, Any], input: Any, config: Optional[Ru
         worker.join()
 
 
-def _custom_event(name: str, data: Any, config: Optional[RunnableConfig]) -> None:
+def _custom_event(name: str, data: Any, config: Optional[RunnableConfig]) -> Optional[Run]:
     cfg = config if config is not None else _current.get()
     if cfg is None:
         raise RuntimeError(f"dispatch_custom_event({name!r}) was called outside any runnable; "
                            "call it from inside a step (a RunnableLambda, @chain, tool, ...) so "
                            "the event has a parent run")
     run = cfg.get("callbacks")
-    if isinstance(run, Run):
-        run.emit({"event": "on_custom_event", "run_id": run.id, "name": name, "tags": run.tags,
-                  "metadata": run.metadata, "data": data, "parent_ids": run.parent_ids})
+    if not isinstance(run, Run):
+        return None
+    run.emit({"event": "on_custom_event", "run_id": run.id, "name": name,
+              "tags": run.inherited_tags, "metadata": run.metadata, "data": data,
+              "parent_ids": run.parent_ids})
+    return run
 
 
 def dispatch_custom_event(name: str, data: Any, config: Optional[RunnableConfig] = None) -> None:
@@ -2674,7 +2828,9 @@ def dispatch_custom_event(name: str, data: Any, config: Optional[RunnableConfig]
     >>> [(e["event"], e["name"], e["data"]) for e in step.stream_events(1, include_types=["progress"])]
     [('on_custom_event', 'progress', {'done': 50})]
     """
-    _custom_event(name, data, config)
+    run = _custom_event(name, data, config)
+    if run is not None and run.pending:
+        run.refuse_async()
 
 
 async def adispatch_custom_event(name: str, data: Any, config: Optional[RunnableConfig] = None) -> None:
@@ -2689,7 +2845,9 @@ async def adispatch_custom_event(name: str, data: Any, config: Optional[Runnable
     >>> asyncio.run(main())
     ['half']
     """
-    _custom_event(name, data, config)
+    run = _custom_event(name, data, config)
+    if run is not None:
+        await run.settle()
 
 
 # ==============================================================================================
@@ -2852,25 +3010,26 @@ def _to_prompt(value: Any) -> str:
                     f"{_short(value)}")
 
 
-def _fake_chunks(message: AIMessage) -> List[AIMessageChunk]:
+def _fake_chunks(message: AIMessage) -> Iterator[AIMessageChunk]:
     """How `GenericFakeChatModel` splits a message: every whitespace character is its own chunk
-    (so a double space gives an empty chunk); then one chunk per additional_kwargs entry."""
-    chunks = []
+    (so a double space gives an empty chunk); then one chunk per additional_kwargs entry.
+    Lazily: a long answer costs nothing before its first chunk."""
     if message.content:
-        parts = re.split(r"(\s)", message.text)
-        chunks = [AIMessageChunk(part, id=message.id) for part in parts]
-        if not message.additional_kwargs:
-            chunks[-1].chunk_position = "last"
+        text, start = message.text, 0
+        for space in re.finditer(r"\s", text):
+            yield AIMessageChunk(text[start:space.start()], id=message.id)
+            yield AIMessageChunk(space.group(), id=message.id)
+            start = space.end()
+        yield AIMessageChunk(text[start:], id=message.id,
+                             chunk_position=None if message.additional_kwargs else "last")
     for key, value in message.additional_kwargs.items():
         if key == "function_call" and isinstance(value, dict):
             for fkey, fvalue in value.items():
-                pieces = re.split(r"(,)", fvalue) if isinstance(fvalue, str) else [fvalue]
-                chunks += [AIMessageChunk("", id=message.id,
-                                          additional_kwargs={"function_call": {fkey: p}})
-                           for p in pieces]
+                for piece in re.split(r"(,)", fvalue) if isinstance(fvalue, str) else [fvalue]:
+                    yield AIMessageChunk("", id=message.id,
+                                         additional_kwargs={"function_call": {fkey: piece}})
         else:
-            chunks.append(AIMessageChunk("", id=message.id, additional_kwargs={key: value}))
-    return chunks
+            yield AIMessageChunk("", id=message.id, additional_kwargs={key: value})
 
 
 class GenericFakeChatModel(BaseChatModel):
@@ -2888,7 +3047,7 @@ class GenericFakeChatModel(BaseChatModel):
         super().__init__(**kwargs)
         self.messages, self.sleep = messages, sleep
 
-    def _next(self) -> List[AIMessageChunk]:
+    def _next(self) -> Iterator[AIMessageChunk]:
         item = next(self.messages, None)
         if item is None:
             raise ValueError("GenericFakeChatModel has no messages left: give it an iterator "
@@ -2940,14 +3099,45 @@ class FakeListChatModel(BaseChatModel):
         self.i = 0
         self._lock = threading.Lock()
 
-    def _next(self) -> List[AIMessageChunk]:
+    def _next(self) -> Iterator[AIMessageChunk]:
         with self._lock:
-            text = self.responses[self.i % len(self.responses)]
-            self.i += 1
-        chunks = [AIMessageChunk(ch) for ch in text]
-        if chunks:
-            chunks[-1].chunk_position = "last"
-        return chunks
+            text = self.responses[self.i]
+            self.i = (self.i + 1) % len(self.responses)
+        for i, ch in enumerate(text):  # lazily: one chunk per character
+            yield AIMessageChunk(ch, chunk_position="last" if i == len(text) - 1 else None)
+
+    def batch(self, inputs: List[Any], config: Union[RunnableConfig, List[RunnableConfig], None] = None,
+              *, return_exceptions: bool = False) -> List[AIMessage]:
+        """One input after another, so that answers follow the inputs (as langchain_core's).
+
+        >>> [m.content for m in FakeListChatModel(responses=["a", "b"]).batch(["x", "y", "z"])]
+        ['a', 'b', 'a']
+        """
+        return [self._one(lambda c: self.invoke(x, c), c, return_exceptions)
+                for x, c in zip(inputs, _batch_configs(config, len(inputs)))]
+
+    async def abatch(self, inputs: List[Any], config: Union[RunnableConfig, List[RunnableConfig], None] = None,
+                     *, return_exceptions: bool = False) -> List[AIMessage]:
+        """Async twin of `batch`: one input after another."""
+        out = []
+        for x, c in zip(inputs, _batch_configs(config, len(inputs))):
+            try:
+                out.append(await self.ainvoke(x, c))
+            except Exception as exc:
+                if not return_exceptions:
+                    raise
+                out.append(cast(Any, exc))
+        return out
+
+    @staticmethod
+    def _one(call: Callable[[RunnableConfig], AIMessage], config: RunnableConfig,
+             return_exceptions: bool) -> AIMessage:
+        try:
+            return call(config)
+        except Exception as exc:
+            if not return_exceptions:
+                raise
+            return cast(AIMessage, exc)
 
     def _check(self, i: int) -> None:
         if self.error_on is not None and i == self.error_on:
@@ -4466,12 +4656,14 @@ class _Request:
                                provider=self.provider)
 
 
-def _open_sync(req: _Request) -> Tuple[Any, Any]:
-    """Connect, send, and read the status and headers (raising APIError for non-2xx)."""
+def _open_sync(req: _Request, live: List[Any]) -> Tuple[Any, Any]:
+    """Connect, send, and read the status and headers (raising APIError for non-2xx); the
+    connection is put in `live` at once, so that a consumer who leaves can shut it."""
     import http.client
     import socket
     cls = http.client.HTTPSConnection if req.tls else http.client.HTTPConnection
     conn = cls(req.host, req.port, timeout=req.connect_timeout)
+    live[:] = [conn]
     try:
         conn.connect()
         conn.sock.settimeout(req.read_timeout)  # generous: a long prompt delays the first token
@@ -4491,17 +4683,24 @@ def _open_sync(req: _Request) -> Tuple[Any, Any]:
 
 def _post_stream(req: _Request) -> Iterator[bytes]:
     """The response body of a streaming POST, as bytes arrive; retried only before the first
-    byte of the body. Closing the iterator closes the connection."""
+    byte of the body. Closing the iterator closes the connection; so does the consumer of an
+    event stream leaving while we wait on a silent server (`_when_stopped`)."""
     import socket
+    live: List[Any] = []
+    forget = _when_stopped(lambda: _shutdown(live))
     attempt = 0
-    while True:
-        try:
-            conn, resp = _open_sync(req)
-            break
-        except (APIError, OSError) as exc:
-            delay = _retry_after(exc, attempt, req)  # raises when it is not worth retrying
-        attempt += 1
-        time.sleep(delay)
+    try:
+        while True:
+            try:
+                conn, resp = _open_sync(req, live)
+                break
+            except (APIError, OSError) as exc:
+                delay = _retry_after(exc, attempt, req)  # raises when it is not worth retrying
+            attempt += 1
+            time.sleep(delay)
+    except BaseException:
+        forget()
+        raise
     try:
         while True:
             try:
@@ -4512,8 +4711,20 @@ def _post_stream(req: _Request) -> Iterator[bytes]:
                 return
             yield data
     finally:
+        forget()
         resp.close()
         conn.close()
+
+
+def _shutdown(live: List[Any]) -> None:
+    """Shut the open connection's socket from another thread: a read blocked on it returns."""
+    import socket
+    for conn in live:
+        try:
+            if conn.sock is not None:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 async def _within(awaitable: Awaitable[T], seconds: float, req: _Request, what: str) -> T:
