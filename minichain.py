@@ -3962,50 +3962,69 @@ def _dot(a: List[float], b: List[float]) -> float:
 
 
 class InMemoryVectorStore:
-    """Documents and their vectors in a list; search by cosine similarity.
+    """Documents and their vectors by id; search by cosine similarity.
+
+    Each stored document has an id (its own, one given, or a fresh uuid4); searches return
+    copies that carry it, as langchain_core's store does.
 
     >>> store = InMemoryVectorStore.from_texts(["harrison worked at kensho",
     ...     "harrison likes spicy food"], embedding=LexicalEmbeddings())
     >>> store.as_retriever().invoke("where did harrison work?")[0].page_content
     'harrison worked at kensho'
+    >>> store.add_texts(["kensho is in cambridge"], ids=["k1"])
+    ['k1']
     """
 
     def __init__(self, embedding: Any) -> None:
         self.embedding = embedding
-        self.items: List[Tuple[Document, List[float]]] = []
+        self.items: Dict[str, Tuple[Document, List[float]]] = {}
 
-    def add_documents(self, documents: List[Document]) -> None:
-        """Embed and store documents."""
+    def add_documents(self, documents: List[Document], ids: Optional[List[str]] = None) -> List[str]:
+        """Embed and store documents; returns their ids."""
+        import uuid
         vectors = self.embedding.embed_documents([d.page_content for d in documents])
-        self.items += list(zip(documents, vectors))
+        ids = list(ids) if ids is not None else [d.id or str(uuid.uuid4()) for d in documents]
+        for doc, id_, vector in zip(documents, ids, vectors):
+            self.items[id_] = (Document(doc.page_content, metadata=dict(doc.metadata), id=id_), vector)
+        return ids
 
-    def add_texts(self, texts: Iterable[str], metadatas: Optional[List[Dict[str, Any]]] = None) -> None:
-        """Embed and store texts (with optional metadata per text)."""
+    def add_texts(self, texts: Iterable[str], metadatas: Optional[List[Dict[str, Any]]] = None,
+                  ids: Optional[List[str]] = None) -> List[str]:
+        """Embed and store texts (with optional metadata and ids per text); returns the ids."""
         texts = list(texts)
         metas = metadatas or [{} for _ in texts]
-        self.add_documents([Document(t, metadata=m) for t, m in zip(texts, metas)])
+        return self.add_documents([Document(t, metadata=m) for t, m in zip(texts, metas)], ids)
 
     @classmethod
     def from_texts(cls, texts: Iterable[str], embedding: Any,
-                   metadatas: Optional[List[Dict[str, Any]]] = None) -> "InMemoryVectorStore":
+                   metadatas: Optional[List[Dict[str, Any]]] = None,
+                   ids: Optional[List[str]] = None) -> "InMemoryVectorStore":
         """A store holding `texts`."""
         store = cls(embedding)
-        store.add_texts(texts, metadatas)
+        store.add_texts(texts, metadatas, ids)
         return store
 
     def similarity_search_with_score(self, query: str, k: int = 4) -> List[Tuple[Document, float]]:
-        """The `k` documents closest to `query`, with their cosine similarity."""
+        """The `k` documents closest to `query` (fresh copies), with their cosine similarity."""
         q = self.embedding.embed_query(query)
-        scored = [(doc, _dot(q, vec)) for doc, vec in self.items]
-        return sorted(scored, key=lambda pair: -pair[1])[:k]
+        scored = sorted(((doc, _dot(q, vec)) for doc, vec in self.items.values()),
+                        key=lambda pair: -pair[1])[:k]
+        return [(Document(d.page_content, metadata=dict(d.metadata), id=d.id), s) for d, s in scored]
 
     def similarity_search(self, query: str, k: int = 4) -> List[Document]:
         """The `k` documents closest to `query`."""
         return [doc for doc, _ in self.similarity_search_with_score(query, k)]
 
-    def as_retriever(self, search_kwargs: Optional[Dict[str, Any]] = None) -> "VectorStoreRetriever":
-        """A retriever searching this store (`search_kwargs={"k": 2}` to return fewer)."""
-        return VectorStoreRetriever(self, search_kwargs or {})
+    def as_retriever(self, search_kwargs: Optional[Dict[str, Any]] = None,
+                     tags: Optional[List[str]] = None) -> "VectorStoreRetriever":
+        """A retriever searching this store (`search_kwargs={"k": 2}` to return fewer). Its
+        runs are tagged with the store's and the embedding's class names unless `tags` is given.
+
+        >>> InMemoryVectorStore(LexicalEmbeddings()).as_retriever().tags
+        ['InMemoryVectorStore', 'LexicalEmbeddings']
+        """
+        return VectorStoreRetriever(self, search_kwargs or {}, tags or [
+            type(self).__name__, type(self.embedding).__name__])
 
 
 class VectorStoreRetriever(BaseRetriever):
@@ -4016,8 +4035,13 @@ class VectorStoreRetriever(BaseRetriever):
     1
     """
 
-    def __init__(self, vectorstore: InMemoryVectorStore, search_kwargs: Dict[str, Any]) -> None:
+    def __init__(self, vectorstore: InMemoryVectorStore, search_kwargs: Dict[str, Any],
+                 tags: Optional[List[str]] = None) -> None:
         self.vectorstore, self.search_kwargs = vectorstore, search_kwargs
+        self.tags = list(tags or [])
+
+    def _own_tags(self) -> List[str]:
+        return self.tags
 
     def _get_relevant_documents(self, query: str) -> List[Document]:
         return self.vectorstore.similarity_search(query, **self.search_kwargs)

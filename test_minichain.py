@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, List
 
@@ -42,7 +43,8 @@ async def alist(aiter: AsyncIterator[Any]) -> List[Any]:
 
 
 def ids_out(text: str) -> str:
-    return re.sub(r"lc_run--[0-9a-f-]{36}", "lc_run--ID", text)
+    text = re.sub(r"lc_run--[0-9a-f-]{36}", "lc_run--ID", text)
+    return re.sub(r"id='[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}'", "id='DOC_ID'", text)
 
 
 def trace(events: List[dict], meta: bool = False) -> List[tuple]:
@@ -681,11 +683,27 @@ def test_json_snapshots_are_not_changed_by_later_chunks():
 
 def test_retriever_streams_its_documents_as_one_chunk():
     store = InMemoryVectorStore.from_texts(
-        ["harrison worked at kensho", "harrison likes spicy food"], embedding=LexicalEmbeddings())
+        ["harrison worked at kensho", "harrison likes spicy food"], embedding=LexicalEmbeddings(),
+        ids=["w", "s"])
     chunks = list(store.as_retriever().stream("where did harrison work?"))
-    assert chunks == [[Document("harrison worked at kensho"), Document("harrison likes spicy food")]]
+    assert chunks == [[Document("harrison worked at kensho", id="w"), Document("harrison likes spicy food", id="s")]]
     assert store.as_retriever(search_kwargs={"k": 1}).invoke("spicy food?") == [
-        Document("harrison likes spicy food")]
+        Document("harrison likes spicy food", id="s")]
+
+
+def test_vector_store_ids_and_copies_are_langchain_cores():
+    store = InMemoryVectorStore(LexicalEmbeddings())
+    given = Document("kensho", metadata={"m": 1})
+    ids = store.add_documents([given]) + store.add_texts(["spicy"])
+    assert [uuid.UUID(i).version for i in ids] == [4, 4]  # fresh uuid4 strings
+    assert given.id is None  # the caller's document is not changed
+    found = store.similarity_search("kensho", k=1)[0]
+    assert (found.id, found.metadata) == (ids[0], {"m": 1}) and found is not given
+    found.metadata["m"] = 2  # a copy: the store keeps its own
+    assert store.similarity_search("kensho", k=1)[0].metadata == {"m": 1}
+    assert store.add_texts(["x"], ids=["mine"]) == ["mine"]
+    assert store.as_retriever().tags == ["InMemoryVectorStore", "LexicalEmbeddings"]
+    assert store.as_retriever(tags=["docs"]).tags == ["docs"]
 
 
 def test_tools_take_strings_dicts_and_tool_calls():
@@ -899,8 +917,11 @@ def test_reverse_and_double_as_lambda_and_as_chain():
     assert events_both(chain(reverse_and_double), "1234") == expected
 
 
+RETRIEVER_TAGS = ["map:key:context", "InMemoryVectorStore", "LexicalEmbeddings"]  # as langchain_core
+
+
 def test_events_of_the_retrieval_chain():
-    store = InMemoryVectorStore.from_texts(["harrison worked at kensho"], embedding=LexicalEmbeddings())
+    store = InMemoryVectorStore.from_texts(["harrison worked at kensho"], embedding=LexicalEmbeddings(), ids=["k"])
     retriever = store.as_retriever()
     prompt = ChatPromptTemplate.from_template("Context: {context}\nQ: {question}")
     model = GenericFakeChatModel(messages=iter(["kensho"]))
@@ -909,9 +930,9 @@ def test_events_of_the_retrieval_chain():
     rows = trace(events)
     retriever_rows = [r for r in rows if r[0].startswith("on_retriever")]
     assert retriever_rows == [
-        ("on_retriever_start", "VectorStoreRetriever", "R2", ["R0", "R1"], ["map:key:context"], "{'input': {'query': 'where did harrison work?'}}"),
-        ("on_retriever_end", "VectorStoreRetriever", "R2", ["R0", "R1"], ["map:key:context"],
-         "{'output': [Document(metadata={}, page_content='harrison worked at kensho')], 'input': {'query': 'where did harrison work?'}}"),
+        ("on_retriever_start", "VectorStoreRetriever", "R2", ["R0", "R1"], RETRIEVER_TAGS, "{'input': {'query': 'where did harrison work?'}}"),
+        ("on_retriever_end", "VectorStoreRetriever", "R2", ["R0", "R1"], RETRIEVER_TAGS,
+         "{'output': [Document(id='k', metadata={}, page_content='harrison worked at kensho')], 'input': {'query': 'where did harrison work?'}}"),
     ]
     meta = [e["metadata"] for e in events if e["event"] == "on_retriever_start"][0]
     assert meta == {"ls_retriever_name": "vectorstore", "ls_vector_store_provider": "InMemoryVectorStore",
@@ -2160,7 +2181,7 @@ INVOKE_KINDS = {
     "llm": lambda: FakeListLLM(responses=["ok"]),
     "str parser": lambda: RunnableLambda(lambda x: AIMessageChunk(x)) | StrOutputParser(),
     "json parser": lambda: RunnableLambda(lambda x: '{"a": [1, 2]}') | JsonOutputParser(),
-    "retriever": lambda: InMemoryVectorStore.from_texts(["a b", "c"], embedding=LexicalEmbeddings()).as_retriever(),
+    "retriever": lambda: InMemoryVectorStore.from_texts(["a b", "c"], embedding=LexicalEmbeddings(), ids=["1", "2"]).as_retriever(),
     "tool": lambda: tool(lambda q: q + "!", name="bang", description="Add a bang."),
     "bound": lambda: RunnableLambda(str.upper).with_config(tags=["t"]),
 }
