@@ -798,23 +798,14 @@ def _handler(h: Any) -> Handler:
             "callback %s failed on %s and was skipped: %r (set raise_error = True on it to "
             "raise instead)", _short(h, 60), event["event"], exc)
 
-    async def settled(event: Event, result: Awaitable[Any]) -> None:
-        token = _current.set(None)  # outside the run, as `Run.emit` calls the sync ones
-        try:
-            await result
-        except Exception as exc:
-            failed(event, exc)
-        finally:
-            _current.reset(token)
-
     def guarded(event: Event) -> Any:
         try:
             result = call(event)
         except Exception as exc:
             failed(event, exc)
             return None
-        if result is not None and inspect.isawaitable(result):
-            return settled(event, result)
+        if result is not None and inspect.isawaitable(result):  # for the async run to await
+            return result, lambda exc: failed(event, exc)
         return None
     return guarded
 
@@ -850,7 +841,8 @@ class Run:
         # the event stream this run reports to, if any (it may pause the run: backpressure)
         self.channel: Optional[_Channel] = parent.channel if parent else next(
             (h for h in handlers if isinstance(h, _Channel)), None)
-        self.pending: List[Awaitable[Any]] = []  # async listeners' calls, awaited in order
+        # async listeners' calls (and what to do if one fails), awaited in order by the run
+        self.pending: List[Tuple[Awaitable[Any], Callable[[Exception], None]]] = []
 
     def adding(self, handlers: Any) -> "Run":
         """This run as the parent of runs that also report to `handlers` (a step bound with
@@ -879,14 +871,21 @@ class Run:
             _current.reset(token)
 
     async def settle(self) -> None:
-        """Await the async listeners' calls, in the order of their events."""
+        """Await the async listeners' calls, in the order of their events, outside the run."""
         while self.pending:
-            await self.pending.pop(0)
+            call, failed = self.pending.pop(0)
+            token = _current.set(None)
+            try:
+                await call
+            except Exception as exc:
+                failed(exc)
+            finally:
+                _current.reset(token)
 
     def refuse_async(self) -> None:
         """Refuse async listeners in a sync run: nothing there could await them."""
         if self.pending:
-            for call in self.pending:
+            for call, _ in self.pending:
                 getattr(call, "close", lambda: None)()
             self.pending.clear()
             raise TypeError(f"an async listener (callback) was given to the sync run "
@@ -4682,14 +4681,14 @@ class _Request:
 
 def _open_sync(req: _Request, live: List[Any]) -> Tuple[Any, Any]:
     """Connect, send, and read the status and headers (raising APIError for non-2xx); the
-    connection is put in `live` at once, so that a consumer who leaves can shut it."""
+    socket is put in `live` once connected, so that a consumer who leaves can shut it."""
     import http.client
     import socket
     cls = http.client.HTTPSConnection if req.tls else http.client.HTTPConnection
     conn = cls(req.host, req.port, timeout=req.connect_timeout)
-    live[:] = [conn]
     try:
         conn.connect()
+        live[:] = [conn.sock]  # kept: the connection lets go of it once the response has it
         conn.sock.settimeout(req.read_timeout)  # generous: a long prompt delays the first token
         conn.request("POST", req.path, body=req.body, headers=req.headers)
         resp = conn.getresponse()
@@ -4741,12 +4740,11 @@ def _post_stream(req: _Request) -> Iterator[bytes]:
 
 
 def _shutdown(live: List[Any]) -> None:
-    """Shut the open connection's socket from another thread: a read blocked on it returns."""
+    """Shut the open socket from another thread: a read blocked on it returns at once."""
     import socket
-    for conn in live:
+    for sock in live:
         try:
-            if conn.sock is not None:
-                conn.sock.shutdown(socket.SHUT_RDWR)
+            sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 

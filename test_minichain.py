@@ -1268,6 +1268,393 @@ def test_cancelling_the_consumer_task_closes_the_run_without_warnings(caplog: An
 
 
 # ---------------------------------------------------------------------------------------------
+# Event streams under pressure: backpressure, stop, structured concurrency, safe listeners
+# ---------------------------------------------------------------------------------------------
+
+FIRST_EIGHT = [("on_chain_start", "RunnableSequence"), ("on_chat_model_start", "GenericFakeChatModel"),
+               ("on_chat_model_stream", "GenericFakeChatModel"), ("on_parser_start", "StrOutputParser"),
+               ("on_parser_stream", "StrOutputParser"), ("on_chain_start", "tap"),
+               ("on_chain_stream", "tap"), ("on_chain_stream", "RunnableSequence")]
+
+
+def _tap_steps(seen: List[str], closed: List[str]) -> List[Any]:
+    """The same recording step as a sync and as an async generator, both named `tap`."""
+    def tap(chunks: Iterator[str]) -> Iterator[str]:
+        try:
+            for c in chunks:
+                seen.append(c)
+                yield c
+        finally:
+            closed.append("tap")
+
+    async def atap(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            async for c in chunks:
+                seen.append(c)
+                yield c
+        finally:
+            closed.append("tap")
+    return [tap, RunnableGenerator(atap, name="tap")]
+
+
+@pytest.mark.parametrize("kind", ["sync step", "async step"])
+def test_breaking_out_of_astream_events_stops_the_run_at_its_next_chunk(kind: str):
+    seen: List[str] = []
+    closed: List[str] = []
+    step = _tap_steps(seen, closed)[kind == "async step"]
+    chain_ = GenericFakeChatModel(messages=iter(["one two three four five"])) | StrOutputParser() | step
+
+    async def main() -> List[tuple]:
+        events = chain_.astream_events("x")
+        got = []
+        async for e in events:
+            got.append((e["event"], e["name"]))
+            if len(got) == 8:
+                break
+        await events.aclose()
+        assert closed == ["tap"]  # closed before aclose() returned
+        await asyncio.sleep(0.05)
+        return got
+    assert run(main()) == FIRST_EIGHT
+    assert seen == ["one"]  # as langchain_core: the run went no further than the consumer
+
+
+def test_astream_events_keeps_the_run_no_more_than_one_step_ahead():
+    produced: List[str] = []  # every event, as the run emits it
+    text = " ".join(["w"] * 500)
+    chain_ = GenericFakeChatModel(messages=iter([text])) | StrOutputParser() | RunnableLambda(len)
+
+    async def main() -> List[int]:
+        ahead = []
+        events = chain_.astream_events("x", {"callbacks": [lambda e: produced.append(e["event"])]})
+        taken = 0
+        async for _ in events:
+            taken += 1
+            await asyncio.sleep(0)  # a consumer that lets the loop run: the run must not
+            ahead.append(len(produced) - taken)
+        return ahead
+    ahead = run(main())
+    assert len(ahead) == len(produced) == 2008
+    assert max(ahead) <= 3  # the events of one step: a model chunk and its parser chunk
+
+
+def test_stream_events_keeps_the_run_within_its_window():
+    produced: List[str] = []
+    text = " ".join(["w"] * 500)
+    chain_ = GenericFakeChatModel(messages=iter([text])) | StrOutputParser() | RunnableLambda(len)
+    events = chain_.stream_events("x", {"callbacks": [lambda e: produced.append(e["event"])]})
+    next(events)
+    time.sleep(0.2)  # a slow consumer: the worker waits for it
+    assert len(produced) <= mc._EVENT_WINDOW + 1
+    rest = list(events)
+    assert 1 + len(rest) == len(produced) == 2008
+
+
+def test_the_first_event_arrives_before_the_model_has_produced_anything():
+    made: List[int] = []
+
+    class Counting(GenericFakeChatModel):
+        def _stream(self, messages: Any, **kwargs: Any) -> Iterator[AIMessageChunk]:
+            for chunk in super()._stream(messages, **kwargs):
+                made.append(1)
+                yield chunk
+    chain_ = Counting(messages=iter([" ".join(["w"] * 100_000)])) | StrOutputParser()
+    events = chain_.stream_events("x")
+    assert next(events)["event"] == "on_chain_start"
+    time.sleep(0.05)
+    assert len(made) <= mc._EVENT_WINDOW  # not 200,000: the worker waits for the consumer
+    events.close()
+
+    async def main() -> int:
+        agen = chain_.astream_events("x")
+        await agen.__anext__()
+        count = len(made)
+        await agen.aclose()
+        return count
+    made.clear()
+    chain_ = Counting(messages=iter([" ".join(["w"] * 100_000)])) | StrOutputParser()
+    assert run(main()) == 0
+
+
+def test_a_long_answer_is_folded_for_the_end_event_at_a_string_per_chunk():
+    import tracemalloc
+    chunks = [AIMessageChunk(f"w{i % 10}", id="lc_run--1") for i in range(20_000)]
+    tracemalloc.start()
+    fold = mc._Fold()
+    for chunk in chunks:
+        fold.add(chunk)
+    size, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert size / len(chunks) < 100  # bytes per chunk kept (the chunk objects are not)
+    assert fold.value() == AIMessageChunk.join(chunks)
+
+
+def test_cancelling_a_sync_step_waiting_on_a_stalled_async_upstream_returns_at_once():
+    closed: List[str] = []
+
+    async def source(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            async for c in chunks:
+                yield c
+                await asyncio.Event().wait()  # silent for ever
+        finally:
+            closed.append("source")
+
+    def step(chunks: Iterator[str]) -> Iterator[str]:
+        try:
+            for c in chunks:
+                yield c.upper()
+        finally:
+            closed.append("step")
+
+    async def main() -> int:
+        got: List[str] = []
+
+        async def consume() -> None:
+            async for c in (RunnableGenerator(source) | step).astream("a"):
+                got.append(c)
+        task = asyncio.ensure_future(consume())
+        while not got:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 5)
+        return len(asyncio.all_tasks())
+    assert run(main()) == 1
+    assert sorted(closed) == ["source", "step"]
+
+
+def test_breaking_out_of_stream_events_does_not_wait_for_a_silent_server(server: "Server"):
+    first = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"tok"},"finish_reason":null}]}\n\n'
+    server.replies.append(Reply([first, first], silence=2.0))
+    events = ChatOpenAI(base_url=server.url + "/v1").stream_events("hi")
+    assert [next(events)["event"] for _ in range(2)] == ["on_chat_model_start", "on_chat_model_stream"]
+    started = time.monotonic()
+    events.close()
+    assert time.monotonic() - started < 1.0  # not the 2 s the server stays silent
+    assert server.disconnected.wait(5)
+
+
+def test_a_listened_step_closed_on_its_first_chunk_closes_its_upstream():
+    closed: List[str] = []
+
+    async def source(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            async for c in chunks:
+                yield c
+                yield c
+        finally:
+            closed.append("source")
+
+    async def slow(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        async for c in chunks:
+            await asyncio.sleep(10)  # cancelled while it handles its first chunk
+            yield c
+
+    async def main() -> None:
+        task = asyncio.ensure_future(alist((RunnableGenerator(source) | RunnableGenerator(slow)).astream(
+            "a", {"callbacks": [lambda e: None]})))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert closed == ["source"]  # closed before the cancelled call returned
+    run(main())
+
+
+def test_a_failing_parallel_branch_stops_its_siblings():
+    after: List[str] = []
+
+    async def failing(x: str) -> str:
+        await asyncio.sleep(0.01)
+        raise Boom("left")
+
+    async def slow(x: str) -> str:
+        try:
+            await asyncio.sleep(5)
+            after.append("slow went on")
+        finally:
+            after.append("slow closed")
+        return x
+
+    async def main() -> int:
+        with pytest.raises(Boom, match="left"):
+            await RunnableParallel(a=failing, b=slow).ainvoke("x")
+        assert after == ["slow closed"]  # cancelled and awaited before the error came out
+        return len(asyncio.all_tasks())
+    assert run(main()) == 1
+
+    chunks_after: List[int] = []
+    failed = threading.Event()
+
+    def fails(x: str) -> str:
+        time.sleep(0.05)
+        failed.set()
+        raise Boom("sync")
+
+    def streams(chunks: Iterator[str]) -> Iterator[str]:
+        for i in range(100):
+            time.sleep(0.02)
+            if failed.is_set():
+                chunks_after.append(i)
+            yield "."
+    with pytest.raises(Boom, match="sync"):
+        RunnableParallel(a=fails, b=RunnableGenerator(streams)).invoke("x")
+    assert len(chunks_after) <= 1  # the running sibling stopped at its next chunk
+
+
+def test_a_failing_batch_input_stops_the_others():
+    started: List[int] = []
+
+    def work(x: int) -> int:
+        started.append(x)
+        if x == 0:
+            raise Boom("first")
+        time.sleep(0.05)
+        return x
+    with pytest.raises(Boom, match="first"):
+        RunnableLambda(work).batch(list(range(30)), {"max_concurrency": 2})
+    assert len(started) <= 3  # queued inputs never start
+
+    ran_on: List[int] = []
+
+    async def awork(x: int) -> int:
+        if x == 0:
+            raise Boom("first")
+        await asyncio.sleep(0.05)
+        ran_on.append(x)
+        return x
+
+    async def main() -> int:
+        with pytest.raises(Boom, match="first"):
+            await RunnableLambda(awork).abatch(list(range(30)))
+        await asyncio.sleep(0.1)
+        return len(asyncio.all_tasks())
+    assert run(main()) == 1
+    assert ran_on == []  # cancelled: no side effects after the error
+
+
+def test_a_listener_that_calls_a_runnable_does_not_hear_that_call():
+    heard: List[str] = []
+    echo = RunnableLambda(lambda x: x)
+
+    def listener(event: dict) -> None:
+        heard.append(event["event"])
+        echo.invoke(1)  # a run of its own, not reported back here
+    assert (RunnableLambda(lambda x: x + 1) | RunnableLambda(lambda x: x * 2)).invoke(
+        1, {"callbacks": [listener]}) == 4
+    assert heard == ["on_chain_start", "on_chain_start", "on_chain_end", "on_chain_start",
+                     "on_chain_end", "on_chain_end"]
+
+
+def test_async_listeners_are_awaited_in_order_and_refused_in_sync_runs():
+    heard: List[str] = []
+
+    async def listener(event: dict) -> None:
+        await asyncio.sleep(0)
+        heard.append(f"{event['event']}:{event['name']}")
+
+    class Handler:
+        async def on_chain_end(self, event: dict) -> None:
+            heard.append("end by method")
+    seq = RunnableLambda(lambda x: x + 1, name="inc") | RunnableLambda(lambda x: x * 2, name="dbl")
+    assert run(seq.ainvoke(1, {"callbacks": [listener]})) == 4
+    assert heard == ["on_chain_start:RunnableSequence", "on_chain_start:inc", "on_chain_end:inc",
+                     "on_chain_start:dbl", "on_chain_end:dbl", "on_chain_end:RunnableSequence"]
+    heard.clear()
+    assert run(alist(seq.astream(1, {"callbacks": [Handler()]}))) == [4]
+    assert heard == ["end by method"] * 3
+    with pytest.raises(TypeError, match=r"an async listener \(callback\) was given to the sync run "
+                                        r"'RunnableSequence'; async listeners are awaited only in async "
+                                        r"runs: call ainvoke/astream/astream_events, or pass a sync function"):
+        seq.invoke(1, {"callbacks": [listener]})
+
+
+# -- fidelity with langchain_core 1.7.2 (each compared there) ------------------------------------
+
+def _dispatching() -> Any:
+    def f(x: int) -> int:
+        mc.dispatch_custom_event("ev", {"x": 1})
+        return x
+    return RunnableLambda(lambda x: x) | RunnableLambda(f).with_config(tags=["t"], metadata={"m": 1})
+
+
+def test_custom_events_carry_the_runs_inherited_tags_and_metadata():
+    events = list(_dispatching().stream_events(1, {"tags": ["call"], "metadata": {"c": 2}}))
+    f_start = [e for e in events if e["event"] == "on_chain_start" and e["name"] == "f"][0]
+    custom = [e for e in events if e["event"] == "on_custom_event"][0]
+    assert (f_start["tags"], list(f_start["metadata"].items())) == (["seq:step:2", "call", "t"], [("c", 2), ("m", 1)])
+    assert list(custom) == ["event", "run_id", "name", "tags", "metadata", "data", "parent_ids"]
+    assert (custom["tags"], custom["metadata"], custom["run_id"], custom["data"]) == (
+        ["call", "t"], {"c": 2, "m": 1}, f_start["run_id"], {"x": 1})
+
+
+def test_a_child_started_with_stream_shows_its_input_at_its_end():
+    inner = RunnableLambda(lambda s: s.upper())
+
+    @chain
+    def outer(x: str) -> str:
+        return "".join(inner.stream(x))
+
+    @chain
+    async def aouter(x: str) -> str:
+        return "".join([c async for c in inner.astream(x)])
+    for events in (list(outer.stream_events("ab")), run(alist(aouter.astream_events("ab")))):
+        rows = [(e["event"], e["name"], e["data"]) for e in events]
+        assert rows[1:4] == [("on_chain_start", "RunnableLambda", {}),
+                             ("on_chain_stream", "RunnableLambda", {"chunk": "AB"}),
+                             ("on_chain_end", "RunnableLambda", {"output": "AB", "input": "ab"})]
+
+
+def test_run_ids_given_as_uuid_are_strings_in_events_and_name_one_batch_run():
+    given = uuid.uuid4()
+    events = list((RunnableLambda(lambda x: x) | RunnableLambda(lambda x: x)).stream_events(1, {"run_id": given}))
+    assert events[0]["run_id"] == str(given) and events[1]["parent_ids"] == [str(given)]
+    starts: List[str] = []
+
+    def listen(e: dict) -> None:
+        if e["event"] == "on_chain_start":
+            starts.append(e["run_id"])
+    with pytest.warns(RuntimeWarning, match="Provided run_id be used only for the first element of the batch."):
+        assert RunnableLambda(lambda x: x + 1).batch([1, 2, 3], {"run_id": given, "callbacks": [listen]}) == [2, 3, 4]
+    assert starts.count(str(given)) == 1 and len(set(starts)) == 3
+
+
+def test_each_event_kind_keeps_langchain_cores_key_order():
+    prompt = ChatPromptTemplate.from_template("{q}")
+    events = list((prompt | GenericFakeChatModel(messages=iter(["a"])) | StrOutputParser()).stream_events({"q": "x"}))
+    order = {(e["event"]): list(e) for e in events}
+    start = ["event", "data", "name", "tags", "run_id", "metadata", "parent_ids"]
+    stream = ["event", "run_id", "name", "tags", "metadata", "data", "parent_ids"]
+    end = ["event", "data", "run_id", "name", "tags", "metadata", "parent_ids"]
+    assert order == {"on_chain_start": start, "on_prompt_start": start, "on_prompt_end": end,
+                     "on_chat_model_start": start, "on_chat_model_stream": end,  # a nested model: data second
+                     "on_parser_start": start, "on_parser_stream": stream, "on_chain_stream": stream,
+                     "on_chat_model_end": end, "on_parser_end": end, "on_chain_end": end}
+    root = list(GenericFakeChatModel(messages=iter(["a"])).stream_events("x"))
+    assert list(root[1]) == stream  # the root model's chunks are watched like any root's
+
+
+def test_callbacks_a_tool_passes_on_by_hand_make_it_the_parent():
+    reverse_word = RunnableLambda(lambda w: w[::-1], name="reverse_word")
+
+    @tool
+    def nested_tool(word: str, callbacks: Any) -> str:
+        """Reverse a word from inside another step."""
+        bound = reverse_word.with_config({"callbacks": callbacks})
+        return RunnableLambda(lambda w: bound.invoke(w)).invoke(word)
+    rows = [(e["event"], e["name"], len(e["parent_ids"])) for e in nested_tool.stream_events("hello")]
+    assert rows == [("on_tool_start", "nested_tool", 0), ("on_chain_start", "RunnableLambda", 1),
+                    ("on_chain_start", "reverse_word", 1), ("on_chain_end", "reverse_word", 1),
+                    ("on_chain_end", "RunnableLambda", 1), ("on_tool_end", "nested_tool", 0)]
+
+
+def test_fake_list_chat_model_batches_in_input_order():
+    model = FakeListChatModel(responses=["a", "b", "c"])
+    for _ in range(20):
+        assert [m.content for m in model.batch(["x", "y", "z"])] == ["a", "b", "c"]
+        assert [m.content for m in run(model.abatch(["x", "y", "z"]))] == ["a", "b", "c"]
+
+
+# ---------------------------------------------------------------------------------------------
 # astream_log
 # ---------------------------------------------------------------------------------------------
 
@@ -1360,9 +1747,10 @@ class Reply:
     """One scripted answer: status, headers, body parts written (and flushed) one by one."""
 
     def __init__(self, parts: Any = (), status: int = 200, headers: Any = None,
-                 delay: float = 0.0, raw: bool = False, chunked: bool = True) -> None:
+                 delay: float = 0.0, raw: bool = False, chunked: bool = True, silence: float = 0.0) -> None:
         self.parts = [parts] if isinstance(parts, bytes) else list(parts)
         self.status, self.headers, self.delay, self.raw, self.chunked = status, headers or {}, delay, raw, chunked
+        self.silence = silence  # seconds of silence after the first part
 
 
 class Server:
@@ -1398,9 +1786,11 @@ class Server:
                         self.send_header("Content-Length", str(sum(map(len, reply.parts))))
                     self.send_header("Connection", "close")
                     self.end_headers()
-                    for part in reply.parts:
+                    for i, part in enumerate(reply.parts):
                         if reply.delay:
                             time.sleep(reply.delay)
+                        if i == 1 and reply.silence:
+                            time.sleep(reply.silence)
                         if reply.raw or not reply.chunked:
                             self.wfile.write(part)
                         elif part:
