@@ -824,7 +824,8 @@ class Run:
     """
 
     __slots__ = ("id", "name", "type", "tags", "inherited_tags", "metadata", "parent_ids",
-                 "handlers", "root", "streams", "input", "inputs", "outputs", "channel", "pending")
+                 "handlers", "root", "streams", "input", "inputs", "outputs", "channel", "solo",
+                 "pending", "token_order")
 
     def __init__(self, name: str, run_type: str, tags: List[str], metadata: Dict[str, Any],
                  parent: Optional["Run"], handlers: Sequence[Handler], run_id: Any,
@@ -841,6 +842,10 @@ class Run:
         # the event stream this run reports to, if any (it may pause the run: backpressure)
         self.channel: Optional[_Channel] = parent.channel if parent else next(
             (h for h in handlers if isinstance(h, _Channel)), None)
+        # the event stream, when it is the only listener: events go straight to it
+        self.solo = self.channel if list(handlers) == [self.channel] else None
+        # a nested model's tokens: langchain_core builds their events with `data` second
+        self.token_order = parent is not None and run_type in ("chat_model", "llm")
         # async listeners' calls (and what to do if one fails), awaited in order by the run
         self.pending: List[Tuple[Awaitable[Any], Callable[[Exception], None]]] = []
 
@@ -858,9 +863,10 @@ class Run:
         """Send one event to every handler, outside this run: a runnable a listener calls does
         not report back to it. An async listener's call waits in `pending` until the async
         run awaits it (`settle`)."""
-        if self.channel is not None and len(self.handlers) == 1:  # only an event stream's
-            self.channel(event)
+        if self.solo is not None:  # only an event stream listens: nothing else to isolate
+            self.solo(event)
             return
+        # deviation: langchain_core leaves the run active, so a listener's own calls report back
         token = _current.set(None)
         try:
             for handler in self.handlers:
@@ -884,6 +890,7 @@ class Run:
 
     def refuse_async(self) -> None:
         """Refuse async listeners in a sync run: nothing there could await them."""
+        # deviation: langchain_core runs each call with asyncio.run, blocking the run
         if self.pending:
             for call, _ in self.pending:
                 getattr(call, "close", lambda: None)()
@@ -903,14 +910,14 @@ class Run:
         self.outputs.add(chunk)
         if not self.streams:
             return
-        if self.root or self.type not in ("chat_model", "llm"):
-            self.emit({"event": f"on_{self.type}_stream", "run_id": self.id, "name": self.name,
-                       "tags": self.tags, "metadata": self.metadata, "data": {"chunk": chunk},
-                       "parent_ids": self.parent_ids})
-        else:  # a nested model's tokens: langchain_core builds these with `data` second
+        if self.token_order:
             self.emit({"event": f"on_{self.type}_stream", "data": {"chunk": chunk},
                        "run_id": self.id, "name": self.name, "tags": self.tags,
                        "metadata": self.metadata, "parent_ids": self.parent_ids})
+        else:
+            self.emit({"event": f"on_{self.type}_stream", "run_id": self.id, "name": self.name,
+                       "tags": self.tags, "metadata": self.metadata, "data": {"chunk": chunk},
+                       "parent_ids": self.parent_ids})
 
     def end(self, output: Any, extra: Optional[Dict[str, Any]] = None) -> None:
         """Emit `on_<type>_end` with the output (and the input, except for the root)."""
@@ -1318,6 +1325,7 @@ def _run_all(calls: Sequence[Callable[[], T]], workers: int) -> List[T]:
     import concurrent.futures
     if len(calls) == 1:
         return [calls[0]()]
+    # deviation: langchain_core's thread pool runs the siblings on after the first failure
     signal = _StopSignal(_stop.get())
 
     def contained(call: Callable[[], T]) -> T:
@@ -1345,7 +1353,7 @@ async def _gather(awaitables: Sequence[Awaitable[T]]) -> List[T]:
     """`asyncio.gather`, structured: on the first failure (or if we are cancelled) the others
     are cancelled and awaited before the failure is raised; no task outlives the call."""
     tasks = [asyncio.ensure_future(a) for a in awaitables]
-    try:
+    try:  # deviation: langchain_core's gather leaves the siblings running after the error
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     finally:
         pending = [t for t in tasks if not t.done()]
@@ -1704,6 +1712,12 @@ class Runnable(Generic[Input, Output]):
         as in langchain_core: an event is kept if it matches any `include_*` (or none was
         given) and no `exclude_*`; `types` are run types (`chat_model`, `parser`, ...).
 
+        Events are handed over as the run makes them, with backpressure: the run waits
+        while the consumer is behind, at most the events of one step ahead (a parallel
+        branch or a sync step on a worker thread: at most 64). Leaving the loop (`break`
+        and `aclose()`) or cancelling stops the run at its next chunk, and every step and
+        connection is closed before `aclose()` returns.
+
         >>> async def main():
         ...     chain = RunnableLambda(lambda x: x + 1).with_config(run_name="inc")
         ...     return [(e["event"], e["data"]) async for e in chain.astream_events(1)]
@@ -1723,8 +1737,10 @@ class Runnable(Generic[Input, Output]):
                       exclude_tags: Optional[Sequence[str]] = None) -> Iterator[Event]:
         """The events `astream_events` yields, synchronously, with no event loop.
 
-        The run executes on a worker thread and its events arrive live; closing the iterator
-        stops the run and waits until every step has closed. (langchain_core raises here.)
+        The run executes on a worker thread and its events arrive live; the thread waits
+        while 64 events wait for the consumer. Closing the iterator stops the run at its
+        next event (a model call waiting on a silent server returns at once) and waits
+        until every step has closed. (langchain_core raises here.)
 
         >>> events = RunnableLambda(str.upper).stream_events("hi", include_types=["chain"])
         >>> [(e["event"], e["data"]) for e in events]
@@ -1747,6 +1763,7 @@ class Runnable(Generic[Input, Output]):
         The state holds the root's `streamed_output` and `final_output`, and under `logs`
         one entry per step (keyed by name; `name:2` for the second of a name). Filters pick
         which steps get an entry; `diff=False` yields the accumulated `RunLog` instead.
+        Built on `astream_events`: the same backpressure and stop.
 
         >>> async def main():
         ...     chain = RunnableLambda(lambda x: x + 1) | RunnableLambda(lambda x: x * 2)
@@ -2384,9 +2401,11 @@ class RunnableAssign(Runnable[Dict[str, Any], Dict[str, Any]]):
 # ==============================================================================================
 # 6. Event streaming: astream_events, stream_events, custom events, astream_log
 #
-# An event stream is the run with one more listener: it pushes each event into a queue that
-# the consumer reads while the run executes elsewhere (a task, or a worker thread for the sync
-# version), so events from nested calls arrive live. Stopping the consumer stops the run.
+# An event stream is the run with one more listener, a `_Channel` (section 3), that hands each
+# event to the consumer as the run makes it. `astream_events` steps the run's coroutine itself,
+# so the run moves only when the consumer asks for more (as a generator does); `stream_events`
+# runs it on a worker thread that waits while the consumer is behind. Nested calls' events
+# arrive live, and a consumer that leaves stops the run at its next chunk.
 # ==============================================================================================
 
 def _names(kind: str, value: Optional[Sequence[str]]) -> Optional[frozenset]:  # type: ignore[type-arg]
@@ -2450,6 +2469,7 @@ async def _astream_events(runnable: Runnable[Any, Any], input: Any,
     yields a chunk, the waiting events go to the consumer and the run stays suspended until
     the consumer asks for more: nothing piles up, and a consumer that leaves stops it there.
     """
+    # deviation: langchain_core runs the chain in a task feeding an unbounded channel
     channel = _Channel(keep, asyncio.get_running_loop())
     chunks = runnable._astream_run(_aiter([input]), _listening(config, channel), None, input)
     context = contextvars.copy_context()  # the run's own context, as a task would have
