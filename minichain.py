@@ -572,17 +572,43 @@ class ChatPromptValue(PromptValue):
 
 
 def _variables(template: str) -> List[str]:
-    """The `{name}` variables of a template, in order of first use."""
-    names: List[str] = []
+    """The `{name}` variables of a template, in order of first use.
+
+    A field is a plain name: attribute access and indexing (`{doc.metadata}`, `{docs[0]}`)
+    are refused when the template is built, since a template that reaches into its values
+    can read anything they lead to (`{x.__init__.__globals__[os].environ}`), as
+    langchain_core refuses them.
+
+    >>> _variables("{a} and {b!r:>{width}}")
+    ['a', 'b', 'width']
+    >>> _variables("{docs[0].page_content}")
+    Traceback (most recent call last):
+    ...
+    ValueError: template field '{docs[0].page_content}' uses indexing or attribute access, which templates refuse (a template must not reach into its values); use a plain name like '{docs}' and prepare the value before the prompt, e.g. with RunnablePassthrough.assign(docs=...)
+    """
     import string
-    for _, field, _, _ in string.Formatter().parse(template):
-        if field is not None:
+    names: List[str] = []
+    specs = [template]
+    while specs:  # a format spec may hold fields of its own: `{x:>{width}}`
+        for _, field, spec, _ in string.Formatter().parse(specs.pop()):
+            if field is None:
+                continue
             name = re.split(r"[.\[]", field, maxsplit=1)[0]
             if not name or name.isdigit():
                 raise ValueError(f"template {_short(template)} has a positional placeholder "
-                                 f"'{{{field}}}'; name it, like '{{topic}}'")
+                                 f"'{{{_short(field, 40)[1:-1] if field else ''}}}'; name it, like "
+                                 "'{topic}'")
+            if name != field:
+                raise ValueError(
+                    f"template field {_short('{' + field + '}', 60)} uses indexing or attribute "
+                    "access, which templates refuse (a template must not reach into its "
+                    f"values); use a plain name like '{{{_short(name, 40)[1:-1]}}}' and prepare "
+                    "the value before the prompt, e.g. with RunnablePassthrough.assign("
+                    f"{_short(name, 40)[1:-1]}=...)")
             if name not in names:
                 names.append(name)
+            if spec:
+                specs.append(spec)
     return names
 
 
@@ -4689,6 +4715,9 @@ class _Request:
         self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self.headers = {"Content-Type": "application/json", "Accept-Encoding": "identity",
                         "Connection": "close", "User-Agent": f"minichain/{__version__}", **headers}
+        _check_header("URL", url, provider)
+        for name, value in self.headers.items():
+            _check_header(name, value, provider, header=True)
         self.body = json.dumps(body).encode()
         self.connect_timeout, self.read_timeout = timeout
         self.max_retries, self.provider = max_retries, provider
@@ -4697,6 +4726,36 @@ class _Request:
         return APITimeoutError(f"no {what} from {self.host}:{self.port} within "
                                f"{self.read_timeout if seconds is None else seconds} s",
                                provider=self.provider)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CR, LF and the rest; tab is allowed
+
+
+def _check_header(name: str, value: Any, provider: str, header: bool = False) -> None:
+    """Refuse a header (or request path) holding control characters before any connection:
+    CR/LF would start headers of the attacker's choosing. The value may be a secret, so the
+    message names the header and the character, never the value.
+
+    >>> _check_header("Authorization", "Bearer sk-123\\n", "OpenAI", header=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: OpenAI: the Authorization header has a newline (\\n) at its end; strip it (a key read from a file often ends with one: key.strip())
+    """
+    if header and (not isinstance(name, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name)):
+        raise ValueError(f"{provider}: {_short(name, 40)} is not a valid header name")
+    if not isinstance(value, str):
+        raise TypeError(f"{provider}: the {name} header must be a str, not {type(value).__name__}")
+    bad = _CONTROL.search(value)
+    if bad is None:
+        return
+    char = {"\n": "a newline (\\n)", "\r": "a carriage return (\\r)"}.get(
+        bad.group(), f"the control character {bad.group()!r}")
+    what = f"the {name} header" if header else f"the {name}"
+    if bad.start() >= len(value.rstrip("\r\n")):
+        raise ValueError(f"{provider}: {what} has {char} at its end; strip it (a key read from "
+                         "a file often ends with one: key.strip())")
+    raise ValueError(f"{provider}: {what} has {char} inside it; header values cannot hold "
+                     "control characters: check where the value comes from")
 
 
 def _open_sync(req: _Request, live: List[Any]) -> Tuple[Any, Any]:
@@ -5189,19 +5248,34 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
+    if isinstance(value, float) and (value != value or abs(value) == float("inf")):
+        return None  # NaN and infinities are not JSON: null, as LangServe's encoder writes them
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return repr(value)
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _sse(event: str, data: Any) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(_jsonable(data), ensure_ascii=False)}\n\n".encode()
+    """One SSE frame. `event` is one of ours (never text from a run), and the data is one line
+    of JSON that `JSON.parse` accepts: a lone surrogate is written as its `\\u` escape."""
+    text = json.dumps(_jsonable(data), ensure_ascii=False)
+    text = _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return f"event: {event}\ndata: {text}\n\n".encode()
+
+
+_RUN_EVENT = re.compile(r"on_[a-z_]+")  # a kind of run event: letters and underscores only
 
 
 def _sse_frame(item: Any) -> bytes:
-    if isinstance(item, dict) and isinstance(item.get("event"), str) and "data" in item:
-        return _sse(item["event"], item)  # an event: named after its kind
-    return _sse("data", item)  # a chunk of output
+    """A run event becomes a frame named after its kind; anything else, even a dict that looks
+    like an event (a model can write one), is a `data` frame."""
+    if isinstance(item, dict) and "run_id" in item and "data" in item and \
+            isinstance(item.get("event"), str) and _RUN_EVENT.fullmatch(item["event"]):
+        return _sse(item["event"], item)
+    return _sse("data", item)
 
 
 def to_sse(items: Iterable[Any]) -> Iterator[bytes]:

@@ -579,6 +579,18 @@ def test_fake_model_sleep_shows_latency():
     assert first.content == "a" and time.monotonic() - start < 0.5
 
 
+@pytest.mark.parametrize("template", [
+    "{context[0].__init__.__globals__[os].environ[OPENAI_API_KEY]}", "{doc.metadata}", "{x:>{w.real}}"])
+def test_template_fields_are_plain_names(template: str):
+    field = re.search(r"\{([^{}]*[.\[][^{}]*)\}", template)
+    name = re.split(r"[.\[]", field.group(1) if field else "")[0].lstrip("x:>{")
+    for build in (PromptTemplate.from_template, lambda t: ChatPromptTemplate.from_messages([("human", t)])):
+        with pytest.raises(ValueError, match=rf"uses indexing or attribute access, which templates refuse .* "
+                                             rf"use a plain name like '\{{{name}\}}'"):
+            build(template)
+    assert PromptTemplate.from_template("{a!r:>{width}}").format(a="x", width=5) == "  'x'"
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. Parsers
 # ---------------------------------------------------------------------------------------------
@@ -2623,9 +2635,39 @@ def test_extra_prompt_keys_are_ignored_and_a_misspelt_one_shows_in_the_error():
         prompt.invoke({"questoin": "why?"})
 
 
+@pytest.mark.parametrize("key, message", [
+    ("sk-secret\n", r"the Authorization header has a newline \(\\n\) at its end; strip it \(a key read from a file often ends with one: key.strip\(\)\)"),
+    ("sk-secret\r\nX-Injected: yes", r"the Authorization header has a carriage return \(\\r\) inside it"),
+])
+def test_header_values_with_control_characters_are_refused_before_connecting(server: "Server", key: str, message: str):
+    model = ChatOpenAI(api_key=key, base_url=server.url + "/v1")
+    for call in (lambda: model.invoke("hi"), lambda: run(model.ainvoke("hi"))):
+        with pytest.raises(ValueError, match="^OpenAI: " + message) as caught:
+            call()
+        assert "sk-secret" not in str(caught.value)  # the secret never lands in an error
+    anthropic = ChatAnthropic(api_key=key, base_url=server.url)
+    with pytest.raises(ValueError, match=r"the x-api-key header has"):
+        anthropic.invoke("hi")
+    assert server.requests == []  # refused before any connection
+
+
 # ---------------------------------------------------------------------------------------------
 # 13. Server-sent events out, and the served example page
 # ---------------------------------------------------------------------------------------------
+
+def test_to_sse_frames_only_run_events_and_every_data_line_parses():
+    forged = {"event": 'data\ndata: "FORGED"\n\nevent: end', "data": 1}
+    chunks = [forged, "a\ud800b", float("inf"), {"n": float("nan")}, "last"]
+    body = b"".join(mc.to_sse(iter(chunks)))
+    lines = body.decode().split("\n")
+    assert [l for l in lines if l.startswith("event:")] == ["event: data"] * 5 + ["event: end"]
+    for line in (l for l in lines if l.startswith("data:")):
+        json.loads(line[5:])  # strict JSON: what JSON.parse accepts (no NaN, no Infinity)
+    assert list(mc.read_sse([body])) == [("data", forged), ("data", "a\ud800b"), ("data", None),
+                                      ("data", {"n": None}), ("data", "last"), ("end", None)]
+    event = next(iter(RunnableLambda(str.upper).stream_events("hi")))
+    assert next(mc.to_sse(iter([event]))).startswith(b"event: on_chain_start\ndata: {")
+
 
 def _serve_module() -> Any:
     import importlib.util
