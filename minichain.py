@@ -99,7 +99,7 @@ __all__ = [
     # 10. tools
     "BaseTool", "tool", "ToolException",
     # 12. model servers
-    "ChatOpenAI", "ChatOllama", "ChatAnthropic", "APIError", "APITimeoutError",
+    "ChatOpenAI", "ChatOllama", "ChatAnthropic", "APIError", "APITimeoutError", "APIConnectionError",
     "IncompleteStreamError", "demo_model",
     # 13. server-sent events
     "to_sse", "ato_sse", "read_sse",
@@ -111,7 +111,11 @@ Output = TypeVar("Output")
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    """The repr of `value`, cut to `limit` characters for error messages."""
+    """The repr of `value`, cut to `limit` characters for error messages (a long string or
+    bytes is cut before it is repr'd: an error never formats more than it prints)."""
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        value = value[:limit]
+        return repr(value)[: limit - 3] + "..."
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -4360,6 +4364,18 @@ class APITimeoutError(APIError):
     """
 
 
+class APIConnectionError(APIError):
+    """The connection failed or broke before an answer: refused, reset, closed, a name that
+    does not resolve, a certificate that does not verify, or an answer that is not HTTP. The
+    underlying error is `__cause__`; `retryable` says whether trying again can help.
+
+    >>> APIConnectionError("cannot connect to 127.0.0.1:9: connection refused", provider="Ollama")
+    APIConnectionError('Ollama: cannot connect to 127.0.0.1:9: connection refused')
+    """
+
+    retryable = True
+
+
 class IncompleteStreamError(APIError):
     """The stream ended before the model said it was finished; the partial answer would be
     silently truncated, so this is raised instead.
@@ -4370,6 +4386,18 @@ class IncompleteStreamError(APIError):
 
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
+MAX_EVENT_BYTES = 8 * 2 ** 20  # the default cap on one stream line, event or record from a server
+_ERROR_BODY_BYTES = 64 * 2 ** 10  # how much of an error answer's body is read and kept
+
+
+def _too_large(limit: int, provider: str) -> APIError:
+    return APIError(f"the server sent a stream line or event over {limit} bytes; minichain "
+                    f"stopped reading there (pass max_event_bytes= to allow more)", provider=provider)
+
+
+def _cut(provider: str) -> "IncompleteStreamError":
+    return IncompleteStreamError("the stream ended in the middle of an event; the answer so "
+                                 "far would be truncated", provider=provider)
 
 
 class _SSEDecoder:
@@ -4378,22 +4406,32 @@ class _SSEDecoder:
     dispatches. Yields `(event, data)` pairs; an old-style `error:` line is an `error` event.
 
     >>> d = _SSEDecoder()
-    >>> d.feed(b": ping\r\ndata: {\"a\"\r") + d.feed(b"\ndata:1}\n\nevent: x\ndata: y") + d.finish()
+    >>> d.feed(b": ping\r\ndata: {\"a\"\r") + d.feed(b"\ndata:1}\n\nevent: x\ndata: y\n") + d.finish()
     [('message', '{"a"\n1}'), ('x', 'y')]
+    >>> d = _SSEDecoder(provider="OpenAI"); _ = d.feed(b"data: {\"cho"); d.finish()
+    Traceback (most recent call last):
+    ...
+    minichain.IncompleteStreamError: OpenAI: the stream ended in the middle of an event; the answer so far would be truncated
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_EVENT_BYTES, provider: str = "the server") -> None:
         self.pending: List[bytes] = []  # an incomplete line
+        self.pending_size = 0
         self.event = ""
         self.data: List[str] = []
+        self.data_size = 0
         self.first = True  # a byte-order mark may start the stream
+        self.limit, self.provider = limit, provider
 
     def feed(self, data: bytes) -> List[Tuple[str, str]]:
         if not _LINE_END.search(data) or data.endswith(b"\r") and not _LINE_END.search(data[:-1]):
             self.pending.append(data)  # no line ends yet (a final \r may be half of \r\n)
+            self.pending_size += len(data)
+            if self.pending_size > self.limit:
+                raise _too_large(self.limit, self.provider)
             return []
         buffer = b"".join(self.pending) + data
-        self.pending = []
+        self.pending, self.pending_size = [], 0
         out: List[Tuple[str, str]] = []
         start = 0
         for m in _LINE_END.finditer(buffer):
@@ -4403,14 +4441,18 @@ class _SSEDecoder:
             start = m.end()
         if start < len(buffer):
             self.pending.append(buffer[start:])
+            self.pending_size = len(buffer) - start
+            if self.pending_size > self.limit:
+                raise _too_large(self.limit, self.provider)
         return out
 
     def finish(self) -> List[Tuple[str, str]]:
-        """The end of the body: flush a last line and event with no blank line after them."""
+        """The end of the body: an event whose blank line is missing still counts, but a body
+        that stops inside a line was cut (`IncompleteStreamError`)."""
+        if self.pending and b"".join(self.pending).rstrip(b"\r"):
+            raise _cut(self.provider)
+        self.pending = []
         out: List[Tuple[str, str]] = []
-        if self.pending:
-            self._line(b"".join(self.pending).rstrip(b"\r"), out)
-            self.pending = []
         self._line(b"", out)
         return out
 
@@ -4421,7 +4463,7 @@ class _SSEDecoder:
         if not line:
             if self.data:
                 out.append((self.event or "message", "\n".join(self.data)))
-            self.event, self.data = "", []
+            self.event, self.data, self.data_size = "", [], 0
             return
         if line.startswith(":"):
             return
@@ -4429,6 +4471,9 @@ class _SSEDecoder:
         value = value[1:] if value.startswith(" ") else value
         if field == "data":
             self.data.append(value)
+            self.data_size += len(value)
+            if self.data_size > self.limit:
+                raise _too_large(self.limit, self.provider)
         elif field == "event":
             self.event = value
         elif field == "error":  # llama.cpp before Sept 2025
@@ -4443,22 +4488,36 @@ class _NDJSONDecoder:
     [('message', '{"a": 1}'), ('message', '{"b": 2}')]
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_EVENT_BYTES, provider: str = "the server") -> None:
         self.pending: List[bytes] = []
+        self.pending_size = 0
+        self.limit, self.provider = limit, provider
 
     def feed(self, data: bytes) -> List[Tuple[str, str]]:
         if b"\n" not in data:
             self.pending.append(data)
+            self.pending_size += len(data)
+            if self.pending_size > self.limit:
+                raise _too_large(self.limit, self.provider)
             return []
         *lines, rest = (b"".join(self.pending) + data).split(b"\n")
-        self.pending = [rest] if rest else []
+        if any(len(line) > self.limit for line in lines) or len(rest) > self.limit:
+            raise _too_large(self.limit, self.provider)
+        self.pending, self.pending_size = ([rest], len(rest)) if rest else ([], 0)
         return [("message", line.decode("utf-8", errors="replace").strip())
                 for line in lines if line.strip()]
 
     def finish(self) -> List[Tuple[str, str]]:
-        rest = b"".join(self.pending).strip()
+        """A last record without its newline counts if it is whole JSON; else it was cut."""
+        rest = b"".join(self.pending).decode("utf-8", errors="replace").strip()
         self.pending = []
-        return [("message", rest.decode("utf-8", errors="replace"))] if rest else []
+        if not rest:
+            return []
+        try:
+            json.loads(rest)
+        except ValueError:
+            raise _cut(self.provider) from None
+        return [("message", rest)]
 
 
 def _payload(data: str, provider: str) -> Dict[str, Any]:
@@ -4657,8 +4716,11 @@ class _AnthropicStream:
 
 
 def _http_error(status: int, headers: Mapping[str, str], body: bytes, provider: str) -> APIError:
-    """The error for a non-2xx answer, with the server's message and type when it gave them."""
-    text = body.decode("utf-8", errors="replace").strip()
+    """The error for a non-2xx answer, with the server's message and type when it gave them.
+    Only the first `_ERROR_BODY_BYTES` of the body are read and kept (a proxy's error page
+    can be any size)."""
+    cut = len(body) > _ERROR_BODY_BYTES
+    text = body[:_ERROR_BODY_BYTES].decode("utf-8", errors="replace").strip()
     try:
         payload = json.loads(text)
     except ValueError:
@@ -4671,8 +4733,8 @@ def _http_error(status: int, headers: Mapping[str, str], body: bytes, provider: 
             error = exc
     if error is None:
         message = text or "(empty body)"
-        if len(message) > 2000:  # an HTML page from a proxy: keep the start, say how long
-            message = f"{message[:2000]}... ({len(text)} characters in all)"
+        if len(message) > 2000 or cut:  # an HTML page from a proxy: keep the start
+            message = f"{message[:2000]}... (the body is {'over ' if cut else ''}{len(text)} characters)"
         error = APIError(message, status=status, body=text, provider=provider)
     error.headers = headers
     return error
@@ -4685,7 +4747,10 @@ def _retry_after(exc: BaseException, attempt: int, req: "_Request") -> float:
     retry-after wins, else 0.5 s, 1 s, 2 s ... 8 s with jitter."""
     import random
     retry = attempt < req.max_retries and not isinstance(exc, APITimeoutError)
-    if isinstance(exc, APIError):
+    if isinstance(exc, APIConnectionError):
+        if not (retry and exc.retryable):
+            raise exc
+    elif isinstance(exc, APIError):
         status, headers = exc.status, exc.headers
         if not retry or status is None or not (status in (408, 409, 429) or status >= 500) \
                 or headers.get("x-should-retry") == "false" or exc.type == "insufficient_quota":
@@ -4695,9 +4760,31 @@ def _retry_after(exc: BaseException, attempt: int, req: "_Request") -> float:
                 return min(60.0, max(0.0, float(headers[name]) * scale))
             except (KeyError, ValueError):
                 pass
-    elif not retry:
-        raise APIError(f"cannot connect to {req.host}:{req.port}: {exc}", provider=req.provider) from exc
+    else:
+        raise exc
     return min(8.0, 0.5 * 2.0 ** attempt) * random.uniform(0.75, 1.0)
+
+
+def _broken(exc: BaseException, req: "_Request") -> APIConnectionError:
+    """A transport failure before the answer, as an `APIConnectionError` (both transports):
+    a refused, reset or closed connection is worth retrying; a name that does not resolve,
+    a certificate that does not verify, or an answer that is not HTTP is not."""
+    import socket
+    import ssl
+    where, retryable = f"{req.host}:{req.port}", True
+    if isinstance(exc, socket.gaierror):
+        what, retryable = f"cannot resolve the host name {req.host!r}: {exc}", False
+    elif isinstance(exc, ssl.SSLCertVerificationError):
+        what, retryable = f"the TLS certificate of {where} does not verify: {exc}", False
+    elif isinstance(exc, (ConnectionResetError, EOFError)):
+        what = f"the connection to {where} closed before the answer: {exc or type(exc).__name__}"
+    elif isinstance(exc, OSError):
+        what = f"cannot connect to {where}: {exc}"
+    else:  # http.client.HTTPException, or a malformed line for the async reader
+        what, retryable = f"{where} did not answer in HTTP/1.1: {_short(str(exc), 200)}", False
+    error = APIConnectionError(what, provider=req.provider)
+    error.retryable, error.__cause__ = retryable, exc
+    return error
 
 
 class _Request:
@@ -4773,11 +4860,14 @@ def _open_sync(req: _Request, live: List[Any]) -> Tuple[Any, Any]:
         resp = conn.getresponse()
         if resp.status >= 300:
             headers = {k.lower(): v for k, v in resp.getheaders()}
-            raise _http_error(resp.status, headers, resp.read(), req.provider)
+            raise _http_error(resp.status, headers, resp.read(_ERROR_BODY_BYTES + 1), req.provider)
         return conn, resp
     except socket.timeout:
         conn.close()
         raise req.timed_out("answer") from None
+    except (OSError, http.client.HTTPException) as exc:
+        conn.close()
+        raise _broken(exc, req) from exc
     except BaseException:
         conn.close()
         raise
@@ -4787,6 +4877,7 @@ def _post_stream(req: _Request) -> Iterator[bytes]:
     """The response body of a streaming POST, as bytes arrive; retried only before the first
     byte of the body. Closing the iterator closes the connection; so does the consumer of an
     event stream leaving while we wait on a silent server (`_when_stopped`)."""
+    import http.client
     import socket
     live: List[Any] = []
     forget = _when_stopped(lambda: _shutdown(live))
@@ -4796,7 +4887,7 @@ def _post_stream(req: _Request) -> Iterator[bytes]:
             try:
                 conn, resp = _open_sync(req, live)
                 break
-            except (APIError, OSError) as exc:
+            except APIError as exc:
                 delay = _retry_after(exc, attempt, req)  # raises when it is not worth retrying
             attempt += 1
             time.sleep(delay)
@@ -4809,6 +4900,8 @@ def _post_stream(req: _Request) -> Iterator[bytes]:
                 data = resp.read1(65536)
             except socket.timeout:
                 raise req.timed_out("data") from None
+            except (OSError, http.client.HTTPException) as exc:
+                raise _broke_off(exc, req) from exc
             if not data:
                 return
             yield data
@@ -4816,6 +4909,13 @@ def _post_stream(req: _Request) -> Iterator[bytes]:
         forget()
         resp.close()
         conn.close()
+
+
+def _broke_off(exc: BaseException, req: "_Request") -> "IncompleteStreamError":
+    """A transport failure once the answer was streaming (both transports): never retried,
+    since the model has already started; the partial answer is not passed off as whole."""
+    return IncompleteStreamError(f"the connection to {req.host}:{req.port} broke off mid-stream: "
+                                 f"{_short(str(exc) or type(exc).__name__, 200)}", provider=req.provider)
 
 
 def _shutdown(live: List[Any]) -> None:
@@ -4879,20 +4979,26 @@ async def _aopen(req: _Request) -> Tuple[Any, Any, Dict[str, str]]:
     if req.tls:
         import ssl
         ssl_context = ssl.create_default_context()
-    reader, writer = await _within(asyncio.open_connection(
-        req.host, req.port, ssl=ssl_context, server_hostname=req.host if req.tls else None,
-        limit=2 ** 20), req.connect_timeout, req, "connection")
     try:
-        head = [f"POST {req.path} HTTP/1.1", f"Host: {req.host}:{req.port}",
+        reader, writer = await _within(asyncio.open_connection(
+            req.host, req.port, ssl=ssl_context, server_hostname=req.host if req.tls else None,
+            limit=2 ** 20), req.connect_timeout, req, "connection")
+    except OSError as exc:
+        raise _broken(exc, req) from exc
+    try:
+        host = f"[{req.host}]" if ":" in req.host else req.host  # an IPv6 address
+        head = [f"POST {req.path} HTTP/1.1", f"Host: {host}:{req.port}",
                 f"Content-Length: {len(req.body)}"] + [f"{k}: {v}" for k, v in req.headers.items()]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + req.body)
         await writer.drain()
         status = 100
         while status < 200:  # skip 1xx answers
             status_line = await _areadline(reader, req)
+            if not status_line:
+                raise ConnectionResetError("no status line")
             parts = status_line.split(None, 2)
             if len(parts) < 2 or not parts[1].isdigit():
-                raise APIError(f"malformed HTTP status line {status_line!r}", provider=req.provider)
+                raise ValueError(f"malformed HTTP status line {_short(status_line, 100)}")
             status, headers = int(parts[1]), {}
             while True:
                 line = await _areadline(reader, req)
@@ -4901,9 +5007,16 @@ async def _aopen(req: _Request) -> Tuple[Any, Any, Dict[str, str]]:
                 name, _, value = line.partition(":")
                 headers[name.strip().lower()] = value.strip()
         if status >= 300:
-            body = b"".join([data async for data in _abody(reader, headers, req)])
+            body = b""
+            async for data in _abody(reader, headers, req):
+                body += data
+                if len(body) > _ERROR_BODY_BYTES:
+                    break
             raise _http_error(status, headers, body, req.provider)
         return reader, writer, headers
+    except (OSError, ValueError, EOFError) as exc:
+        writer.close()
+        raise _broken(exc, req) from exc
     except BaseException:
         writer.close()
         raise
@@ -4917,14 +5030,22 @@ async def _apost_stream(req: _Request) -> AsyncIterator[bytes]:
         try:
             reader, writer, headers = await _aopen(req)
             break
-        except (APIError, OSError) as exc:
+        except APIError as exc:
             delay = _retry_after(exc, attempt, req)  # raises when it is not worth retrying
         attempt += 1
         await asyncio.sleep(delay)
+    body = _abody(reader, headers, req)
     try:
-        async for data in _abody(reader, headers, req):
+        while True:
+            try:
+                data = await body.__anext__()
+            except StopAsyncIteration:
+                return
+            except (OSError, ValueError, EOFError) as exc:
+                raise _broke_off(exc, req) from exc
             yield data
     finally:
+        await _aclose(body)
         writer.close()
 
 
@@ -5015,9 +5136,15 @@ class _ServerChatModel(BaseChatModel):
 
     def __init__(self, *, model: str, base_url: str, api_key: Optional[str],
                  timeout: Union[None, float, Tuple[float, float]] = None, max_retries: int = 2,
+                 max_event_bytes: int = MAX_EVENT_BYTES,
                  tags: Optional[List[str]] = None, metadata: Optional[Dict[str, Any]] = None,
                  **kwargs: Any) -> None:
         super().__init__(tags=tags, metadata=metadata, **kwargs)
+        for name, value in (("max_retries", max_retries), ("max_event_bytes", max_event_bytes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < (name == "max_event_bytes"):
+                raise TypeError(f"{type(self).__name__}: {name} must be an int >= "
+                                f"{int(name == 'max_event_bytes')}, not {_short(value)}")
+        self.max_event_bytes = max_event_bytes
         self.model, self.base_url, self.api_key = model, base_url.rstrip("/"), api_key
         if timeout is None:
             self.timeout = (10.0, 600.0)  # connect; read: a long prompt can take minutes on a CPU
@@ -5048,7 +5175,7 @@ class _ServerChatModel(BaseChatModel):
         raise NotImplementedError
 
     def _decoder(self) -> Any:
-        return _SSEDecoder()
+        return _SSEDecoder(self.max_event_bytes, self.provider)
 
     def _reader(self) -> Any:
         raise NotImplementedError
@@ -5156,6 +5283,11 @@ class ChatOllama(_ServerChatModel):
         url = base_url or os.environ.get("OLLAMA_HOST") or "http://localhost:11434"
         if "://" not in url:
             url = f"http://{url}"
+        import urllib.parse
+        parts = urllib.parse.urlsplit(url)
+        if parts.port is None and parts.scheme == "http" and parts.hostname:  # Ollama's port
+            host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+            url = urllib.parse.urlunsplit(parts._replace(netloc=f"{host}:11434"))
         super().__init__(model=model, base_url=url, api_key=None, **kwargs)
 
     def _request(self, messages: List[BaseMessage], **kwargs: Any) -> _Request:
@@ -5171,7 +5303,7 @@ class ChatOllama(_ServerChatModel):
                         self.timeout, self.max_retries, self.provider)
 
     def _decoder(self) -> _NDJSONDecoder:
-        return _NDJSONDecoder()
+        return _NDJSONDecoder(self.max_event_bytes, self.provider)
 
     def _reader(self) -> _OllamaStream:
         return _OllamaStream()
