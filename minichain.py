@@ -1100,10 +1100,8 @@ def _merge_configs(base: Optional[RunnableConfig], extra: Optional[Mapping[str, 
     for key, value in extra.items():
         if value is None:
             continue
+        _check_config_value(key, value)
         if key == "tags":
-            if isinstance(value, str):
-                raise TypeError(f"config tags must be a list of str, not the str {value!r}; "
-                                f"write tags=[{value!r}]")
             out[key] = sorted(set(out.get("tags", ())) | set(value))  # sorted, as langchain_core
         elif key == "metadata":
             out[key] = {**out.get("metadata", {}), **value}
@@ -1112,6 +1110,33 @@ def _merge_configs(base: Optional[RunnableConfig], extra: Optional[Mapping[str, 
         else:
             out[key] = value
     return out
+
+
+def _check_config_value(key: str, value: Any) -> None:
+    """Refuse a config value of the wrong type where it is given, naming the key and the fix.
+
+    >>> _check_config_value("callbacks", print)
+    Traceback (most recent call last):
+    ...
+    TypeError: config callbacks must be a list of listeners, not a single builtin_function_or_method; write callbacks=[print]
+    """
+    if key == "tags" and isinstance(value, str):
+        raise TypeError(f"config tags must be a list of str, not the str {_short(value, 40)}; "
+                        f"write tags=[{_short(value, 40)}]")
+    if key == "tags" and (not isinstance(value, (list, tuple, set, frozenset))
+                          or not all(isinstance(t, str) for t in value)):
+        raise TypeError(f"config tags must be a list of str, not {_short(value, 60)}")
+    if key in ("metadata", "configurable") and not isinstance(value, Mapping):
+        raise TypeError(f"config {key} must be a dict, not {type(value).__name__}: {_short(value, 60)}")
+    if key == "callbacks" and not isinstance(value, (list, tuple, Run)):
+        name = getattr(value, "__name__", None) or "handler"
+        raise TypeError(f"config callbacks must be a list of listeners, not a single "
+                        f"{type(value).__name__}; write callbacks=[{name}]")
+    if key in ("max_concurrency", "recursion_limit") and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise TypeError(f"config {key} must be an int >= 1, not {_short(value, 40)}")
+    if key == "run_name" and not isinstance(value, str):
+        raise TypeError(f"config run_name must be a str, not {type(value).__name__}")
 
 
 def _child_config(config: RunnableConfig, run: Optional[Run]) -> RunnableConfig:
@@ -1690,6 +1715,7 @@ class Runnable(Generic[Input, Output]):
         >>> RunnableLambda(check).batch([1, 2, 3, 4], return_exceptions=True)
         [10, 20, ValueError('three'), 40]
         """
+        _check_inputs("batch", inputs)
         if not inputs:
             return []
         configs = _batch_configs(config, len(inputs))
@@ -1713,6 +1739,7 @@ class Runnable(Generic[Input, Output]):
         >>> asyncio.run(RunnableLambda(lambda x: -x).abatch([1, 2], {"max_concurrency": 1}))
         [-1, -2]
         """
+        _check_inputs("abatch", inputs)
         configs = _batch_configs(config, len(inputs))
         limit = configs[0].get("max_concurrency") if configs else None
         gate = asyncio.Semaphore(limit) if limit else None
@@ -1847,6 +1874,13 @@ def _resolve(config: Optional[Mapping[str, Any]]) -> RunnableConfig:
     if not config:
         return base if base is not None else {}
     return _merge_configs(base, config)
+
+
+def _check_inputs(method: str, inputs: Any) -> None:
+    if not isinstance(inputs, (list, tuple)):
+        raise TypeError(f"{method} takes a list of inputs, not {type(inputs).__name__}: "
+                        f"{_short(inputs, 60)}; for one input use "
+                        f"{'ainvoke' if method.startswith('a') else 'invoke'}")
 
 
 def _batch_configs(config: Union[RunnableConfig, List[RunnableConfig], None], n: int) -> List[RunnableConfig]:
@@ -4860,7 +4894,11 @@ def _open_sync(req: _Request, live: List[Any]) -> Tuple[Any, Any]:
         resp = conn.getresponse()
         if resp.status >= 300:
             headers = {k.lower(): v for k, v in resp.getheaders()}
-            raise _http_error(resp.status, headers, resp.read(_ERROR_BODY_BYTES + 1), req.provider)
+            try:
+                body = resp.read(_ERROR_BODY_BYTES + 1)
+            finally:
+                resp.close()
+            raise _http_error(resp.status, headers, body, req.provider)
         return conn, resp
     except socket.timeout:
         conn.close()

@@ -2651,6 +2651,182 @@ def test_header_values_with_control_characters_are_refused_before_connecting(ser
     assert server.requests == []  # refused before any connection
 
 
+class RawServer:
+    """A TCP server on 127.0.0.1 (or ::1) that reads each request's head and body and then runs
+    `answer(connection)`: for answers no HTTP server would give. Counts connections."""
+
+    def __init__(self, answer: Any, host: str = "127.0.0.1") -> None:
+        import socket
+        self.answer, self.connections, self.heads = answer, 0, []  # type: ignore[var-annotated]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.bind((host, 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.05)
+        self.running = True
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        port = self.sock.getsockname()[1]
+        self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def _serve(self) -> None:
+        import socket
+        while self.running:
+            try:
+                conn, _ = self.sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            self.connections += 1
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+                while len(body) < length:
+                    body += conn.recv(65536)
+                self.heads.append(head.decode("latin-1"))
+                try:
+                    self.answer(conn)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join()
+        self.sock.close()
+
+
+def _reset(conn: Any) -> None:
+    """Close with a TCP reset instead of a clean end."""
+    import socket
+    import struct
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+ONE_TOKEN = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"tok"},"finish_reason":null}]}\n\n'
+
+
+def _both_raise(model: Any, error: Any, match: str) -> None:
+    with pytest.raises(error, match=match):
+        list(model.stream("hi"))
+    with pytest.raises(error, match=match):
+        run(alist(model.astream("hi")))
+
+
+def test_every_transport_failure_is_an_api_error_with_its_cause():
+    def reset_mid_stream(conn: Any) -> None:
+        conn.sendall(SSE_HEAD + ONE_TOKEN)
+        time.sleep(0.05)
+        _reset(conn)
+    cases = [
+        (reset_mid_stream, mc.IncompleteStreamError, r"broke off mid-stream"),
+        (lambda conn: conn.sendall(b"garbage\r\n\r\n"), mc.APIConnectionError, r"did not answer in HTTP/1.1"),
+        (lambda conn: conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"),
+         mc.IncompleteStreamError, r"broke off mid-stream"),
+        (lambda conn: conn.sendall(SSE_HEAD + b'data: {"id":"c","choi'), mc.IncompleteStreamError,
+         r"the stream ended in the middle of an event"),
+    ]
+    for answer, error, match in cases:
+        raw = RawServer(answer)
+        try:
+            _both_raise(ChatOpenAI(base_url=raw.url + "/v1", max_retries=2), error, match)
+            assert raw.connections == 2  # one per call: none of these is retried
+        finally:
+            raw.close()
+
+
+def test_a_connection_closed_before_the_answer_is_retried_the_same_by_both_transports():
+    raw = RawServer(lambda conn: None)  # reads the request, closes without a word
+    try:
+        _both_raise(ChatOpenAI(base_url=raw.url + "/v1", max_retries=1), mc.APIConnectionError,
+                    r"closed before the answer")
+        assert raw.connections == 4  # each transport: the first try and one retry
+    finally:
+        raw.close()
+
+
+def test_name_and_certificate_failures_are_not_retried(monkeypatch: Any):
+    import socket
+    import ssl
+    calls: List[str] = []
+
+    def no_such_host(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[0])
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
+    model = ChatOpenAI(base_url="http://no-such-host.invalid/v1", max_retries=3)
+    _both_raise(model, mc.APIConnectionError, r"cannot resolve the host name 'no-such-host.invalid'")
+    assert len(calls) == 2  # once per call
+    req = mc._Request("https://example.com/v1", {}, {}, (1.0, 1.0), 3, "OpenAI")
+    error = mc._broken(ssl.SSLCertVerificationError("certificate verify failed"), req)
+    assert not error.retryable and "TLS certificate of example.com:443 does not verify" in str(error)
+    with pytest.raises(mc.APIConnectionError):
+        mc._retry_after(error, 0, req)
+
+
+def test_what_a_server_sends_is_capped(server: "Server"):
+    import tracemalloc
+    line = b"data: " + b"x" * (4 * 2 ** 20)  # 4 MiB with no line end
+    server.replies.extend([Reply([line], chunked=False)] * 2)
+    model = ChatOpenAI(base_url=server.url + "/v1", max_event_bytes=2 ** 18, max_retries=0)
+    tracemalloc.start()
+    with pytest.raises(mc.APIError, match=r"a stream line or event over 262144 bytes; .* max_event_bytes="):
+        list(model.stream("hi"))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 8 * 2 ** 18  # a small multiple of the cap, not of the line
+    with pytest.raises(mc.APIError, match=r"over 262144 bytes"):
+        run(model.ainvoke("hi"))
+    page = b"<html>" + b"x" * 2 ** 20
+    server.replies.extend([Reply([page], status=502, chunked=False)] * 2)
+    for call in (lambda: model.invoke("hi"), lambda: run(model.ainvoke("hi"))):
+        with pytest.raises(mc.APIError, match=r"HTTP 502: <html>x+\.\.\. \(the body is over 65536 characters\)") as caught:
+            call()
+        assert len(caught.value.body) == 65536  # a bounded prefix is kept
+    records = b'{"message":{"content":"' + b"y" * 2 ** 19 + b'"}}\n'
+    server.replies.append(Reply([records]))
+    with pytest.raises(mc.APIError, match=r"over 1024 bytes"):
+        ChatOllama(base_url=server.url, max_event_bytes=1024, max_retries=0).invoke("hi")
+
+
+def test_read_sse_reports_a_cut_event():
+    with pytest.raises(mc.IncompleteStreamError, match="the stream ended in the middle of an event"):
+        list(mc.read_sse([b'event: data\ndata: "a"\n\nevent: data\ndata: "b']))
+
+
+def test_ipv6_hosts_are_bracketed_and_ollama_defaults_its_port(monkeypatch: Any):
+    raw = RawServer(lambda conn: conn.sendall(SSE_HEAD + ONE_TOKEN + b"data: [DONE]\n\n"), host="::1")
+    try:
+        model = ChatOpenAI(base_url=raw.url + "/v1", max_retries=0)
+        list(model.stream("hi"))
+        run(alist(model.astream("hi")))
+        port = raw.url.rsplit(":", 1)[1]
+        assert [re.search(r"(?im)^host: (.*?)\r?$", h).group(1) for h in raw.heads] == [f"[::1]:{port}"] * 2  # type: ignore[union-attr]
+    finally:
+        raw.close()
+    for host, url in [("gpu-box", "http://gpu-box:11434"), ("gpu-box:8000", "http://gpu-box:8000"),
+                      ("[::1]", "http://[::1]:11434"), ("https://ollama.example", "https://ollama.example")]:
+        monkeypatch.setenv("OLLAMA_HOST", host)
+        assert ChatOllama().base_url == url
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: RunnableLambda(str).batch(None), r"batch takes a list of inputs, not NoneType: None; for one input use invoke"),
+    (lambda: run(RunnableLambda(str).abatch("ab")), r"abatch takes a list of inputs, not str: 'ab'; for one input use ainvoke"),
+    (lambda: RunnableLambda(str).with_config(callbacks=print), r"config callbacks must be a list of listeners, not a single builtin_function_or_method; write callbacks=\[print\]"),
+    (lambda: RunnableLambda(str).invoke(1, {"tags": 5}), r"config tags must be a list of str, not 5"),
+    (lambda: RunnableLambda(str).invoke(1, {"metadata": [1]}), r"config metadata must be a dict, not list: \[1\]"),
+    (lambda: RunnableLambda(str).batch([1], {"max_concurrency": 0}), r"config max_concurrency must be an int >= 1, not 0"),
+    (lambda: ChatOpenAI(base_url="http://x/v1", max_retries=None), r"ChatOpenAI: max_retries must be an int >= 0, not None"),
+])
+def test_bad_arguments_fail_at_the_call_that_received_them(call: Any, message: str):
+    with pytest.raises(TypeError, match="^" + message):
+        call()
+
+
 # ---------------------------------------------------------------------------------------------
 # 13. Server-sent events out, and the served example page
 # ---------------------------------------------------------------------------------------------
