@@ -2296,6 +2296,17 @@ def test_a_vendored_copy_runs_with_nothing_installed(tmp_path: Path):
         "a| |parrot| |joke", "['on_parser_start', 'on_parser_stream', 'on_parser_end']", "['minichain']"]
 
 
+def test_a_vendored_copy_runs_under_python_s_with_no_path_set_up(tmp_path: Path):
+    (tmp_path / "minichain.py").write_bytes((HERE / "minichain.py").read_bytes())
+    (tmp_path / "app.py").write_text(VENDORED_APP.replace("sys.path.insert(0,", "(None,"))
+    got = subprocess.run([sys.executable, "-S", "-W", "error", str(tmp_path / "app.py")],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert got.returncode == 0, got.stderr
+    isolated = subprocess.run([sys.executable, "-I", "-S", str(tmp_path / "app.py")],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert "No module named 'minichain'" in isolated.stderr  # what the README warns about
+
+
 def test_the_doctests_pass_with_plain_doctest_and_include_the_tour():
     assert ">>> chain = prompt | model | StrOutputParser()" in (mc.__doc__ or "")
     got = subprocess.run([sys.executable, "-m", "doctest", "minichain.py"], capture_output=True,
