@@ -2539,6 +2539,7 @@ async def _astream_events(runnable: Runnable[Any, Any], input: Any,
     context = contextvars.copy_context()  # the run's own context, as a task would have
     step: Any = None  # the run's current step (one `__anext__()` of the root), while suspended
     signal: Any = None  # what the step yielded: a future it awaits, or `_HANDOFF`
+    error: Optional[BaseException] = None  # to throw into the step where it waits
     failure: Optional[BaseException] = None
     try:
         while True:
@@ -2546,7 +2547,8 @@ async def _astream_events(runnable: Runnable[Any, Any], input: Any,
                 step = chunks.__anext__()
             channel.task = asyncio.current_task()
             try:
-                signal = context.run(step.send, None)
+                signal = context.run(step.send, None) if error is None else \
+                    context.run(step.throw, error)
             except StopIteration:  # the root yielded a chunk
                 step = signal = None
             except StopAsyncIteration:
@@ -2555,6 +2557,7 @@ async def _astream_events(runnable: Runnable[Any, Any], input: Any,
             except BaseException as exc:  # the run failed: raised after the events before it
                 step, failure = None, exc
                 break
+            error = None
             while channel.buffer:
                 yield channel.buffer.popleft()
             channel.caught_up()
@@ -2562,6 +2565,10 @@ async def _astream_events(runnable: Runnable[Any, Any], input: Any,
                 continue
             if signal is None:  # a bare `yield` (asyncio.sleep(0)): let the loop run once
                 await asyncio.sleep(0)
+                continue
+            if not asyncio.isfuture(signal):  # as a task does: refuse what the loop cannot wait on
+                error = RuntimeError(f"a step yielded {_short(signal)} to the event loop; "
+                                     "await only futures, coroutines or tasks")
                 continue
             signal._asyncio_future_blocking = False  # as a task does before it waits
             while not signal.done():
