@@ -2554,6 +2554,9 @@ async def _astream_events(runnable: Runnable[Any, Any], input: Any,
             except StopAsyncIteration:
                 step = None
                 break
+            except asyncio.CancelledError:  # the run ended on a cancellation: no more events
+                step = None
+                raise
             except BaseException as exc:  # the run failed: raised after the events before it
                 step, failure = None, exc
                 break
@@ -2572,7 +2575,15 @@ async def _astream_events(runnable: Runnable[Any, Any], input: Any,
                 continue
             signal._asyncio_future_blocking = False  # as a task does before it waits
             while not signal.done():
-                await _first_of(signal, channel)
+                try:
+                    await _first_of(signal, channel)
+                except asyncio.CancelledError as exc:
+                    # Our task was cancelled: by the consumer, or by the run itself (its
+                    # asyncio.timeout, its TaskGroup). As a task does, hand it to the run where
+                    # it waits, and let the run decide: end, or handle it and go on.
+                    if not signal.cancel():
+                        error = exc
+                    break
                 while channel.buffer:  # events from other tasks and threads, meanwhile
                     yield channel.buffer.popleft()
                 channel.caught_up()
@@ -2606,23 +2617,24 @@ async def _first_of(future: "asyncio.Future[Any]", channel: _Channel) -> None:
 
 
 async def _unwind(step: Any, signal: Any, context: contextvars.Context) -> None:
-    """Stop a suspended run: cancel what it awaits, then throw `_Stopped` in where it waits
-    and drive it until every `finally` of it has run (closing generators and connections)."""
-    error: Optional[BaseException] = _Stopped()
-    if signal is not None and signal is not _HANDOFF:
-        signal.cancel()
-        await asyncio.wait([signal])
+    """Cancel a suspended run as a task is cancelled: the future it awaits is cancelled (at a
+    handoff, `CancelledError` is thrown in where it waits), and the run is driven on until it
+    ends, so that every `finally`, `TaskGroup` and `wait_for` in it has cleaned up."""
+    error: Optional[BaseException] = None
+    if not (asyncio.isfuture(signal) and signal.cancel()):
+        error = asyncio.CancelledError()
     while True:
+        if asyncio.isfuture(signal) and not signal.done():
+            await asyncio.wait([signal])
         try:
             signal = context.run(step.throw, error) if error is not None else context.run(step.send, None)
         except (StopIteration, StopAsyncIteration, _Stopped, asyncio.CancelledError, GeneratorExit):
             return
         error = None
-        if signal is None or signal is _HANDOFF:
-            await asyncio.sleep(0)
-        else:  # its `finally` awaits: let that finish
+        if asyncio.isfuture(signal):  # its cleanup awaits: let that finish
             signal._asyncio_future_blocking = False
-            await asyncio.wait([signal])
+        else:
+            await asyncio.sleep(0)
 
 
 class RunLogPatch:
@@ -2876,8 +2888,8 @@ def _stream_events(runnable: Runnable[Any, Any], input: Any, config: Optional[Ru
         while True:
             with channel.cond:
                 channel.caught_up()
+                channel.consumer_waits = True  # before looking: an event after this wakes us
                 while not buffer and not channel.done:
-                    channel.consumer_waits = True
                     channel.cond.wait()
                 channel.consumer_waits = False
             if not buffer:
