@@ -1401,6 +1401,51 @@ def test_a_long_answer_is_folded_for_the_end_event_at_a_string_per_chunk():
     assert fold.value() == AIMessageChunk.join(chunks)
 
 
+def test_a_step_that_cancels_its_own_task_gets_the_cancellation_where_it_waits():
+    # what asyncio.timeout and TaskGroup do: cancel the current task, catch it at the await
+    async def step(x: str) -> str:
+        asyncio.get_running_loop().call_later(0.02, asyncio.current_task().cancel)  # type: ignore[union-attr]
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if hasattr(task, "uncancel"):
+                task.uncancel()  # type: ignore[union-attr]
+            return "timed out"
+        return x
+
+    async def main() -> List[tuple]:
+        return [(e["event"], e["data"]) async for e in RunnableLambda(step).astream_events("x")]
+    assert run(main()) == [("on_chain_start", {"input": "x"}), ("on_chain_stream", {"chunk": "timed out"}),
+                           ("on_chain_end", {"output": "timed out"})]
+
+
+def test_cancelling_the_consumer_cancels_and_awaits_what_a_step_waits_on():
+    log: List[str] = []
+
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(5)
+        finally:
+            log.append("slow closed")
+
+    async def step(x: str) -> str:
+        await asyncio.wait_for(slow(), 10)  # a task of its own
+        return x
+
+    async def main() -> int:
+        async def consume() -> None:
+            async for _ in RunnableLambda(step).astream_events("x"):
+                pass
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert log == ["slow closed"]  # before the consumer's cancellation was over
+        return len(asyncio.all_tasks())
+    assert run(main()) == 1
+
+
 def test_cancelling_a_sync_step_waiting_on_a_stalled_async_upstream_returns_at_once():
     closed: List[str] = []
 
