@@ -1324,6 +1324,8 @@ class _SyncInput(Iterator[T]):
         if self.abandoned:
             raise _Stopped()
         self.pulling = asyncio.run_coroutine_threadsafe(self._pull(), self.loop)
+        if self.abandoned:  # abandoned while we set out: `abandon` may have missed this pull
+            self.pulling.cancel()
         try:
             return cast(T, self.pulling.result())
         except StopAsyncIteration:
