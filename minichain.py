@@ -363,17 +363,33 @@ class AIMessageChunk(AIMessage):
 
         >>> AIMessageChunk.join([AIMessageChunk("a", id="x"), AIMessageChunk("b"), AIMessageChunk("c")])
         AIMessageChunk(content='abc', id='x')
+
+        Content blocks streamed in pieces under one `index` merge into one block:
+
+        >>> AIMessageChunk.join([AIMessageChunk([{"type": "text", "text": "Hel", "index": 0}]),
+        ...                      AIMessageChunk([{"type": "text", "text": "lo", "index": 0}])]).content
+        [{'type': 'text', 'text': 'Hello', 'index': 0}]
         """
         texts = [c.content for c in chunks]
         if all(t.__class__ is str for t in texts):
             content: Any = "".join(cast(List[str], texts))
         else:  # content blocks; adjacent plain text joins, so that addition is associative
             content = []
+            indexed: Dict[Any, int] = {}  # a streamed block's `index` -> its place in `content`
             for block in (b for t in texts for b in _as_blocks(t)):
                 if isinstance(block, str):
                     block = {"type": "text", "text": block}
+                if isinstance(block, dict) and block.get("index") in indexed:
+                    # a later piece of a block (Anthropic, OpenAI Responses): merged into it,
+                    # keeping the first piece's type, as langchain_core does
+                    at = indexed[block["index"]]
+                    content[at] = _merge_dicts(content[at], {k: v for k, v in block.items()
+                                                             if k not in ("type", "index")})
+                    continue
                 if content and _plain_text(block) and _plain_text(content[-1]):
                     block = {"type": "text", "text": content.pop()["text"] + block["text"]}
+                if isinstance(block, dict) and block.get("index") is not None:
+                    indexed[block["index"]] = len(content)
                 content.append(block)
         first = chunks[0]
         kwargs, meta, calls = first.additional_kwargs, first.response_metadata, first.tool_call_chunks

@@ -139,6 +139,21 @@ def test_addable_dict_merges_key_by_key_and_keeps_every_key():
     assert mc._fold(chunks) == {"j": {"x": 1}, "s": "t1 t2"}
 
 
+def test_content_blocks_streamed_under_one_index_merge_as_in_langchain_core():
+    pieces = [AIMessageChunk([{"type": "text", "text": "Hel", "index": 0}]),
+              AIMessageChunk([{"type": "text", "text": "lo", "index": 0}]),
+              AIMessageChunk([{"type": "tool_use", "id": "t1", "name": "f", "input": "", "index": 1}]),
+              AIMessageChunk([{"type": "input_json_delta", "partial_json": '{"a"', "index": 1}]),
+              AIMessageChunk([{"type": "input_json_delta", "partial_json": ": 1}", "index": 1}])]
+    expected = [{"type": "text", "text": "Hello", "index": 0},
+                {"type": "tool_use", "id": "t1", "name": "f", "input": "", "index": 1, "partial_json": '{"a": 1}'}]
+    assert AIMessageChunk.join(pieces).content == expected  # checked against langchain_core 1.7.2
+    total = pieces[0]
+    for piece in pieces[1:]:
+        total = total + piece
+    assert total.content == expected == (pieces[0] + pieces[1] + (pieces[2] + (pieces[3] + pieces[4]))).content
+
+
 # ---------------------------------------------------------------------------------------------
 # 2-3. Config, runs, events, the fold
 # ---------------------------------------------------------------------------------------------
