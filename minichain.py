@@ -741,11 +741,12 @@ class _Fold:
     AIMessageChunk(content='abc', id='x', chunk_position='last')
     """
 
-    __slots__ = ("kind", "texts", "parts", "keys", "total")
+    __slots__ = ("kind", "texts", "blocks", "parts", "keys", "total")
 
     def __init__(self) -> None:
-        self.kind: Any = None  # str, AIMessageChunk, AddableDict, or object (anything else)
-        self.texts: List[str] = []  # text not yet joined
+        self.kind: Any = None  # str, AIMessageChunk, AddableDict, list, or object (anything else)
+        self.texts: List[str] = []  # the latest pieces of text, not yet joined
+        self.blocks: List[str] = []  # earlier pieces, joined 256 at a time
         self.parts: List[Any] = []  # message chunks that carry more than text
         self.keys: Dict[str, _Fold] = {}
         self.total: Any = _MISSING
@@ -754,20 +755,33 @@ class _Fold:
         if chunk.__class__ is self.kind:
             if self.kind is str:
                 self.texts.append(chunk)
-                return
-            if self.kind is AIMessageChunk and chunk.content.__class__ is str and _bare(chunk, self.parts[0].id):
+            elif self.kind is AIMessageChunk and chunk.content.__class__ is str and _bare(chunk, self.parts[0].id):
                 self.texts.append(chunk.content)
+            else:
+                self._add(chunk)
                 return
+            if len(self.texts) >= 256:  # a string is cheaper than 256 small ones
+                self.blocks.append("".join(self.texts))
+                self.texts = []
+            return
         self._add(chunk)
+
+    def _text(self) -> str:
+        return "".join(self.blocks + self.texts)
 
     def _add(self, chunk: Any) -> None:
         kind = chunk.__class__
-        if self.kind is None and kind in (str, AIMessageChunk, AddableDict):
+        if self.kind is None and kind in (str, AIMessageChunk, AddableDict, list):
             self.kind = kind
         elif kind is not self.kind and self.kind is not object:  # mixed kinds: add as they come
             self.total, self.kind = self.value(), object
         if self.kind is str:
             self.texts.append(chunk)
+        elif self.kind is list:  # extended in place (a copy of the first chunk, never a chunk)
+            if self.total is _MISSING:
+                self.total = list(chunk)
+            else:
+                self.total.extend(chunk)
         elif self.kind is AIMessageChunk:
             self._flush()
             self.parts.append(chunk)
@@ -782,14 +796,16 @@ class _Fold:
             self.total = _add(self.total, chunk)
 
     def _flush(self) -> None:
-        if self.texts:
-            self.parts.append(AIMessageChunk("".join(self.texts), id=self.parts[0].id))
-            self.texts = []
+        if self.texts or self.blocks:
+            self.parts.append(AIMessageChunk(self._text(), id=self.parts[0].id))
+            self.texts, self.blocks = [], []
 
     def value(self) -> Any:
         """The fold so far (`_MISSING` if nothing was added)."""
         if self.kind is str:
-            return "".join(self.texts)
+            return self._text()
+        if self.kind is list:
+            return self.total
         if self.kind is AIMessageChunk:
             self._flush()
             return self.parts[0] if len(self.parts) == 1 else AIMessageChunk.join(self.parts)
@@ -941,9 +957,10 @@ class Run:
             for call, _ in self.pending:
                 getattr(call, "close", lambda: None)()
             self.pending.clear()
-            raise TypeError(f"an async listener (callback) was given to the sync run "
-                            f"{self.name!r}; async listeners are awaited only in async runs: "
-                            "call ainvoke/astream/astream_events, or pass a sync function")
+            raise TypeError(f"an async listener (callback) cannot be awaited in the sync run "
+                            f"{self.name!r} (sync code: invoke/stream, or a sync step inside an "
+                            "async call); run it with ainvoke/astream/astream_events and async "
+                            "steps, or pass a sync listener")
 
     def start(self, data: Dict[str, Any]) -> None:
         """Emit `on_<type>_start`."""
@@ -1361,8 +1378,9 @@ class _SyncInput(Iterator[T]):
 
 
 def _sync_only(name: str, method: str) -> TypeError:
+    async_method = "/".join("a" + m for m in method.split("/"))  # invoke/stream: ainvoke/astream
     return TypeError(f"{name} is async-only and cannot run in {method}(); use "
-                     f"a{method}() (or await it) instead, or give it a sync function")
+                     f"{async_method}() (or await it) instead, or give it a sync function")
 
 
 class _StopSignal:
@@ -1434,9 +1452,10 @@ async def _gather(awaitables: Sequence[Awaitable[T]]) -> List[T]:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
-    for task in tasks:
-        if not task.cancelled() and task.exception() is not None:
-            raise cast(BaseException, task.exception())
+    failures = [t.exception() for t in tasks if not t.cancelled()]  # each one retrieved
+    for failure in failures:
+        if failure is not None:
+            raise failure
     return [task.result() for task in tasks]
 
 
@@ -1789,9 +1808,11 @@ class Runnable(Generic[Input, Output]):
 
         Events are handed over as the run makes them, with backpressure: the run waits
         while the consumer is behind, at most the events of one step ahead (a parallel
-        branch or a sync step on a worker thread: at most 64). Leaving the loop (`break`
-        and `aclose()`) or cancelling stops the run at its next chunk, and every step and
-        connection is closed before `aclose()` returns.
+        branch or a sync step on a worker thread: at most 64). The run executes in the task
+        that reads the events. Leaving the loop (`break` and `aclose()`) or cancelling stops
+        the run at its next chunk; its generators and connections are closed before
+        `aclose()` returns (a sync function on a worker thread is told to stop, and ends in
+        the background if it is busy in code of its own).
 
         >>> async def main():
         ...     chain = RunnableLambda(lambda x: x + 1).with_config(run_name="inc")
@@ -2968,6 +2989,8 @@ async def adispatch_custom_event(name: str, data: Any, config: Optional[Runnable
     run = _custom_event(name, data, config)
     if run is not None:
         await run.settle()
+        if run.channel is not None and run.channel.buffer:  # backpressure, as at a chunk
+            await run.channel.pause()
 
 
 # ==============================================================================================

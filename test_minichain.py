@@ -258,7 +258,7 @@ def test_with_config_twice_merges_tags_and_metadata():
 def test_async_only_step_called_synchronously_says_to_use_the_async_method():
     async def f(x: int) -> int:
         return x
-    with pytest.raises(TypeError, match=r"RunnableLambda\(f\) is async-only and cannot run in invoke/stream\(\); use ainvoke/stream\(\)"):
+    with pytest.raises(TypeError, match=r"RunnableLambda\(f\) is async-only and cannot run in invoke/stream\(\); use ainvoke/astream\(\)"):
         RunnableLambda(f).invoke(1)
 
 
@@ -1604,6 +1604,41 @@ def test_a_failing_batch_input_stops_the_others():
     assert ran_on == []  # cancelled: no side effects after the error
 
 
+def test_custom_events_from_an_async_step_wait_for_the_consumer():
+    produced: List[int] = []
+
+    async def chatty(x: int) -> int:
+        for i in range(1000):
+            produced.append(i)
+            await mc.adispatch_custom_event("tick", i)
+        return x
+
+    async def main() -> int:
+        events = RunnableLambda(chatty).astream_events(1)
+        taken = 0
+        async for e in events:
+            taken += 1
+            if e["event"] == "on_custom_event" and e["data"] == 9:
+                break
+        await events.aclose()
+        return len(produced)
+    assert run(main()) <= 11  # not 1,000: the step waited at each event
+
+
+def test_failing_siblings_leave_no_unretrieved_task_errors(caplog: Any):
+    async def fails(x: int) -> int:
+        await asyncio.sleep(0.01)
+        raise Boom(f"input {x}")
+
+    async def main() -> None:
+        with pytest.raises(Boom):
+            await RunnableLambda(fails).abatch([1, 2, 3])
+    with caplog.at_level("ERROR", logger="asyncio"):
+        run(main())
+        gc.collect()
+    assert caplog.records == []
+
+
 def test_a_listener_that_calls_a_runnable_does_not_hear_that_call():
     heard: List[str] = []
     echo = RunnableLambda(lambda x: x)
@@ -1634,9 +1669,10 @@ def test_async_listeners_are_awaited_in_order_and_refused_in_sync_runs():
     heard.clear()
     assert run(alist(seq.astream(1, {"callbacks": [Handler()]}))) == [4]
     assert heard == ["end by method"] * 3
-    with pytest.raises(TypeError, match=r"an async listener \(callback\) was given to the sync run "
-                                        r"'RunnableSequence'; async listeners are awaited only in async "
-                                        r"runs: call ainvoke/astream/astream_events, or pass a sync function"):
+    with pytest.raises(TypeError, match=r"an async listener \(callback\) cannot be awaited in the sync run "
+                                        r"'RunnableSequence' \(sync code: invoke/stream, or a sync step inside "
+                                        r"an async call\); run it with ainvoke/astream/astream_events and async "
+                                        r"steps, or pass a sync listener"):
         seq.invoke(1, {"callbacks": [listener]})
 
 
