@@ -719,9 +719,49 @@ def _combine(chunks: List[Any]) -> Any:
     return out
 
 
+class _Snapshots(Iterator[Any]):
+    """The output chunks of a step whose every chunk is its whole output so far (a snapshot,
+    as `JsonOutputParser` streams them), marked so that a step folding them keeps the last
+    instead of adding them up. Only such steps' chunks pass through it.
+
+    >>> _fold(_Snapshots(iter([[10], [10, 20], [10, 20, 30]]))), _fold(iter([[10], [20]]))
+    ([10, 20, 30], [10, 20])
+    """
+
+    __slots__ = ("chunks",)
+
+    def __init__(self, chunks: Iterator[Any]) -> None:
+        self.chunks = chunks
+
+    def __next__(self) -> Any:
+        return next(self.chunks)
+
+    def close(self) -> None:
+        close = getattr(self.chunks, "close", None)
+        if close is not None:
+            close()
+
+
+class _ASnapshots(AsyncIterator[Any]):
+    """The async twin of `_Snapshots`."""
+
+    __slots__ = ("chunks",)
+
+    def __init__(self, chunks: AsyncIterator[Any]) -> None:
+        self.chunks = chunks
+
+    async def __anext__(self) -> Any:
+        return await self.chunks.__anext__()
+
+    async def aclose(self) -> None:
+        aclose = getattr(self.chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
 def _fold(chunks: Iterable[Any]) -> Any:
-    """All chunks `+`-ed together (`_MISSING` for none)."""
-    fold = _Fold()
+    """All chunks `+`-ed together (`_MISSING` for none); of snapshots, the last."""
+    fold = _Latest() if isinstance(chunks, _Snapshots) else _Fold()
     for chunk in chunks:
         fold.add(chunk)
     return fold.value()
@@ -811,6 +851,18 @@ class _Fold:
             return self.parts[0] if len(self.parts) == 1 else AIMessageChunk.join(self.parts)
         if self.kind is AddableDict:
             return AddableDict({k: None if f.kind is None else f.value() for k, f in self.keys.items()})
+        return self.total
+
+
+class _Latest(_Fold):
+    """The fold of snapshots: each chunk is the whole value so far, so the last one wins."""
+
+    __slots__ = ()
+
+    def add(self, chunk: Any) -> None:
+        self.kind, self.total = object, chunk
+
+    def value(self) -> Any:
         return self.total
 
 
@@ -1196,9 +1248,12 @@ def _open_run(runnable: "Runnable[Any, Any]", config: RunnableConfig, tag: Optio
         handlers = [_handler(h) for h in callbacks]
     tags = ([tag] if tag else []) + list(config.get("tags", ())) + runnable._own_tags()
     metadata = {**config.get("metadata", {}), **runnable._own_metadata()}
-    return Run(config.get("run_name") or runnable.get_name(), runnable.run_type,
-               list(dict.fromkeys(tags)), metadata, parent, handlers, config.get("run_id"),
-               streams, positional=bool(tag) and tags.count(tag) == 1)
+    run = Run(config.get("run_name") or runnable.get_name(), runnable.run_type,
+              list(dict.fromkeys(tags)), metadata, parent, handlers, config.get("run_id"),
+              streams, positional=bool(tag) and tags.count(tag) == 1)
+    if runnable._cumulative:
+        run.outputs = _Latest()
+    return run
 
 
 # ==============================================================================================
@@ -1287,8 +1342,14 @@ async def _atap(first: Any, rest: AsyncIterator[Any], run: Run) -> AsyncIterator
 
 
 async def _afold(chunks: AsyncIterator[Any]) -> Any:
-    """All chunks of an async iterator `+`-ed together (`_MISSING` for none)."""
+    """All chunks of an async iterator `+`-ed together (`_MISSING` for none); of snapshots,
+    the last."""
     try:
+        if isinstance(chunks, _ASnapshots):
+            last = _MISSING
+            async for last in chunks:
+                pass
+            return last
         return _combine([chunk async for chunk in chunks])
     finally:
         await _aclose(chunks)
@@ -1482,6 +1543,7 @@ class Runnable(Generic[Input, Output]):
     run_type = "chain"  # the event family: on_<run_type>_start / _stream / _end
     input_in_start = False  # fold the input before the run starts and show it in the start event
     _user_code = False  # runs user code, which may call runnables or dispatch custom events
+    _cumulative = False  # each output chunk is the whole output so far: folds keep the last
 
     # -- what components write ----------------------------------------------------------------
 
@@ -1549,13 +1611,16 @@ class Runnable(Generic[Input, Output]):
         """Run `_transform` over `inputs` as one run of this runnable, reporting its events."""
         transform = self._invoke_transform if invoked else self._transform
         run = _open_run(self, config, tag, self._streams(invoked)) if config.get("callbacks") else None
-        if run is None:
+        if run is not None:
+            chunks = self._traced(transform, inputs, config, run, known, invoked)
+        else:
             child = _child_config(config, None)
             # user code may call runnables: give it the config; siblings may have to stop us
             if child or self._user_code or _stop.get() is not None:
-                return _scoped(transform(inputs, child), child)
-            return transform(inputs, child)
-        return self._traced(transform, inputs, config, run, known, invoked)
+                chunks = _scoped(transform(inputs, child), child)
+            else:
+                chunks = transform(inputs, child)
+        return _Snapshots(chunks) if self._cumulative else chunks
 
     def _traced(self, transform: Callable[..., Iterator[Any]], inputs: Iterator[Any],
                 config: RunnableConfig, run: Run, known: Any, invoked: bool) -> Iterator[Any]:
@@ -1573,6 +1638,8 @@ class Runnable(Generic[Input, Output]):
             # the input is shown where the call gave it whole: the root, or a nested invoke
             run.start({"input": known} if known is not _MISSING and (run.root or invoked) else {})
             inputs = _tap(first, inputs, run)
+            if isinstance(source, _Snapshots):  # the step before streams snapshots
+                run.inputs, inputs = _Latest(), _Snapshots(inputs)
         if run.pending:
             run.refuse_async()
         child = _child_config(config, run)
@@ -1608,12 +1675,13 @@ class Runnable(Generic[Input, Output]):
         """Async twin of `_stream_run`."""
         transform = self._ainvoke_transform if invoked else self._atransform
         run = _open_run(self, config, tag, self._streams(invoked)) if config.get("callbacks") else None
-        if run is None:
+        if run is not None:
+            chunks = self._atraced(transform, inputs, config, run, known, invoked)
+        else:
             child = _child_config(config, None)
-            if child or self._user_code:
-                return _ascoped(transform(inputs, child), child)
-            return transform(inputs, child)
-        return self._atraced(transform, inputs, config, run, known, invoked)
+            chunks = _ascoped(transform(inputs, child), child) if child or self._user_code \
+                else transform(inputs, child)
+        return _ASnapshots(chunks) if self._cumulative else chunks
 
     async def _atraced(self, transform: Callable[..., AsyncIterator[Any]],
                        inputs: AsyncIterator[Any], config: RunnableConfig, run: Run, known: Any,
@@ -1632,6 +1700,8 @@ class Runnable(Generic[Input, Output]):
                 return
             run.start({"input": known} if known is not _MISSING and (run.root or invoked) else {})
             inputs = _atap(first, inputs, run)
+            if isinstance(source, _ASnapshots):
+                run.inputs, inputs = _Latest(), _ASnapshots(inputs)
         child = _child_config(config, run)
         agen = _ascoped(transform(inputs, child), child)
         channel, held = run.channel, []
@@ -1950,6 +2020,7 @@ class RunnableBinding(Runnable[Input, Output]):
 
     def __init__(self, bound: Runnable[Input, Output], config: RunnableConfig) -> None:
         self.bound, self.config = bound, config
+        self._cumulative = bound._cumulative
 
     def _name(self) -> str:
         return self.bound.get_name()
@@ -2043,6 +2114,7 @@ class RunnableSequence(Runnable[Input, Output]):
             raise ValueError(f"a RunnableSequence needs at least 2 steps, got {len(flat)}")
         self.steps: List[Runnable[Any, Any]] = flat
         self.name = name
+        self._cumulative = flat[-1]._cumulative  # its output is its last step's
 
     @property
     def first(self) -> Runnable[Any, Any]:
@@ -2811,8 +2883,10 @@ def _log_output(kind: str, output: Any) -> Any:
 class _RunLogger:
     """Turns events into run-log patches, one patch per event (None where nothing changes)."""
 
-    def __init__(self, keep: Optional[Callable[[Event], bool]], streamed_list: bool) -> None:
+    def __init__(self, keep: Optional[Callable[[Event], bool]], streamed_list: bool,
+                 cumulative: bool = False) -> None:
         self.keep, self.streamed_list = keep, streamed_list
+        self.cumulative = cumulative  # the root streams snapshots: the last is the output
         self.keys: Dict[str, str] = {}  # run id -> its key under /logs
         self.names: Dict[str, int] = {}  # how many entries each name has
         self.final: Any = _MISSING
@@ -2858,7 +2932,7 @@ class _RunLogger:
 
     def _root_chunk(self, chunk: Any) -> RunLogPatch:
         ops = [{"op": "add", "path": "/streamed_output/-", "value": chunk}] if self.streamed_list else []
-        if self.final is _MISSING:
+        if self.final is _MISSING or self.cumulative:
             self.final = chunk
             ops.append({"op": "replace", "path": "/final_output", "value": chunk})
             return RunLogPatch(*ops)
@@ -2876,7 +2950,7 @@ class _RunLogger:
 async def _astream_log(runnable: Runnable[Any, Any], input: Any, config: Optional[RunnableConfig],
                        keep: Optional[Callable[[Event], bool]], diff: bool,
                        streamed_list: bool) -> AsyncIterator[Any]:
-    logger = _RunLogger(keep, streamed_list)
+    logger = _RunLogger(keep, streamed_list, runnable._cumulative)
     events = _astream_events(runnable, input, config, None)
     log: Optional[RunLog] = None
     try:
@@ -3342,10 +3416,32 @@ class OutputParserException(ValueError):
 _WS = " \t\n\r"
 _STRIP = " \t\n\r`"  # langchain_core strips Unicode whitespace, then these, from the text
 _TRAILING = re.compile(r"[\s`]*\Z")  # a run of what may be stripped, at the end of a segment
+_SKIPPED = re.compile(r"[\s`]+")  # what is skipped before the value (and kept to find a fence)
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_NUMBER_CHARS = re.compile(r"[0-9+\-.eE]*")
+_NUMBER_SHOWN = 4300  # a longer number shows no new value until it ends (see `_number`)
 _STRING_STOP = re.compile(r'["\\]')
 _ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 _LITERALS = {"true": True, "false": False, "null": None}
+
+
+class _Open:
+    """An open container on the parse stack, and (in diff mode) what the last diff showed of it.
+
+    Containers are built in place, so one that closes is the same object in its parent; a
+    finished member is never changed again. Only the last member of an open container grows.
+    """
+
+    __slots__ = ("value", "key", "seg", "end", "shown", "done", "last_key")
+
+    def __init__(self, value: Any, seg: str) -> None:
+        self.value = value  # the dict or list, holding the finished members
+        self.key: Optional[str] = None  # a dict's key whose value is in progress
+        self.seg = seg  # its step in a JSON pointer: "/key" or "/index" ("" for the root)
+        self.end = 0  # where its pointer ends in `_JsonStream.pointer`
+        self.shown = -1  # members the last diff showed (-1: it was not open then)
+        self.done = 0  # how many of those were finished
+        self.last_key: Optional[str] = None  # a dict's last shown key
 
 
 class _JsonStream:
@@ -3354,35 +3450,49 @@ class _JsonStream:
     `feed(text)` consumes more text and says whether the snapshot changed; `snapshot()` is the
     partial value: open containers shown with what they hold so far, a string growing by
     prefix (trailing whitespace hidden until more text follows), a number as its longest valid
-    prefix, and a member dropped while its key, literal or `\\u` escape is incomplete. Each
-    snapshot copies only the open containers; finished values are shared between snapshots.
-    With `markdown`, leading whitespace and backticks and a ```json fence are skipped.
+    prefix, and a member dropped while its key, literal or `\\u` escape is incomplete. With
+    `markdown`, leading whitespace and backticks and a ```json fence are skipped. With `diff`,
+    `diff()` gives the JSON-patch ops from the last diff to now instead.
+
+    Each character is looked at a bounded number of times, and nothing is ever re-parsed or
+    compared whole: the open containers are a stack, and between two snapshots only its top
+    part can change (`low` is the shallowest level touched since the last diff). A snapshot
+    copies the open containers (the path to what changed); finished values are shared.
 
     >>> p = _JsonStream()
     >>> [(p.feed(t), p.snapshot()) for t in ['{"a', '": [1', '2, "x', ' ', '"]}']]
     [(True, {}), (True, {'a': [1]}), (True, {'a': [12, 'x']}), (False, {'a': [12, 'x']}), (True, {'a': [12, 'x ']})]
     """
 
-    def __init__(self, markdown: bool = True) -> None:
-        self.stack: List[List[Any]] = []  # open containers: [dict or list, pending key]
+    def __init__(self, markdown: bool = True, diff: bool = False) -> None:
+        self.stack: List[_Open] = []  # the open containers, outermost first
         self.mode = "start" if markdown else "value"
         self.token = ""  # scalar in progress: "str", "key", "num", "lit" or ""
         self.pieces: List[str] = []  # a string's decoded text so far
         self.tail = ""  # its trailing whitespace/backticks, shown once more text follows
         self.escape = ""  # an escape sequence not yet complete
-        self.raw = ""  # a number's or literal's text so far
+        self.raw = ""  # a number's or literal's text so far (a number's first _NUMBER_SHOWN)
+        self.more: List[str] = []  # the rest of a number longer than that
         self.shown: Any = _MISSING  # a number's value as shown (its longest valid prefix)
         self.length = 0  # a string's length so far (without its tail)
         self.measure: Any = None  # what the scalar in progress showed after the last feed
         self.result: Any = _MISSING  # the whole value, once complete
         self.error = ""  # why the text is not JSON
         self.offset = 0  # characters consumed, for error positions
-        self.preamble = ""  # text before the value, while looking for a ```json fence
+        self.preamble = ""  # what decides where a ```json fence starts (kept short)
         self.strip = markdown
         self.changed = False
-        self.shown_value: Any = _MISSING  # the last snapshot given out (for diff mode)
         self.in_trailing_string = self.trailing_escape = self.stray_closer = False
         self.trailing_depth = 0
+        # diff mode: what the last diff showed (see `diff`)
+        self.diff_mode = diff
+        self.diffed = False  # whether a diff was made yet
+        self.low = 0  # the shallowest level changed since (-1: the root value itself)
+        self.depth = 0  # how many containers were open
+        self.scalar: Any = _MISSING  # the scalar in progress shown at the deepest level
+        self.closed: List[_Open] = []  # containers shown then and closed since, deepest first
+        self.pointer = ""  # the JSON pointer of the open containers' first `pointed` levels
+        self.pointed = 0
 
     # -- feeding -------------------------------------------------------------------------------
 
@@ -3401,8 +3511,9 @@ class _JsonStream:
             elif self.token == "lit":
                 i = self._literal(text, i)
             elif self.mode == "start" and (text[i] == "`" or text[i].isspace()):
-                self.preamble += text[i]
-                i += 1
+                m = _SKIPPED.match(text, i)
+                self._keep_preamble(self.preamble + (m.group() if m else text[i]))
+                i = m.end() if m else i + 1
             elif self.mode == "start" and text[i] in '{["-0123456789tfn':
                 self.mode = "value"
             elif self.mode in ("start", "fence"):
@@ -3436,11 +3547,31 @@ class _JsonStream:
                 self.stray_closer = self.stray_closer or self.trailing_depth < 0
         return len(text)
 
+    def _keep_preamble(self, skipped: str) -> None:
+        """Keep of the whitespace and backticks skipped so far only what can still matter.
+        langchain_core's fence search takes the first ```; what follows it is skipped again
+        (and searched again) once the value does not start, so it alone is kept; with no ```,
+        only the last two characters can still begin one. (Keeping it all made prose and
+        whitespace quadratic: every chunk searched and copied everything before it.)"""
+        while True:
+            at = skipped.find("```")
+            if at < 0:
+                self.preamble = skipped[-2:]
+                return
+            if at + 3 == len(skipped):
+                self.preamble = "```"
+                return
+            skipped = skipped[at + 3:]
+
     def _after_fence(self) -> str:
         """The text after a ```json fence in the preamble ("" while there is none yet)."""
         at = self.preamble.find("```")
-        rest = self.preamble[at + 3:] if at >= 0 else ""
-        if at < 0 or (len(rest) < 4 and "json".startswith(rest)):
+        if at < 0:
+            self.preamble = self.preamble[-2:]  # prose: only a ``` across chunks can matter
+            return ""
+        rest = self.preamble[at + 3:]
+        if len(rest) < 4 and "json".startswith(rest):
+            self.preamble = self.preamble[at:]
             return ""  # wait for more: this may still become ```json
         self.mode, self.preamble = "start", ""
         return rest[4:] if rest.startswith("json") else rest
@@ -3454,12 +3585,16 @@ class _JsonStream:
         if mode in ("value", "value_or_end") and c not in "]}":
             self._begin_value(c)
         elif c in "]}" and mode in ("after", "key_or_end", "value_or_end"):
-            if frame is None or (c == "}") != isinstance(frame[0], dict):
+            if frame is None or (c == "}") != isinstance(frame.value, dict):
                 return self._fail(f"unexpected {c!r}")
             self.stack.pop()
-            self._complete(frame[0], changed=False)
+            if self.diff_mode:
+                self.pointed = min(self.pointed, len(self.stack))
+                if frame.shown >= 0:
+                    self.closed.append(frame)
+            self._complete(frame.value, changed=False)
         elif c == "," and mode == "after" and frame is not None:
-            self.mode = "key" if isinstance(frame[0], dict) else "value"
+            self.mode = "key" if isinstance(frame.value, dict) else "value"
         elif c == '"' and mode in ("key", "key_or_end"):
             self.token, self.pieces, self.tail = "key", [], ""
         elif c == ":" and mode == "colon":
@@ -3468,8 +3603,14 @@ class _JsonStream:
             self._fail(f"unexpected {c!r}")
 
     def _begin_value(self, c: str) -> None:
+        self.low = min(self.low, len(self.stack) - 1)  # the value is a new member there
         if c == "{" or c == "[":  # an open container shows at once, empty
-            self.stack.append([{} if c == "{" else [], None])
+            seg = ""
+            if self.diff_mode and self.stack:
+                parent = self.stack[-1]
+                at = parent.key if isinstance(parent.value, dict) else str(len(parent.value))
+                seg = "/" + _escape(cast(str, at))
+            self.stack.append(_Open({} if c == "{" else [], seg))
             self.mode = "key_or_end" if c == "{" else "value_or_end"
             self.changed = True
             return
@@ -3477,7 +3618,7 @@ class _JsonStream:
         if c == '"':  # an open string shows as '' and grows by prefix
             self.token, self.pieces, self.tail, self.length = "str", [], "", 0
         elif c in "-0123456789":  # a number shows its longest valid prefix
-            self.token, self.raw = "num", c
+            self.token, self.raw, self.more = "num", c, []
             self._show_number()
         elif c in "tfn":  # a literal shows once complete
             self.token, self.raw = "lit", c
@@ -3488,15 +3629,16 @@ class _JsonStream:
         """A value is finished: store it in its container (or as the result)."""
         self.token, self.measure = "", None
         self.changed = self.changed or changed
+        self.low = min(self.low, len(self.stack) - 1)
         if not self.stack:
             self.result, self.mode = value, "done"
             return
-        container, key = self.stack[-1]
-        if isinstance(container, dict):
-            container[key] = value
-            self.stack[-1][1] = None
+        frame = self.stack[-1]
+        if isinstance(frame.value, dict):
+            frame.value[frame.key] = value
+            frame.key = None
         else:
-            container.append(value)
+            frame.value.append(value)
         self.mode = "after"
 
     def _measure(self) -> Any:
@@ -3540,7 +3682,7 @@ class _JsonStream:
                 value = "".join(self.pieces) + self.tail
                 if self.token == "key":
                     self.token, self.mode = "", "colon"
-                    self.stack[-1][1] = value
+                    self.stack[-1].key = value
                 else:
                     self._complete(value, changed=self.measure != (len(value), value[-1:]))
                 return i
@@ -3586,22 +3728,34 @@ class _JsonStream:
             self.length += 1
 
     def _number(self, text: str, i: int) -> int:
-        start = i
-        while i < len(text) and text[i] in "0123456789+-.eE":
-            i += 1
-        self.raw += text[start:i]
-        self._show_number()
-        if i < len(text):  # the number ended
-            if _NUMBER.fullmatch(self.raw) is None:
-                self._fail(f"invalid number {self.raw!r}")
-                return i
-            value = self._number_value(self.raw)
-            self._complete(value, changed=self.measure is None or self.measure != value)
-        return i
+        end = _NUMBER_CHARS.match(text, i).end()  # type: ignore[union-attr]  # `*` always matches
+        if self.more or len(self.raw) + end - i > _NUMBER_SHOWN:
+            # deviation: past 4,300 characters a number shows no new value until it ends (one
+            # digit can still change it, so langchain_core re-reads it all at every chunk)
+            self.more.append(text[i:end])
+        else:
+            self.raw += text[i:end]
+            self._show_number()
+        if end < len(text):  # the number ended
+            self._end_number()
+        return end
+
+    def _end_number(self) -> None:
+        raw = self.raw + "".join(self.more)
+        if _NUMBER.fullmatch(raw) is None:
+            return self._fail(f"invalid number {_short(raw)}")
+        value = self._number_value(raw)
+        self._complete(value, changed=self.measure is None or self.measure != value)
 
     @staticmethod
     def _number_value(text: str) -> Any:
-        return float(text) if any(c in text for c in ".eE") else int(text)
+        if any(c in text for c in ".eE"):
+            return float(text)
+        try:
+            return int(text)
+        except ValueError as exc:  # over Python's limit on digits (3.11+): not a JSON error
+            raise OutputParserException(f"the JSON number {_short(text, 40)} is too long to "
+                                        f"convert to an int: {exc}") from None
 
     def _show_number(self) -> None:
         m = _NUMBER.match(self.raw)
@@ -3623,9 +3777,8 @@ class _JsonStream:
 
     def finish(self) -> None:
         """The text has ended: a number at the very end is complete."""
-        if self.token == "num" and _NUMBER.fullmatch(self.raw):
-            value = self._number_value(self.raw)
-            self._complete(value, changed=self.measure is None or self.measure != value)
+        if self.token == "num" and _NUMBER.fullmatch(self.raw + "".join(self.more)):
+            self._end_number()
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -3641,55 +3794,149 @@ class _JsonStream:
             return self.shown
         return _MISSING
 
-    def snapshot(self) -> Any:
-        """The partial value now (`_MISSING` if nothing can be shown yet)."""
+    def _scalar_shown(self) -> bool:
+        """Whether a snapshot shows a scalar in progress (without building it)."""
+        if self.token == "str":
+            return not self.escape.startswith("\\u")
+        return self.token == "num" and self.shown is not _MISSING
+
+    def showing(self) -> bool:
+        """Whether there is a snapshot to show (false before the value starts, or after an error)."""
+        return self.result is not _MISSING or bool(self.stack) or self._scalar_shown()
+
+    def snapshot(self, level: int = 0) -> Any:
+        """The partial value now (`_MISSING` if nothing can be shown yet); with `level`, the
+        part of it that starts at that depth of the open containers."""
         if self.result is not _MISSING:
             return self.result
         inner = self._scalar()
-        for container, key in reversed(self.stack):
-            copy: Any = dict(container) if isinstance(container, dict) else list(container)
+        for frame in reversed(self.stack[level:]):
+            copy: Any = dict(frame.value) if isinstance(frame.value, dict) else list(frame.value)
             if inner is not _MISSING:
                 if isinstance(copy, dict):
-                    if key is not None:
-                        copy[key] = inner
+                    if frame.key is not None:
+                        copy[frame.key] = inner
                 else:
                     copy.append(inner)
             inner = copy
         return inner
 
+    # -- diff mode -----------------------------------------------------------------------------
 
-def _grow_ops(old: Any, new: Any, path: str) -> List[Dict[str, Any]]:
-    """JSON-patch ops from one JSON snapshot to the next. Only the end of each container can
-    change between snapshots (its last member grows, hides or is followed by new ones), and
-    finished members are the same objects, so only the ends are looked at.
+    def diff(self) -> List[Dict[str, Any]]:
+        """JSON-patch ops from what the last diff showed to what a snapshot shows now, as
+        jsonpatch makes them from two snapshots (langchain_core's diff mode), without making
+        or comparing snapshots: only the levels changed since the last diff are visited.
 
-    >>> _grow_ops({"a": [1], "b": "x"}, {"a": [1], "b": "xy", "c": {}}, "")
-    [{'op': 'add', 'path': '/c', 'value': {}}, {'op': 'replace', 'path': '/b', 'value': 'xy'}]
-    """
-    if old is new:
-        return []
-    if isinstance(old, dict) and isinstance(new, dict):  # removed, added, then changed keys
-        ops: List[Dict[str, Any]] = []
-        last = next(reversed(old), None) if old else None
-        if last is not None and last not in new:
-            ops.append({"op": "remove", "path": f"{path}/{_escape(last)}"})
-        added = []
-        for key in reversed(new):  # the keys after the old ones
-            if key in old:
-                break
-            added.append(key)
-        ops += [{"op": "add", "path": f"{path}/{_escape(k)}", "value": new[k]} for k in reversed(added)]
-        if last is not None and last in new:
-            ops += _grow_ops(old[last], new[last], f"{path}/{_escape(last)}")
+        >>> p = _JsonStream(diff=True)
+        >>> [(p.feed(t), p.diff()) for t in ['{"a": [1', ', 2], "b": "x']][1][1]
+        [{'op': 'add', 'path': '/b', 'value': 'x'}, {'op': 'add', 'path': '/a/1', 'value': 2}]
+        """
+        low = max(min(self.low, len(self.stack) - 1), 0)  # the levels above it are as shown
+        if not self.diffed:
+            self.diffed, low = True, 0
+            ops = [{"op": "replace", "path": "", "value": self.snapshot()}]
+        elif self.depth == 0:  # the root was a scalar
+            value = self.result if self.result is not _MISSING else self._scalar()
+            ops = [] if _same(self.scalar, value) else [{"op": "replace", "path": "", "value": value}]
+        else:
+            ops = self._level_ops(low)
+        self._remember(low)
         return ops
-    if isinstance(old, list) and isinstance(new, list):
-        if len(new) < len(old):  # the last element was hidden again (a partial \u escape)
-            return [{"op": "remove", "path": f"{path}/{i}"} for i in range(len(old) - 1, len(new) - 1, -1)]
-        ops = _grow_ops(old[-1], new[len(old) - 1], f"{path}/{len(old) - 1}") if old else []
-        return ops + [{"op": "add", "path": f"{path}/{i}", "value": new[i]} for i in range(len(old), len(new))]
-    if type(old) is type(new) and old == new:
-        return []
-    return [{"op": "replace", "path": path, "value": new}]
+
+    def _level_ops(self, level: int) -> List[Dict[str, Any]]:
+        """The ops from `level` down: at each level, what was added after the members shown
+        last time, and what became of the last of those (it may have grown, or been hidden)."""
+        stack = self.stack
+        frame = stack[level] if level < len(stack) else self.closed.pop()
+        path = self._pointer(level) if level < len(stack) else ""
+        # jsonpatch puts an object's own ops before its last member's, a list's after them:
+        # `before` is in order, `after` reversed, and the deeper levels' ops go between
+        before: List[Dict[str, Any]] = []
+        after: List[Dict[str, Any]] = []
+        while True:
+            value, is_dict = frame.value, isinstance(frame.value, dict)
+            is_open = level < len(stack) and stack[level] is frame
+            done = len(value)
+            growing = is_open and (level < len(stack) - 1 or self._scalar_shown())
+            count = done + growing
+            was_open = frame.shown > frame.done  # the last shown member was in progress
+            last: Any = frame.last_key if is_dict else frame.shown - 1
+            own: List[Dict[str, Any]] = []
+            if was_open and count < frame.shown:  # hidden again (a partial \u escape)
+                own.append({"op": "remove", "path": _member(path, last)})
+            elif count > frame.shown:
+                keys: Iterable[Any] = self._new_keys(frame, done - frame.shown) if is_dict \
+                    else range(frame.shown, done)
+                own += [{"op": "add", "path": _member(path, k), "value": value[k]} for k in keys]
+                if growing and done >= frame.shown:  # the member in progress is new too
+                    own.append({"op": "add", "path": _member(path, frame.key if is_dict else done),
+                                "value": self.snapshot(level + 1)})
+            if is_dict:
+                before.extend(own)
+            else:
+                after.extend(reversed(own))
+            if not was_open or count < frame.shown:
+                break
+            path = _member(path, last)
+            if level + 1 < self.depth:  # the last member was an open container: go down
+                level += 1
+                child = stack[level] if level < len(stack) else None
+                frame = child if child is not None and child.shown >= 0 else self.closed.pop()
+                continue
+            # the last member was the scalar in progress: it grew, or it ended
+            now = value[last] if done >= frame.shown else self._scalar()
+            if not _same(self.scalar, now):
+                before.append({"op": "replace", "path": path, "value": now})
+            break
+        return before + after[::-1]
+
+    @staticmethod
+    def _new_keys(frame: _Open, n: int) -> List[str]:
+        """The last `n` keys of a dict, in order (without looking at the others)."""
+        keys: List[str] = []
+        for key in reversed(frame.value):
+            if len(keys) >= n:
+                break
+            keys.append(key)
+        return keys[::-1]
+
+    def _pointer(self, level: int) -> str:
+        """The JSON pointer of the open container at `level`. The pointer of the outer levels
+        is kept, so a deep document's pointer is built once, not once per diff."""
+        if level >= self.pointed:
+            base = self.pointer[:self.stack[self.pointed - 1].end] if self.pointed else ""
+            end, segs = len(base), []
+            for frame in self.stack[self.pointed:level + 1]:
+                end += len(frame.seg)
+                frame.end = end
+                segs.append(frame.seg)
+            self.pointer, self.pointed = base + "".join(segs), level + 1
+        return self.pointer[:self.stack[level].end]
+
+    def _remember(self, low: int) -> None:
+        """Note what is shown now, on the levels that may have changed (`low` and deeper)."""
+        top = len(self.stack) - 1
+        for level in range(low, top + 1):
+            frame = self.stack[level]
+            frame.done = len(frame.value)
+            growing = level < top or self._scalar_shown()
+            frame.shown = frame.done + growing
+            if isinstance(frame.value, dict):
+                frame.last_key = frame.key if growing else next(reversed(frame.value), None)
+        self.depth, self.low = len(self.stack), len(self.stack)
+        self.scalar = self._scalar() if self.token else self.result
+        self.closed.clear()
+
+
+def _member(path: str, key: Any) -> str:
+    """The JSON pointer of a container's member (a dict's key or a list's index)."""
+    return f"{path}/{_escape(str(key))}"
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two scalars are the same JSON value (1, 1.0 and True are not)."""
+    return type(a) is type(b) and a == b
 
 
 def parse_partial_json(text: str) -> Any:
@@ -3817,10 +4064,15 @@ class JsonOutputParser(BaseOutputParser[Any]):
     """Parses JSON from model output, streaming partial objects as the JSON grows.
 
     Streaming yields a new snapshot only when the value changed: keys appear once their value
-    starts, strings grow by prefix, numbers digit by digit. Each snapshot is a distinct object;
-    finished sub-objects are shared between snapshots (treat them as read-only). The cost is
-    linear in the text (langchain_core re-parses everything per chunk). Text that is not JSON
-    streams nothing; `invoke` raises `OutputParserException` for it.
+    starts, strings grow by prefix, numbers digit by digit. Each snapshot is a fresh object,
+    but only the containers still open (the path to what changed) are copied; finished
+    sub-objects are shared between snapshots (treat them as read-only). The cost is linear in
+    the text plus the size of those copies (langchain_core re-parses everything per chunk);
+    whether the value changed is known without comparing snapshots. Any depth works (nothing
+    recurses). Text that is not JSON streams nothing; `invoke` raises `OutputParserException`
+    for it, and so does streaming an integer longer than Python converts (4,300 digits unless
+    `sys.set_int_max_str_digits` changed it, on 3.11+). A number over 4,300 characters shows
+    no new value until it ends.
 
     >>> chunks = ['{"name": "Fr', 'ance", "pop', '": 67', '4}']
     >>> list(JsonOutputParser().transform(iter(chunks)))
@@ -3829,8 +4081,9 @@ class JsonOutputParser(BaseOutputParser[Any]):
     {'a': [1, 2]}
 
     With `diff=True` it streams JSON-patch operations from one snapshot to the next instead
-    (as langchain_core's does); they are found by looking at the growing end of each open
-    container only, not by comparing whole snapshots.
+    (the same ops as langchain_core's); no snapshot is made or compared: the ops come from the
+    levels of the open containers that changed, so the cost is linear in the text plus the
+    size of the ops (a growing string's op carries the whole string, as langchain_core's does).
 
     >>> list(JsonOutputParser(diff=True).transform(iter(['{"a": [1', ', 2], "b": "x', 'y"}'])))
     [[{'op': 'replace', 'path': '', 'value': {'a': [1]}}], [{'op': 'add', 'path': '/b', 'value': 'x'}, {'op': 'add', 'path': '/a/1', 'value': 2}], [{'op': 'replace', 'path': '/b', 'value': 'xy'}]]
@@ -3838,22 +4091,20 @@ class JsonOutputParser(BaseOutputParser[Any]):
 
     def __init__(self, *, diff: bool = False) -> None:
         self.diff = diff
+        # deviation: langchain_core `+`-adds the snapshots where a step folds them (for
+        # `[10, 20, 30]`: [10] + [10, 20] + [10, 20, 30]), so stream and invoke differ there
+        self._cumulative = not diff
 
     def _start(self) -> _JsonStream:
-        return _JsonStream()
+        return _JsonStream(diff=self.diff)
 
     def _feed(self, state: _JsonStream, text: str) -> Iterable[Any]:
-        if state.feed(text):
-            value = state.snapshot()
-            if value is not _MISSING:
-                if not self.diff:
-                    return (value,)
-                previous, state.shown_value = state.shown_value, value
-                if previous is _MISSING:
-                    return ([{"op": "replace", "path": "", "value": value}],)
-                ops = _grow_ops(previous, value, "")
-                return (ops,) if ops else ()
-        return ()
+        if not state.feed(text) or not state.showing():
+            return ()
+        if not self.diff:
+            return (state.snapshot(),)
+        ops = state.diff()
+        return (ops,) if ops else ()
 
     def parse(self, text: str) -> Any:
         """Parse a whole output (a partial document gives its partial value)."""

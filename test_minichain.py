@@ -704,6 +704,135 @@ def test_json_snapshots_are_not_changed_by_later_chunks():
     assert out == [{"a": [1]}, {"a": [1, 2]}, {"a": [1, 2], "b": {}}, {"a": [1, 2], "b": {"c": 3}}]
 
 
+# -- cost: every shape is linear, counted as work done, not timed --------------------------------
+
+def _json_shapes(n: int) -> dict:
+    """Chunk lists that were quadratic before (or could be): `n` sets the size."""
+    prose = ("The model ignored the format and wrote prose instead. " * (n // 50 + 1))[:n]
+    flat = "[" + ", ".join(str(i % 100) for i in range(n // 3)) + "]"
+    wide = json.dumps({f"k{i}": i for i in range(n // 8)})
+    return {
+        "prose": [prose[i:i + 4] for i in range(0, n, 4)],
+        "flat array": [flat[i:i + 4] for i in range(0, len(flat), 4)],
+        "one bracket per chunk": ["["] * (n // 20),
+        "long number, a digit per chunk": ["[0."] + ["1"] * n,
+        "long string, a char per chunk": ['{"s": "'] + ["a"] * n + ['"}'],
+        "wide object": [wide[i:i + 4] for i in range(0, len(wide), 4)],
+        "deep object": ['{"a": '] * (n // 20) + ["1"],
+    }
+
+
+def _json_work(pieces: List[str], diff: bool) -> int:
+    """The work the parser does on `pieces`: lines of minichain run (Python-level work), plus
+    the characters its few C-level calls on possibly long text read (the fence search, a
+    number's re-reading) and the members it copies. In snapshot mode, building the yielded snapshots is left out: that
+    is the size of the output, which is allowed to grow with the depth of the path copied."""
+    here = mc.__file__
+    count = [0]
+    skip = set() if diff else {"snapshot", "_scalar"}
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line":
+            count[0] += 1
+        return local
+
+    def calls(frame: Any, event: str, arg: Any) -> Any:
+        code = frame.f_code
+        return local if code.co_filename == here and code.co_name not in skip else None
+    stream_cls = mc._JsonStream
+    originals = {name: getattr(stream_cls, name)
+                 for name in ("_after_fence", "_keep_preamble", "_show_number", "snapshot")}
+
+    def read(name: str, size: Any) -> Any:
+        def wrapper(self: Any, *args: Any) -> Any:
+            count[0] += size(self, *args)
+            return originals[name](self, *args)
+        return wrapper
+    stream_cls._after_fence = read("_after_fence", lambda self: len(self.preamble))
+    stream_cls._keep_preamble = read("_keep_preamble", lambda self, skipped: len(skipped))
+    stream_cls._show_number = read("_show_number", lambda self: len(self.raw))
+    if diff:  # the members a snapshot copies (diff mode makes them only as ops' values)
+        stream_cls.snapshot = read("snapshot", lambda self, level=0: sum(len(f.value) for f in self.stack[level:]))
+    sys.settrace(calls)
+    try:
+        for _ in JsonOutputParser(diff=diff).transform(iter(pieces)):
+            pass
+    finally:
+        sys.settrace(None)
+        for name, method in originals.items():
+            setattr(stream_cls, name, method)
+    return count[0]
+
+
+@pytest.mark.parametrize("diff", [False, True], ids=["snapshots", "diff"])
+@pytest.mark.parametrize("shape", list(_json_shapes(100)))
+def test_json_parser_work_grows_linearly_with_the_input(shape: str, diff: bool):
+    small, large = (_json_work(_json_shapes(n)[shape], diff) for n in (12_000, 24_000))
+    assert large / small < 2.3, (small, large)  # quadratic would be ~4
+
+
+def test_json_snapshots_copy_only_the_open_path_and_share_finished_members():
+    out = list(JsonOutputParser().transform(iter(['{"a": [1, {"b": 2}], "c": [', "3", ", 4"])))
+    assert out == [{"a": [1, {"b": 2}], "c": []}, {"a": [1, {"b": 2}], "c": [3]},
+                   {"a": [1, {"b": 2}], "c": [3, 4]}]
+    assert out[0]["a"] is out[1]["a"] is out[2]["a"]  # finished: shared
+    assert out[0]["c"] is not out[1]["c"]  # open: copied
+
+
+def _depth(value: Any) -> int:
+    depth = 0
+    while isinstance(value, list) and value:
+        value, depth = value[0], depth + 1
+    return depth
+
+
+def test_json_parser_has_no_depth_limit_in_either_mode():
+    depth = 20_000
+    text = "[" * depth + "1" + "]" * depth
+    assert _depth(JsonOutputParser().invoke(text)) == depth
+    assert _depth(mc.parse_partial_json(text[:depth])) == depth - 1
+    snapshots = list(JsonOutputParser().transform(iter([text[:depth], text[depth:]])))
+    assert [_depth(s) for s in snapshots] == [depth - 1, depth]
+    patches = list(JsonOutputParser(diff=True).transform(iter(text)))  # a bracket per chunk
+    assert len(patches) == depth + 1
+    assert patches[-1] == [{"op": "add", "path": "/0" * depth, "value": 1}]
+
+
+@pytest.mark.skipif(not hasattr(sys, "set_int_max_str_digits"), reason="no int digit limit before 3.11")
+def test_an_integer_too_long_for_python_is_an_output_parser_exception():
+    text = '{"n": ' + "7" * 5000 + "}"
+    message = (r"the JSON number '7777+\.\.\. is too long to convert to an int: Exceeds the limit "
+               r"\(4300 digits\) for integer string conversion: value has 5000 digits; use "
+               r"sys.set_int_max_str_digits\(\) to increase the limit")
+    with pytest.raises(OutputParserException, match=message):
+        JsonOutputParser().invoke(text)
+    with pytest.raises(OutputParserException, match=message):
+        list(JsonOutputParser().transform(iter([text[:3000], text[3000:]])))
+    assert JsonOutputParser().invoke('{"n": 0.' + "7" * 5000 + "}") == {"n": 0.7777777777777778}
+
+
+def test_a_number_longer_than_4300_characters_shows_its_value_when_it_ends():
+    out = list(JsonOutputParser().transform(iter(["[1e-", "0" * 4400, "5", "5", "]"])))
+    assert out == [[1], [1e-55]]  # deviation: langchain_core also shows [1e-05] between them
+
+
+def test_stream_and_invoke_agree_when_a_step_folds_json_snapshots():
+    def make() -> Any:
+        return GenericFakeChatModel(messages=iter(["[10, 20, 30]"])) | JsonOutputParser() | sum
+    got = every_mode(make, "x")
+    assert got == {"invoke": 60, "stream": [60], "astream": [60], "ainvoke": 60,
+                   "stream_events_output": [60]}  # deviation: langchain_core streams 100
+
+    def parsed() -> Any:
+        return GenericFakeChatModel(messages=iter(["[10, 20, 30]"])) | JsonOutputParser()
+    for events in (list(parsed().stream_events("x")), run(alist(parsed().astream_events("x")))):
+        ends = {e["name"]: e["data"]["output"] for e in events if e["event"].endswith("_end")}
+        assert ends["JsonOutputParser"] == ends["RunnableSequence"] == [10, 20, 30]
+    patches = GenericFakeChatModel(messages=iter(["[10, 20, 30]"])) | JsonOutputParser(diff=True)
+    kinds = (patches | (lambda ops: [op["op"] for op in ops])).stream("x")
+    assert list(kinds) == [["replace", "add", "add"]]  # patches are deltas: they still add up
+
+
 # ---------------------------------------------------------------------------------------------
 # 9-10. Retrieval and tools
 # ---------------------------------------------------------------------------------------------
