@@ -761,8 +761,15 @@ class _ASnapshots(AsyncIterator[Any]):
 
 def _fold(chunks: Iterable[Any]) -> Any:
     """All chunks `+`-ed together (`_MISSING` for none); of snapshots, the last."""
+    it = iter(chunks)
+    first = next(it, _MISSING)
+    second = _MISSING if first is _MISSING else next(it, _MISSING)
+    if second is _MISSING:  # none or one (what `invoke` mostly sees): nothing to add
+        return first
     fold = _Latest() if isinstance(chunks, _Snapshots) else _Fold()
-    for chunk in chunks:
+    fold.add(first)
+    fold.add(second)
+    for chunk in it:
         fold.add(chunk)
     return fold.value()
 
