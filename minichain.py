@@ -1033,13 +1033,17 @@ class Run:
         if not self.streams:
             return
         if self.token_order:
-            self.emit({"event": f"on_{self.type}_stream", "data": {"chunk": chunk},
-                       "run_id": self.id, "name": self.name, "tags": self.tags,
-                       "metadata": self.metadata, "parent_ids": self.parent_ids})
+            event = {"event": f"on_{self.type}_stream", "data": {"chunk": chunk},
+                     "run_id": self.id, "name": self.name, "tags": self.tags,
+                     "metadata": self.metadata, "parent_ids": self.parent_ids}
         else:
-            self.emit({"event": f"on_{self.type}_stream", "run_id": self.id, "name": self.name,
-                       "tags": self.tags, "metadata": self.metadata, "data": {"chunk": chunk},
-                       "parent_ids": self.parent_ids})
+            event = {"event": f"on_{self.type}_stream", "run_id": self.id, "name": self.name,
+                     "tags": self.tags, "metadata": self.metadata, "data": {"chunk": chunk},
+                     "parent_ids": self.parent_ids}
+        if self.solo is not None:  # the per-chunk path of an event stream: straight to it
+            self.solo(event)
+        else:
+            self.emit(event)
 
     def end(self, output: Any, extra: Optional[Dict[str, Any]] = None) -> None:
         """Emit `on_<type>_end` with the output (and the input, except for the root)."""
