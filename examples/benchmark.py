@@ -7,8 +7,10 @@ shows medians and ratios (ratios are what to read on a noisy machine). Implement
 - langchain_core, when an interpreter that has it is given (`--lc-python PATH`, or it is
   importable here): `pip install 'langchain-core==1.7.2'` in a separate virtualenv;
 - bare: hand-written generators and async generators doing the same work with no framework,
-  the floor to compare against. For JSON, "bare" drives minichain's push parser from a plain
-  loop, so the ratio is the cost of the Runnable around it. For events, "bare" is the same
+  the floor to compare against. For JSON, "bare" is an independent partial parser written
+  here (`bare_partial_json`): it scans each chunk once, tracking open containers and strings,
+  and parses the text seen, closed, with json.loads at the end; it yields no snapshots, so it
+  is the cost of reading the text once. For events, "bare" is the same
   three-stage pipeline where each stage builds the 7-key v2 event dicts a listener would
   (per chunk, with the run's name, id, parents, tags and metadata) and the outer generator
   hands them over after every chunk.
@@ -31,7 +33,14 @@ at 2k and 200k chunks (the answer string is built before tracing; the fake's chu
 Run from the repository root:  python examples/benchmark.py [--lc-python /path/to/python]
 Only some rows:  python examples/benchmark.py --only first_event,slow_memory
 (sections: import, stream, astream, astream_events, invoke, stream_events, abatch, json,
-memory, first_event, slow_memory)
+json_shapes, memory, first_event, slow_memory)
+
+JSON shapes: each input shape that once made a partial JSON parser quadratic (prose with no
+JSON, a flat array, a bracket per chunk, a long number or string a character per chunk, a wide
+object, a deep object), at two sizes, in snapshot and diff mode; the table prints the time at
+the larger size and the growth exponent between the two (1 is linear, 2 quadratic). Snapshot
+mode copies the open containers for every snapshot, so where the path itself grows with the
+input (a flat array, deep nesting) the snapshots are what grows: diff mode shows the parser.
 """
 import argparse
 import asyncio
@@ -50,6 +59,8 @@ WORDS = 2000  # the long answer: 2,000 words, so ~4,000 chunks
 EVENT_CHUNKS = [2_000, 200_000]  # sizes for time to first event and slow-consumer memory
 SLOW_EVERY, SLOW_SLEEP = 1_000, 0.001  # the slow consumer: sleeps 1 ms every 1,000 events
 JSON_SIZES = [1_000, 4_000, 16_000, 64_000, 256_000, 1_000_000]
+JSON_SHAPE_SIZES = [50_000, 100_000]  # characters, about
+LC_SHAPE_BUDGET = 30.0  # seconds langchain_core may spend on one shape at one size
 LC_JSON_BUDGET = 150.0  # seconds langchain_core may spend on one JSON size
 LC_FIRST_EVENT_BUDGET = 120.0  # seconds one langchain_core time-to-first-event run may take
 
@@ -83,6 +94,55 @@ def json_doc(size: int) -> str:
 
 def chunks_of(text: str, n: int = 4) -> List[str]:
     return [text[i:i + n] for i in range(0, len(text), n)]
+
+
+def json_shapes(n: int) -> Dict[str, List[str]]:
+    """The chunks of each JSON shape at about `n` characters."""
+    prose = ("The model ignored the format and wrote prose instead. " * (n // 50 + 1))[:n]
+    flat = "[" + ", ".join(str(i % 100) for i in range(n // 3)) + "]"
+    wide = json.dumps({f"k{i}": i for i in range(n // 8)})
+    return {
+        "prose, no JSON": chunks_of(prose),
+        "flat array of ints": chunks_of(flat),
+        "a bracket per chunk": ["["] * (n // 20),
+        "long number, a digit per chunk": ["[0."] + ["1"] * n,
+        "long string, a char per chunk": ['{"s": "'] + ["a"] * n + ['"}'],
+        "wide object": chunks_of(wide),
+        "deep object": ['{"a": '] * (n // 20) + ["1"],
+    }
+
+
+def bare_partial_json(pieces: Iterator[str]) -> Any:
+    """An independent partial JSON parser, the floor: one pass over each chunk tracking the
+    open containers and whether a string is open, then json.loads of the text seen, closed
+    where it stops (None where that is not JSON)."""
+    closers: List[str] = []
+    in_string = escaped = False
+    seen = []
+    for piece in pieces:
+        seen.append(piece)
+        for c in piece:
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif c == "\\":
+                    escaped = True
+                elif c == '"':
+                    in_string = False
+            elif c == '"':
+                in_string = True
+            elif c == "[" or c == "{":
+                closers.append("]" if c == "[" else "}")
+            elif (c == "]" or c == "}") and closers:
+                closers.pop()
+    text = "".join(seen).rstrip().rstrip(",")
+    if in_string:
+        text += '"'
+    text += "".join(reversed(closers))
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
 
 
 def lib(name: str) -> Dict[str, Any]:
@@ -439,15 +499,8 @@ def work_json(impl: str, size: int) -> Dict[str, Any]:
     pieces = chunks_of(doc)
     expected = json.loads(doc)
     if impl == "bare":
-        sys.path.insert(0, ROOT)
-        import minichain as m
-
         def run() -> Any:
-            state, last = m._JsonStream(), None
-            for piece in pieces:
-                if state.feed(piece):
-                    last = state.snapshot()
-            return last
+            return bare_partial_json(iter(pieces))
     else:
         parser = lib(impl)["JsonOutputParser"]()
 
@@ -461,6 +514,29 @@ def work_json(impl: str, size: int) -> Dict[str, Any]:
     seconds = time.perf_counter() - start
     assert final == expected, "the final object differs from json.loads(doc)"
     return {"seconds": seconds, "count": len(pieces), "bytes": len(doc)}
+
+
+def work_json_shape(impl: str, spec: str) -> Dict[str, Any]:
+    """One JSON shape at one size, in one mode: `spec` is "shape index/mode/size"."""
+    index, mode, size = spec.split("/")
+    pieces = list(json_shapes(int(size)).values())[int(index)]
+    if impl == "bare":
+        def run() -> Any:
+            return bare_partial_json(iter(pieces))
+    else:
+        parser = lib(impl)["JsonOutputParser"](diff=mode == "diff")
+
+        def run() -> Any:
+            n = 0
+            for _ in parser.transform(iter(pieces)):
+                n += 1
+            return n
+    start = time.perf_counter()
+    try:
+        run()
+    except Exception as exc:  # langchain_core: RecursionError past ~1,000 levels
+        return {"seconds": time.perf_counter() - start, "count": len(pieces), "error": type(exc).__name__}
+    return {"seconds": time.perf_counter() - start, "count": len(pieces)}
 
 
 def work_memory(impl: str, chunks: int) -> Dict[str, Any]:
@@ -495,11 +571,12 @@ def work_import(impl: str) -> Dict[str, Any]:
 WORKLOADS: Dict[str, Callable[..., Dict[str, Any]]] = {
     "import": work_import, "stream": work_stream, "astream": work_astream,
     "astream_events": work_astream_events, "stream_events": work_stream_events,
-    "invoke": work_invoke, "abatch": work_abatch, "json": work_json, "memory": work_memory,
+    "invoke": work_invoke, "abatch": work_abatch, "json": work_json,
+    "json_shape": work_json_shape, "memory": work_memory,
     "first_astream_event": work_first_astream_event, "first_stream_event": work_first_stream_event,
     "slow_astream_events": work_slow_astream_events, "slow_stream_events": work_slow_stream_events}
 SECTIONS = ["import", "stream", "astream", "astream_events", "invoke", "stream_events", "abatch",
-            "json", "memory", "first_event", "slow_memory"]
+            "json", "json_shapes", "memory", "first_event", "slow_memory"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,6 +630,38 @@ def size_label(chunks: int) -> str:
     return f"{chunks // 1000}k" if chunks % 1000 == 0 else str(chunks)
 
 
+def json_shape_rows(rows: List[List[str]], me: str, lc: str, repeats: int) -> None:
+    """Each JSON shape, in each mode: the time at the larger size and the growth exponent."""
+    small, large = JSON_SHAPE_SIZES
+
+    def cell(results: List[Any]) -> str:
+        if any(r is None for r in results):  # (a langchain_core run that timed out)
+            return f"over budget ({LC_SHAPE_BUDGET:g} s)"
+        failed = [r["error"] for r in results if "error" in r]
+        if failed:
+            return f"fails: {failed[0]}"
+        times = [r["seconds"] for r in results]
+        growth = math.log(max(times[1], 1e-9) / max(times[0], 1e-9)) / math.log(large / small)
+        return f"{fmt(times[1], 's')}, exponent {growth:.2f}"
+    bare_done: Dict[int, str] = {}
+    for index, shape in enumerate(json_shapes(100)):
+        for mode in ("snapshots", "diff"):
+            spec = f"{index}/{mode}/"
+            mine = [median(me, "minichain", "json_shape", repeats, spec + str(n)) for n in (small, large)]
+            theirs = "n/a"
+            if lc:
+                runs = [median(lc, "langchain_core", "json_shape", 1, spec + str(small), timeout=LC_SHAPE_BUDGET)]
+                if runs[0] is not None and "error" not in runs[0]:  # else the larger one is no better
+                    runs.append(median(lc, "langchain_core", "json_shape", 1, spec + str(large),
+                                       timeout=LC_SHAPE_BUDGET))
+                theirs = cell(runs)
+            if index not in bare_done:  # the floor does not depend on the mode
+                bare = [median(me, "bare", "json_shape", repeats, spec + str(n)) for n in (small, large)]
+                bare_done[index] = cell(bare)
+            rows.append([f"JSON {shape}, {mode}, {small // 1000}k vs {large // 1000}k chars",
+                         cell(mine), theirs, bare_done[index]])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -564,7 +673,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         impl, workload, *rest = args.worker
-        arg = int(rest[0]) if rest else None
+        arg = (int(rest[0]) if rest[0].isdigit() else rest[0]) if rest else None
         result = WORKLOADS[workload](impl, arg) if arg is not None else WORKLOADS[workload](impl)
         print(json.dumps(result))
         return
@@ -665,6 +774,9 @@ def main() -> None:
     if wanted("json"):
         rows.append(["JSON scaling exponent (fit)", exponent(json_times["minichain"]),
                      exponent(json_times["langchain_core"]) if lc else "n/a", exponent(json_times["bare"])])
+
+    if wanted("json_shapes"):
+        json_shape_rows(rows, me, lc, repeats)
 
     low, high = EVENT_CHUNKS[0], EVENT_CHUNKS[-1]
     vs = f"{size_label(low)} vs {size_label(high)} chunks"
