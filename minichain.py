@@ -3426,7 +3426,9 @@ class OutputParserException(ValueError):
 
 _WS = " \t\n\r"
 _STRIP = " \t\n\r`"  # langchain_core strips Unicode whitespace, then these, from the text
-_TRAILING = re.compile(r"[\s`]*\Z")  # a run of what may be stripped, at the end of a segment
+# a segment up to its last character that may not be stripped (linear: a search for the
+# stripped run at the end would try every start in a long run of spaces)
+_LAST_SHOWN = re.compile(r".*[^\s`]", re.S)
 _SKIPPED = re.compile(r"[\s`]+")  # what is skipped before the value (and kept to find a fence)
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _NUMBER_CHARS = re.compile(r"[0-9+\-.eE]*")
@@ -3678,8 +3680,11 @@ class _JsonStream:
             end = m.start() if m else len(text)
             if end > i:
                 segment = text[i:end]
-                trailing = _TRAILING.search(segment) if self.strip else None
-                shown = segment[:trailing.start()] if trailing else segment
+                if self.strip:  # up to its last character that is not whitespace or a backtick
+                    last = _LAST_SHOWN.match(segment)
+                    shown = segment[:last.end()] if last else ""
+                else:
+                    shown = segment
                 if shown:
                     self.pieces.append(self.tail + shown)
                     self.length += len(self.tail) + len(shown)
