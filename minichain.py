@@ -3308,6 +3308,13 @@ class FakeListChatModelError(Exception):
     """
 
 
+def _one_at_a_time(config: Union[RunnableConfig, List[RunnableConfig], None]) -> Any:
+    """A batch's config(s) with `max_concurrency=1`: inputs run one after another, in order."""
+    if isinstance(config, list):
+        return [{**c, "max_concurrency": 1} for c in config]
+    return {**(config or {}), "max_concurrency": 1}
+
+
 class FakeListChatModel(BaseChatModel):
     """A fake chat model that cycles through `responses`, one character per chunk.
 
@@ -3341,31 +3348,12 @@ class FakeListChatModel(BaseChatModel):
         >>> [m.content for m in FakeListChatModel(responses=["a", "b"]).batch(["x", "y", "z"])]
         ['a', 'b', 'a']
         """
-        return [self._one(lambda c: self.invoke(x, c), c, return_exceptions)
-                for x, c in zip(inputs, _batch_configs(config, len(inputs)))]
+        return super().batch(inputs, _one_at_a_time(config), return_exceptions=return_exceptions)
 
     async def abatch(self, inputs: List[Any], config: Union[RunnableConfig, List[RunnableConfig], None] = None,
                      *, return_exceptions: bool = False) -> List[AIMessage]:
         """Async twin of `batch`: one input after another."""
-        out = []
-        for x, c in zip(inputs, _batch_configs(config, len(inputs))):
-            try:
-                out.append(await self.ainvoke(x, c))
-            except Exception as exc:
-                if not return_exceptions:
-                    raise
-                out.append(cast(Any, exc))
-        return out
-
-    @staticmethod
-    def _one(call: Callable[[RunnableConfig], AIMessage], config: RunnableConfig,
-             return_exceptions: bool) -> AIMessage:
-        try:
-            return call(config)
-        except Exception as exc:
-            if not return_exceptions:
-                raise
-            return cast(AIMessage, exc)
+        return await super().abatch(inputs, _one_at_a_time(config), return_exceptions=return_exceptions)
 
     def _check(self, i: int) -> None:
         if self.error_on is not None and i == self.error_on:
