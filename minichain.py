@@ -978,6 +978,7 @@ class Run:
         extra = handlers.handlers if isinstance(handlers, Run) else [_handler(h) for h in handlers]
         parent = copy.copy(self)
         parent.handlers = list(self.handlers) + [h for h in extra if h not in self.handlers]
+        parent.solo = None if len(parent.handlers) > 1 else self.solo
         return parent
 
     def emit(self, event: Event) -> None:
