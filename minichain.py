@@ -690,35 +690,6 @@ def _add(a: Any, b: Any) -> Any:
         return b
 
 
-def _combine(chunks: List[Any]) -> Any:
-    """`chunks[0] + chunks[1] + ...` (`_MISSING` for none), in one pass where the types allow:
-    strings join, message chunks join, one-key dicts combine key by key. Adding them one by one
-    would copy the growing text at every step (quadratic for a long answer).
-
-    >>> _combine(["a", "b", "c"]), _combine([AddableDict(a="x"), AddableDict(b=1), AddableDict(a="y")])
-    ('abc', {'a': 'xy', 'b': 1})
-    """
-    if len(chunks) < 2:
-        return chunks[0] if chunks else _MISSING
-    kinds = {c.__class__ for c in chunks}
-    if kinds == {str}:
-        return "".join(chunks)
-    if kinds == {AIMessageChunk}:
-        return AIMessageChunk.join(chunks)
-    if kinds == {AddableDict}:
-        by_key: Dict[str, List[Any]] = {}
-        for chunk in chunks:
-            for key, value in chunk.items():
-                if value is not None or key not in by_key:
-                    by_key.setdefault(key, []).append(value)
-        return AddableDict({k: _combine([v for v in vs if v is not None]) if any(v is not None for v in vs)
-                            else None for k, vs in by_key.items()})
-    out = _MISSING
-    for chunk in chunks:
-        out = _add(out, chunk)
-    return out
-
-
 class _Snapshots(Iterator[Any]):
     """The output chunks of a step whose every chunk is its whole output so far (a snapshot,
     as `JsonOutputParser` streams them), marked so that a step folding them keeps the last
@@ -817,7 +788,7 @@ class _Fold:
         return "".join(self.blocks + self.texts)
 
     def _add(self, chunk: Any) -> None:
-        kind = chunk.__class__
+        kind = AddableDict if isinstance(chunk, AddableDict) else chunk.__class__
         if self.kind is None and kind in (str, AIMessageChunk, AddableDict, list):
             self.kind = kind
         elif kind is not self.kind and self.kind is not object:  # mixed kinds: add as they come
@@ -836,7 +807,7 @@ class _Fold:
             for key, value in chunk.items():
                 fold = self.keys.get(key)
                 if fold is None:
-                    fold = self.keys[key] = _Fold()
+                    fold = self.keys[key] = _Latest() if isinstance(chunk, _Snapshot) else _Fold()
                 if value is not None:  # None is "no value": any value replaces it
                     fold.add(value)
         else:
@@ -859,6 +830,12 @@ class _Fold:
         if self.kind is AddableDict:
             return AddableDict({k: None if f.kind is None else f.value() for k, f in self.keys.items()})
         return self.total
+
+
+class _Snapshot(AddableDict):
+    """A parallel step's chunk from a branch that streams snapshots (`{"json": {...}}`): a
+    fold keeps that key's last value instead of adding them up. (`+` still adds, as
+    `AddableDict` does.)"""
 
 
 class _Latest(_Fold):
@@ -1356,13 +1333,11 @@ async def _atap(first: Any, rest: AsyncIterator[Any], run: Run) -> AsyncIterator
 async def _afold(chunks: AsyncIterator[Any]) -> Any:
     """All chunks of an async iterator `+`-ed together (`_MISSING` for none); of snapshots,
     the last."""
+    fold = _Latest() if isinstance(chunks, _ASnapshots) else _Fold()
     try:
-        if isinstance(chunks, _ASnapshots):
-            last = _MISSING
-            async for last in chunks:
-                pass
-            return last
-        return _combine([chunk async for chunk in chunks])
+        async for chunk in chunks:
+            fold.add(chunk)
+        return fold.value()
     finally:
         await _aclose(chunks)
 
@@ -2294,6 +2269,11 @@ class RunnableParallel(Runnable[Input, Dict[str, Any]]):
     def _name(self) -> str:
         return self.name or f"RunnableParallel<{','.join(self.steps)}>"
 
+    def _chunk(self, key: str, chunk: Any) -> AddableDict:
+        """One branch's chunk as a one-key dict; a snapshot-streaming branch's is marked, so
+        that folds keep its last snapshot (`_Snapshot`)."""
+        return _Snapshot({key: chunk}) if self.steps[key]._cumulative else AddableDict({key: chunk})
+
     def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
         tee = _Tee(inputs, len(self.steps))
         branches = [(key, step._stream_run(tee.branch(i), config, f"map:key:{key}"))
@@ -2301,10 +2281,10 @@ class RunnableParallel(Runnable[Input, Dict[str, Any]]):
         try:
             if len(branches) == 1:  # nothing to run concurrently
                 key, it = branches[0]
-                yield from (AddableDict({key: chunk}) for chunk in it)
+                yield from (self._chunk(key, chunk) for chunk in it)
             else:
                 for key, chunk in _interleave(branches):
-                    yield AddableDict({key: chunk})
+                    yield self._chunk(key, chunk)
         finally:
             _close(inputs)
 
@@ -2315,7 +2295,7 @@ class RunnableParallel(Runnable[Input, Dict[str, Any]]):
         merged = _ainterleave(branches)
         try:
             async for key, chunk in merged:
-                yield AddableDict({key: chunk})
+                yield self._chunk(key, chunk)
         finally:
             await _aclose(merged)
             await _aclose(inputs)

@@ -834,6 +834,18 @@ def test_stream_and_invoke_agree_when_a_step_folds_json_snapshots():
     assert list(kinds) == [["replace", "add", "add"]]  # patches are deltas: they still add up
 
 
+def test_a_parallel_branch_of_json_snapshots_folds_to_its_last_snapshot():
+    def make() -> Any:
+        parsed = GenericFakeChatModel(messages=iter(["[10, 20, 30]"])) | JsonOutputParser()
+        return RunnableParallel(j=parsed, q=RunnablePassthrough()) | (lambda d: (sum(d["j"]), d["q"]))
+    assert every_mode(make, "x") == {"invoke": (60, "x"), "stream": [(60, "x")], "astream": [(60, "x")],
+                                     "ainvoke": (60, "x"), "stream_events_output": [(60, "x")]}
+    parallel = RunnableParallel(j=GenericFakeChatModel(messages=iter(["[10, 20, 30]"])) | JsonOutputParser())
+    chunks = list(parallel.stream("x"))
+    assert chunks[-1] == {"j": [10, 20, 30]} and isinstance(chunks[-1], AddableDict)
+    assert mc._fold(iter(chunks)) == {"j": [10, 20, 30]}
+
+
 # ---------------------------------------------------------------------------------------------
 # 9-10. Retrieval and tools
 # ---------------------------------------------------------------------------------------------
