@@ -3398,6 +3398,7 @@ _STRIP = " \t\n\r`"  # langchain_core strips Unicode whitespace, then these, fro
 # a segment up to its last character that may not be stripped (linear: a search for the
 # stripped run at the end would try every start in a long run of spaces)
 _LAST_SHOWN = re.compile(r".*[^\s`]", re.S)
+_LAST_OTHER_SPACE = re.compile(r".*[^\S \t\n\r]", re.S)  # up to the last whitespace not in _STRIP
 _SKIPPED = re.compile(r"[\s`]+")  # what is skipped before the value (and kept to find a fence)
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _NUMBER_CHARS = re.compile(r"[0-9+\-.eE]*")
@@ -3451,7 +3452,7 @@ class _JsonStream:
         self.mode = "start" if markdown else "value"
         self.token = ""  # scalar in progress: "str", "key", "num", "lit" or ""
         self.pieces: List[str] = []  # a string's decoded text so far
-        self.tail = ""  # its trailing whitespace/backticks, shown once more text follows
+        self._new_tail()  # a string's trailing whitespace/backticks, shown once more text follows
         self.escape = ""  # an escape sequence not yet complete
         self.raw = ""  # a number's or literal's text so far (a number's first _NUMBER_SHOWN)
         self.more: List[str] = []  # the rest of a number longer than that
@@ -3578,7 +3579,8 @@ class _JsonStream:
         elif c == "," and mode == "after" and frame is not None:
             self.mode = "key" if isinstance(frame.value, dict) else "value"
         elif c == '"' and mode in ("key", "key_or_end"):
-            self.token, self.pieces, self.tail = "key", [], ""
+            self.token, self.pieces = "key", []
+            self._new_tail()
         elif c == ":" and mode == "colon":
             self.mode = "value"
         else:
@@ -3598,7 +3600,8 @@ class _JsonStream:
             return
         self.measure = None  # a new scalar: nothing of it shown yet
         if c == '"':  # an open string shows as '' and grows by prefix
-            self.token, self.pieces, self.tail, self.length = "str", [], "", 0
+            self.token, self.pieces, self.length = "str", [], 0
+            self._new_tail()
         elif c in "-0123456789":  # a number shows its longest valid prefix
             self.token, self.raw, self.more = "num", c, []
             self._show_number()
@@ -3629,15 +3632,50 @@ class _JsonStream:
             return None if self.shown is _MISSING else self.shown
         if self.token != "str" or self.escape.startswith("\\u"):
             return None
-        shown_tail = self._shown_tail()
-        last = (self.pieces[-1][-1:] if self.pieces else "") if not shown_tail else shown_tail[-1]
-        return (self.length + len(shown_tail), last)
+        if self.escape or not self.strip:  # the whole tail shows
+            shown, last = self.tail_len, self.tail[-1][-1:] if self.tail else ""
+        else:
+            shown, last = self.tail_cut, self.tail_cut_char
+        if not shown:
+            last = self.pieces[-1][-1:] if self.pieces else ""
+        return (self.length + shown, last)
+
+    def _new_tail(self) -> None:
+        self.tail: List[str] = []  # pieces of the run of whitespace/backticks the string ends with
+        self.tail_len = 0
+        # langchain_core strips Unicode whitespace, then " \t\n\r`": of the tail, what is left
+        # ends at the last other whitespace (\xa0, \u2028...) that comes before a backtick
+        self.tail_cut, self.tail_cut_char = 0, ""
+        self.other_end, self.other_char = 0, ""  # the last such whitespace seen in the tail
+
+    def _add_tail(self, run: str) -> None:
+        """Add a run of whitespace and backticks to the tail, keeping where the strip cuts it
+        (so that neither growing it nor measuring it reads it all again)."""
+        tick = run.rfind("`")
+        if tick >= 0:
+            other = _LAST_OTHER_SPACE.match(run, 0, tick)
+            if other:
+                self.tail_cut, self.tail_cut_char = self.tail_len + other.end(), run[other.end() - 1]
+            else:
+                self.tail_cut, self.tail_cut_char = self.other_end, self.other_char
+        other = _LAST_OTHER_SPACE.match(run)
+        if other:
+            self.other_end, self.other_char = self.tail_len + other.end(), run[other.end() - 1]
+        self.tail.append(run)
+        self.tail_len += len(run)
+
+    def _take_tail(self) -> str:
+        """The whole tail, which joins the string's text (more text came after it)."""
+        tail = "".join(self.tail)
+        self._new_tail()
+        return tail
 
     def _shown_tail(self) -> str:
         """The part of a string's trailing whitespace that langchain_core's strip leaves."""
+        tail = "".join(self.tail)
         if self.escape or not self.strip:
-            return self.tail  # the text ends in a backslash: nothing is stripped
-        return self.tail.rstrip().rstrip(_STRIP)
+            return tail  # the text ends in a backslash: nothing is stripped
+        return tail[:self.tail_cut]
 
     def _string(self, text: str, i: int) -> int:
         if self.escape:
@@ -3655,16 +3693,18 @@ class _JsonStream:
                 else:
                     shown = segment
                 if shown:
-                    self.pieces.append(self.tail + shown)
-                    self.length += len(self.tail) + len(shown)
-                    self.tail = segment[len(shown):]
+                    tail = self._take_tail()
+                    self.pieces.append(tail + shown)
+                    self.length += len(tail) + len(shown)
+                    if len(shown) < len(segment):
+                        self._add_tail(segment[len(shown):])
                 else:
-                    self.tail += segment
+                    self._add_tail(segment)
             if m is None:
                 return len(text)
             i = end + 1
             if text[end] == '"':
-                value = "".join(self.pieces) + self.tail
+                value = "".join(self.pieces) + self._take_tail()
                 if self.token == "key":
                     self.token, self.mode = "", "colon"
                     self.stack[-1].key = value
@@ -3701,9 +3741,9 @@ class _JsonStream:
         """Add an escaped character (joining a surrogate pair, as json.loads does)."""
         self.escape = ""
         if self.tail:
-            self.pieces.append(self.tail)
-            self.length += len(self.tail)
-            self.tail = ""
+            tail = self._take_tail()
+            self.pieces.append(tail)
+            self.length += len(tail)
         last = self.pieces[-1] if self.pieces else ""
         if 0xDC00 <= ord(decoded) <= 0xDFFF and last and 0xD800 <= ord(last[-1]) <= 0xDBFF:
             pair = (last[-1] + decoded).encode("utf-16", "surrogatepass").decode("utf-16")
