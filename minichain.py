@@ -3406,6 +3406,7 @@ _NUMBER_SHOWN = 4300  # a longer number shows no new value until it ends (see `_
 _STRING_STOP = re.compile(r'["\\]')
 _ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 _LITERALS = {"true": True, "false": False, "null": None}
+_DIFF_FREE, _DIFF_RATIO = 1 << 16, 16  # the ops' budget in diff mode (see `diff_due`)
 
 
 class _Open:
@@ -3476,6 +3477,9 @@ class _JsonStream:
         self.closed: List[_Open] = []  # containers shown then and closed since, deepest first
         self.pointer = ""  # the JSON pointer of the open containers' first `pointed` levels
         self.pointed = 0
+        self.path_size = 0  # the length of the deepest open container's pointer
+        self.spent = 0  # what the diffs so far cost (see `diff_due`)
+        self.held = False  # whether a change waits for the next diff
 
     # -- feeding -------------------------------------------------------------------------------
 
@@ -3573,6 +3577,7 @@ class _JsonStream:
             self.stack.pop()
             if self.diff_mode:
                 self.pointed = min(self.pointed, len(self.stack))
+                self.path_size -= len(frame.seg)
                 if frame.shown >= 0:
                     self.closed.append(frame)
             self._complete(frame.value, changed=False)
@@ -3594,6 +3599,7 @@ class _JsonStream:
                 parent = self.stack[-1]
                 at = parent.key if isinstance(parent.value, dict) else str(len(parent.value))
                 seg = "/" + _escape(cast(str, at))
+                self.path_size += len(seg)
             self.stack.append(_Open({} if c == "{" else [], seg))
             self.mode = "key_or_end" if c == "{" else "value_or_end"
             self.changed = True
@@ -3847,6 +3853,24 @@ class _JsonStream:
         return inner
 
     # -- diff mode -----------------------------------------------------------------------------
+
+    def diff_due(self) -> bool:
+        """Whether to diff now, or hold the change for a later diff that will include it.
+
+        Each op carries a whole growing string and a full path, so diffing after every chunk
+        costs the square of the input for a long string arriving a character at a time, or a
+        deep document a bracket at a time. Ops are held while what they would carry (the path
+        and the string in progress) would take the total past `_DIFF_FREE` characters plus
+        `_DIFF_RATIO` per character read: below that every change is sent, as langchain_core
+        does; past it a change is sent once the input has grown by a sixteenth of its cost.
+        """
+        cost = self.path_size + (self.length if self.token == "str" else 0) + 1
+        if self.spent + cost > _DIFF_FREE + _DIFF_RATIO * self.offset:
+            self.held = True
+            return False
+        self.spent += cost
+        self.held = False
+        return True
 
     def diff(self) -> List[Dict[str, Any]]:
         """JSON-patch ops from what the last diff showed to what a snapshot shows now, as
@@ -4107,8 +4131,11 @@ class JsonOutputParser(BaseOutputParser[Any]):
 
     With `diff=True` it streams JSON-patch operations from one snapshot to the next instead
     (the same ops as langchain_core's); no snapshot is made or compared: the ops come from the
-    levels of the open containers that changed, so the cost is linear in the text plus the
-    size of the ops (a growing string's op carries the whole string, as langchain_core's does).
+    levels of the open containers that changed. A growing string's op carries the whole
+    string and every op its full path, as langchain_core's do; to keep the ops' total size
+    linear in the text (at most 16 characters per character read, plus 64 Ki), a change that
+    would pass that budget is held and sent with a later one, and the last at the end. Only a
+    long string arriving in small pieces, or very deep nesting, ever reaches the budget.
 
     >>> list(JsonOutputParser(diff=True).transform(iter(['{"a": [1', ', 2], "b": "x', 'y"}'])))
     [[{'op': 'replace', 'path': '', 'value': {'a': [1]}}], [{'op': 'add', 'path': '/b', 'value': 'x'}, {'op': 'add', 'path': '/a/1', 'value': 2}], [{'op': 'replace', 'path': '/b', 'value': 'xy'}]]
@@ -4124,11 +4151,17 @@ class JsonOutputParser(BaseOutputParser[Any]):
         return _JsonStream(diff=self.diff)
 
     def _feed(self, state: _JsonStream, text: str) -> Iterable[Any]:
-        if not state.feed(text) or not state.showing():
+        if not (state.feed(text) or state.held) or not state.showing():
             return ()
         if not self.diff:
             return (state.snapshot(),)
-        ops = state.diff()
+        # deviation: past a budget linear in the input, ops are held and sent with a later
+        # chunk's (langchain_core diffs every chunk: quadratic for a long string or deep nesting)
+        ops = state.diff() if state.diff_due() else None
+        return (ops,) if ops else ()
+
+    def _finish(self, state: _JsonStream) -> Iterable[Any]:
+        ops = state.diff() if state.held and state.showing() else None
         return (ops,) if ops else ()
 
     def parse(self, text: str) -> Any:

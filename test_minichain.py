@@ -755,8 +755,10 @@ def _json_work(pieces: List[str], diff: bool) -> int:
         stream_cls.snapshot = read("snapshot", lambda self, level=0: sum(len(f.value) for f in self.stack[level:]))
     sys.settrace(calls)
     try:
-        for _ in JsonOutputParser(diff=diff).transform(iter(pieces)):
-            pass
+        for out in JsonOutputParser(diff=diff).transform(iter(pieces)):
+            if diff:  # what the ops carry: paths and growing strings are built whole
+                count[0] += sum(len(op["path"]) + (len(op["value"]) if isinstance(op["value"], str)
+                                                   else 0) for op in out)
     finally:
         sys.settrace(None)
         for name, method in originals.items():
@@ -769,6 +771,31 @@ def _json_work(pieces: List[str], diff: bool) -> int:
 def test_json_parser_work_grows_linearly_with_the_input(shape: str, diff: bool):
     small, large = (_json_work(_json_shapes(n)[shape], diff) for n in (12_000, 24_000))
     assert large / small < 2.3, (small, large)  # quadratic would be ~4
+
+
+def _apply_patches(patches: List[Any]) -> Any:
+    state = None
+    for ops in patches:
+        state = mc._apply_ops(state, ops)
+    return state
+
+
+def test_json_diff_mode_holds_ops_past_a_budget_linear_in_the_input():
+    def shown(pieces: List[str], final: Any) -> List[int]:
+        patches = list(JsonOutputParser(diff=True).transform(iter(pieces)))
+        assert _apply_patches(patches) == final
+        assert patches[-1] == [{"op": "replace", "path": "/s", "value": final["s"]}]
+        return [len(ops[0]["value"]) if ops[0]["path"] == "/s" else 0 for ops in patches]
+    # every chunk shows while the ops carry under 64 Ki characters (langchain_core's ops) ...
+    assert shown(['{"s": "'] + ["a"] * 300 + ['"}'], {"s": "a" * 300}) == list(range(301))
+    # ... then a change is held until the input grew by a sixteenth of what its op carries
+    n = 100_000
+    lengths = shown(['{"s": "'] + ["a"] * n + ['"}'], {"s": "a" * n})
+    assert lengths[:378] == list(range(378)) and lengths[378] == 399
+    assert all(0 < b - a <= b // 16 + 1 for a, b in zip(lengths[378:-1], lengths[379:-1]))
+    assert sum(lengths) <= (1 << 16) + 16 * (n + 9) + n  # the budget, and the last op; langchain_core: n * n / 2
+    # a change still held when the text ends goes out at the end
+    assert shown(['{"s": "'] + ["a"] * 400, {"s": "a" * 400})[-3:] == [377, 399, 400]
 
 
 def test_json_snapshots_copy_only_the_open_path_and_share_finished_members():
@@ -794,8 +821,10 @@ def test_json_parser_has_no_depth_limit_in_either_mode():
     snapshots = list(JsonOutputParser().transform(iter([text[:depth], text[depth:]])))
     assert [_depth(s) for s in snapshots] == [depth - 1, depth]
     patches = list(JsonOutputParser(diff=True).transform(iter(text)))  # a bracket per chunk
-    assert len(patches) == depth + 1
-    assert patches[-1] == [{"op": "add", "path": "/0" * depth, "value": 1}]
+    # ops are held past the budget: every chunk for the first levels, then fewer and fewer
+    assert [ops[0]["path"].count("/") for ops in patches[:3]] == [0, 1, 2]
+    assert len(patches) == 297  # langchain_core: 20,001, each with its full path
+    assert _depth(_apply_patches(patches)) == depth
 
 
 @pytest.mark.skipif(not hasattr(sys, "set_int_max_str_digits"), reason="this Python has no int digit limit")
