@@ -42,13 +42,14 @@ Sections (each relies only on the ones above it):
 from __future__ import annotations
 
 import contextvars
+import itertools
 import os
 import re
 import threading
 import time
 from typing import (
     TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Dict, Generic, Iterable, Iterator, List,
-    Deque, Mapping, Optional, Sequence, Tuple, TypeVar, Union, cast,
+    Deque, Mapping, Optional, Sequence, Tuple, Type, TypedDict, TypeVar, Union, cast,
 )
 
 
@@ -82,10 +83,11 @@ __all__ = [
     "PromptValue", "StringPromptValue", "ChatPromptValue", "PromptTemplate", "ChatPromptTemplate",
     "MessagesPlaceholder",
     # 3-4. config and the protocol
-    "RunnableConfig", "Run", "Runnable",
+    "RunnableConfig", "ensure_config", "Run", "Runnable",
     # 5. composition
     "RunnableSequence", "RunnableParallel", "RunnableLambda", "RunnableGenerator",
-    "RunnablePassthrough", "RunnableAssign", "RunnableBinding", "chain", "coerce_to_runnable",
+    "RunnablePassthrough", "RunnableAssign", "RunnablePick", "RunnableBinding", "RunnableWithFallbacks",
+    "RunnableRetry", "RunnableBranch", "chain", "coerce_to_runnable",
     # 6. events
     "dispatch_custom_event", "adispatch_custom_event", "RunLogPatch", "RunLog",
     # 7. models
@@ -663,8 +665,36 @@ def _check_variables(owner: str, expected: List[str], values: Any) -> None:
 # exists. `_add` is the one fold every step that needs its whole input uses.
 # ==============================================================================================
 
-RunnableConfig = Dict[str, Any]
-"""A call's config: run_name, run_id, tags, metadata, callbacks, max_concurrency, configurable."""
+if TYPE_CHECKING:
+    RunnableConfig = Dict[str, Any]
+else:
+    class RunnableConfig(TypedDict, total=False):
+        """A call's config, a plain dict: `RunnableConfig(tags=["a"])` is `{"tags": ["a"]}`.
+
+        >>> RunnableConfig(tags=["a"], metadata={"user": 1})
+        {'tags': ['a'], 'metadata': {'user': 1}}
+        """
+
+        run_name: str  # the name of this call's run in events
+        run_id: Any  # its id (a str or uuid.UUID)
+        tags: List[str]  # inherited by every run below
+        metadata: Dict[str, Any]  # the same
+        callbacks: Any  # listeners: functions taking an event, or callback handlers
+        max_concurrency: int  # for batch and parallel steps
+        configurable: Dict[str, Any]
+        recursion_limit: int  # how deep functions returning runnables may nest (25)
+
+
+def ensure_config(config: Optional[RunnableConfig] = None) -> RunnableConfig:
+    """The config a call would run with: the inherited one (inside a run), `config` over it,
+    and langchain_core's defaults for what neither sets.
+
+    >>> ensure_config({"tags": ["x"]})
+    {'tags': ['x'], 'metadata': {}, 'callbacks': None, 'recursion_limit': 25, 'configurable': {}}
+    """
+    defaults: RunnableConfig = {"tags": [], "metadata": {}, "callbacks": None,
+                                "recursion_limit": 25, "configurable": {}}
+    return {**defaults, **_resolve(config)}
 
 Event = Dict[str, Any]  # one v2 stream event: event, name, run_id, parent_ids, tags, metadata, data
 Handler = Callable[[Event], None]  # a listener: receives every event of a run and its children
@@ -1531,17 +1561,38 @@ class Runnable(Generic[Input, Output]):
     input_in_start = False  # fold the input before the run starts and show it in the start event
     _user_code = False  # runs user code, which may call runnables or dispatch custom events
     _cumulative = False  # each output chunk is the whole output so far: folds keep the last
+    _opaque = False  # a subclass that writes `invoke` or `ainvoke` itself (no run of its own)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._opaque = (cls.invoke is not Runnable.invoke or cls.ainvoke is not Runnable.ainvoke) \
+            and cls._transform is Runnable._transform and cls._produce is Runnable._produce
 
     # -- what components write ----------------------------------------------------------------
 
     def _produce(self, value: Any, config: RunnableConfig) -> Iterator[Any]:
-        """The output chunks for one whole input value (for steps that fold their input)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement _transform or _produce")
+        """The output chunks for one whole input value (for steps that fold their input).
+        A subclass that writes only `invoke` streams its result as one chunk."""
+        if type(self).invoke is not Runnable.invoke:
+            yield self.invoke(value, config)
+        elif self._opaque:
+            raise _sync_only(type(self).__name__, "invoke/stream")
+        else:
+            raise NotImplementedError(f"{type(self).__name__} must implement invoke, _transform "
+                                      "or _produce")
 
     async def _aproduce(self, value: Any, config: RunnableConfig) -> AsyncIterator[Any]:
-        """Async twin of `_produce`; by default runs the sync one inline (pure components)."""
-        for chunk in self._produce(value, config):
-            yield chunk
+        """Async twin of `_produce`; by default runs the sync one inline (pure components),
+        a subclass's own `ainvoke`, or its `invoke` on a worker thread."""
+        if type(self).ainvoke is not Runnable.ainvoke:
+            yield await self.ainvoke(value, config)
+        elif self._opaque:
+            ctx = contextvars.copy_context()
+            yield await asyncio.get_running_loop().run_in_executor(None, ctx.run, self.invoke,
+                                                                   value, config)
+        else:
+            for chunk in self._produce(value, config):
+                yield chunk
 
     def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
         """Input chunks -> output chunks. By default: fold the input, then `_produce`."""
@@ -1588,6 +1639,11 @@ class Runnable(Generic[Input, Output]):
     def _own_tags(self) -> List[str]:
         return []
 
+    def _called(self, kwargs: Dict[str, Any]) -> "Runnable[Input, Output]":
+        """This runnable for one call with keyword arguments (`stop=...`): a copy that holds
+        them, for the components that take any (models, functions); others ignore them."""
+        return self
+
     def _own_metadata(self) -> Dict[str, Any]:
         return {}
 
@@ -1597,7 +1653,9 @@ class Runnable(Generic[Input, Output]):
                     known: Any = _MISSING, invoked: bool = False) -> Iterator[Any]:
         """Run `_transform` over `inputs` as one run of this runnable, reporting its events."""
         transform = self._invoke_transform if invoked else self._transform
-        run = _open_run(self, config, tag, self._streams(invoked)) if config.get("callbacks") else None
+        # a subclass's own `invoke` reports no run of its own, as in langchain_core
+        run = _open_run(self, config, tag, self._streams(invoked)) \
+            if config.get("callbacks") and not self._opaque else None
         if run is not None:
             chunks = self._traced(transform, inputs, config, run, known, invoked)
         else:
@@ -1661,7 +1719,8 @@ class Runnable(Generic[Input, Output]):
                      invoked: bool = False) -> AsyncIterator[Any]:
         """Async twin of `_stream_run`."""
         transform = self._ainvoke_transform if invoked else self._atransform
-        run = _open_run(self, config, tag, self._streams(invoked)) if config.get("callbacks") else None
+        run = _open_run(self, config, tag, self._streams(invoked)) \
+            if config.get("callbacks") and not self._opaque else None
         if run is not None:
             chunks = self._atraced(transform, inputs, config, run, known, invoked)
         else:
@@ -1744,15 +1803,19 @@ class Runnable(Generic[Input, Output]):
     def _name(self) -> str:
         return self.name or type(self).__name__
 
-    def transform(self, input: Iterator[Input], config: Optional[RunnableConfig] = None) -> Iterator[Output]:
+    def transform(self, input: Iterator[Input], config: Optional[RunnableConfig] = None,
+                  **kwargs: Any) -> Iterator[Output]:
         """Stream output chunks from an iterator of input chunks.
+
+        Keyword arguments go to this runnable only, as with `bind` (a model's `stop`).
 
         >>> list(StrOutputParser().transform(iter(["a", "b"])))
         ['a', 'b']
         """
-        return self._stream_run(iter(input), _resolve(config))
+        return self._called(kwargs)._stream_run(iter(input), _resolve(config))
 
-    def atransform(self, input: AsyncIterator[Input], config: Optional[RunnableConfig] = None) -> AsyncIterator[Output]:
+    def atransform(self, input: AsyncIterator[Input], config: Optional[RunnableConfig] = None,
+                   **kwargs: Any) -> AsyncIterator[Output]:
         """Async twin of `transform`: an async iterator of input chunks in, output chunks out.
 
         >>> async def main():
@@ -1760,17 +1823,17 @@ class Runnable(Generic[Input, Output]):
         >>> asyncio.run(main())
         ['a', 'b']
         """
-        return self._astream_run(input, _resolve(config))
+        return self._called(kwargs)._astream_run(input, _resolve(config))
 
-    def stream(self, input: Input, config: Optional[RunnableConfig] = None) -> Iterator[Output]:
+    def stream(self, input: Input, config: Optional[RunnableConfig] = None, **kwargs: Any) -> Iterator[Output]:
         """`transform(iter([input]))`: the output chunks as they are produced.
 
         >>> list(GenericFakeChatModel(messages=iter(["hi there"])).stream("hello"))[0]  # doctest: +ELLIPSIS
         AIMessageChunk(content='hi', id='lc_run--...')
         """
-        return self._stream_run(iter([input]), _resolve(config), None, input)
+        return self._called(kwargs)._stream_run(iter([input]), _resolve(config), None, input)
 
-    def astream(self, input: Input, config: Optional[RunnableConfig] = None) -> AsyncIterator[Output]:
+    def astream(self, input: Input, config: Optional[RunnableConfig] = None, **kwargs: Any) -> AsyncIterator[Output]:
         """Async twin of `stream`.
 
         >>> async def main():
@@ -1778,26 +1841,26 @@ class Runnable(Generic[Input, Output]):
         >>> asyncio.run(main())
         ['HI']
         """
-        return self._astream_run(_aiter([input]), _resolve(config), None, input)
+        return self._called(kwargs)._astream_run(_aiter([input]), _resolve(config), None, input)
 
-    def invoke(self, input: Input, config: Optional[RunnableConfig] = None) -> Output:
+    def invoke(self, input: Input, config: Optional[RunnableConfig] = None, **kwargs: Any) -> Output:
         """The whole output: the `+`-fold of what `stream` would yield.
 
         >>> (RunnableLambda(lambda x: x + 1) | RunnableLambda(lambda x: x * 10)).invoke(1)
         20
         """
-        return cast(Output, self._invoke(input, _resolve(config)))
+        return cast(Output, self._called(kwargs)._invoke(input, _resolve(config)))
 
-    async def ainvoke(self, input: Input, config: Optional[RunnableConfig] = None) -> Output:
+    async def ainvoke(self, input: Input, config: Optional[RunnableConfig] = None, **kwargs: Any) -> Output:
         """Async twin of `invoke`.
 
         >>> asyncio.run(RunnableLambda(lambda x: x + 1).ainvoke(1))
         2
         """
-        return cast(Output, await self._ainvoke(input, _resolve(config)))
+        return cast(Output, await self._called(kwargs)._ainvoke(input, _resolve(config)))
 
     def batch(self, inputs: List[Input], config: Union[RunnableConfig, List[RunnableConfig], None] = None,
-              *, return_exceptions: bool = False) -> List[Output]:
+              *, return_exceptions: bool = False, **kwargs: Any) -> List[Output]:
         """`[invoke(x) for x in inputs]`, run on threads (at most `max_concurrency` at once).
 
         With `return_exceptions=True` a failed input's exception takes its place in the result.
@@ -1814,11 +1877,12 @@ class Runnable(Generic[Input, Output]):
             return []
         configs = _batch_configs(config, len(inputs))
         workers = configs[0].get("max_concurrency") or min(32, len(inputs))
+        called = self._called(kwargs)
 
         def one(value: Input, cfg: RunnableConfig) -> Callable[[], Any]:
             def call() -> Any:
                 try:
-                    return self._invoke(value, cfg)
+                    return called._invoke(value, cfg)
                 except Exception as exc:
                     if return_exceptions:
                         return exc
@@ -1827,7 +1891,7 @@ class Runnable(Generic[Input, Output]):
         return _run_all([one(v, c) for v, c in zip(inputs, configs)], workers)
 
     async def abatch(self, inputs: List[Input], config: Union[RunnableConfig, List[RunnableConfig], None] = None,
-                     *, return_exceptions: bool = False) -> List[Output]:
+                     *, return_exceptions: bool = False, **kwargs: Any) -> List[Output]:
         """Async twin of `batch`: `ainvoke` over `inputs`, at most `max_concurrency` at once.
 
         >>> asyncio.run(RunnableLambda(lambda x: -x).abatch([1, 2], {"max_concurrency": 1}))
@@ -1837,13 +1901,14 @@ class Runnable(Generic[Input, Output]):
         configs = _batch_configs(config, len(inputs))
         limit = configs[0].get("max_concurrency") if configs else None
         gate = asyncio.Semaphore(limit) if limit else None
+        called = self._called(kwargs)
 
         async def one(value: Input, cfg: RunnableConfig) -> Any:
             try:
                 if gate is None:
-                    return await self._ainvoke(value, cfg)
+                    return await called._ainvoke(value, cfg)
                 async with gate:
-                    return await self._ainvoke(value, cfg)
+                    return await called._ainvoke(value, cfg)
             except Exception as exc:
                 if return_exceptions:
                     return exc
@@ -1856,7 +1921,7 @@ class Runnable(Generic[Input, Output]):
                        include_tags: Optional[Sequence[str]] = None,
                        exclude_names: Optional[Sequence[str]] = None,
                        exclude_types: Optional[Sequence[str]] = None,
-                       exclude_tags: Optional[Sequence[str]] = None) -> AsyncIterator[Event]:
+                       exclude_tags: Optional[Sequence[str]] = None, **kwargs: Any) -> AsyncIterator[Event]:
         """`astream(input)` with a listener attached: every run's events, live, as v2 dicts.
 
         Each event has `event, name, run_id, parent_ids, tags, metadata, data`. Filters work
@@ -1879,7 +1944,7 @@ class Runnable(Generic[Input, Output]):
         """
         keep = _event_filter(version, include_names, include_types, include_tags,
                              exclude_names, exclude_types, exclude_tags)
-        return _astream_events(self, input, config, keep)
+        return _astream_events(self._called(kwargs), input, config, keep)
 
     def stream_events(self, input: Any, config: Optional[RunnableConfig] = None, *,
                       version: str = "v2", include_names: Optional[Sequence[str]] = None,
@@ -1887,7 +1952,7 @@ class Runnable(Generic[Input, Output]):
                       include_tags: Optional[Sequence[str]] = None,
                       exclude_names: Optional[Sequence[str]] = None,
                       exclude_types: Optional[Sequence[str]] = None,
-                      exclude_tags: Optional[Sequence[str]] = None) -> Iterator[Event]:
+                      exclude_tags: Optional[Sequence[str]] = None, **kwargs: Any) -> Iterator[Event]:
         """The events `astream_events` yields, synchronously, with no event loop.
 
         The run executes on a worker thread and its events arrive live; the thread waits
@@ -1901,7 +1966,7 @@ class Runnable(Generic[Input, Output]):
         """
         keep = _event_filter(version, include_names, include_types, include_tags,
                              exclude_names, exclude_types, exclude_tags)
-        return _stream_events(self, input, config, keep)
+        return _stream_events(self._called(kwargs), input, config, keep)
 
     def astream_log(self, input: Any, config: Optional[RunnableConfig] = None, *,
                     diff: bool = True, with_streamed_output_list: bool = True,
@@ -1910,7 +1975,7 @@ class Runnable(Generic[Input, Output]):
                     include_tags: Optional[Sequence[str]] = None,
                     exclude_names: Optional[Sequence[str]] = None,
                     exclude_types: Optional[Sequence[str]] = None,
-                    exclude_tags: Optional[Sequence[str]] = None) -> AsyncIterator[Any]:
+                    exclude_tags: Optional[Sequence[str]] = None, **kwargs: Any) -> AsyncIterator[Any]:
         """The run as a log that grows: `RunLogPatch`es of JSON-patch ops on its state.
 
         The state holds the root's `streamed_output` and `final_output`, and under `logs`
@@ -1929,7 +1994,7 @@ class Runnable(Generic[Input, Output]):
         """
         keep = _event_filter("v2", include_names, include_types, include_tags,
                              exclude_names, exclude_types, exclude_tags)
-        return _astream_log(self, input, config, keep, diff, with_streamed_output_list)
+        return _astream_log(self._called(kwargs), input, config, keep, diff, with_streamed_output_list)
 
     def with_config(self, config: Optional[RunnableConfig] = None, **kwargs: Any) -> "Runnable[Input, Output]":
         """This runnable with config bound to every call: run_name, tags, metadata, callbacks…
@@ -1942,6 +2007,59 @@ class Runnable(Generic[Input, Output]):
         ['a', 'b']
         """
         return RunnableBinding(self, _merge_configs({}, {**(config or {}), **kwargs}))
+
+    def bind(self, **kwargs: Any) -> "Runnable[Input, Output]":
+        """This runnable with keyword arguments for every call: a model's `stop` or
+        `temperature`, a function's extra parameters. Arguments given at call time win.
+
+        >>> RunnableLambda(lambda x, times=1: x * times).bind(times=3).invoke("ab")
+        'ababab'
+        """
+        return RunnableBinding(self, {}, kwargs)
+
+    def assign(self, **steps: Any) -> "Runnable[Any, Any]":
+        """`self | RunnablePassthrough.assign(**steps)`: this runnable's dict output with keys
+        added, each computed from that dict.
+
+        >>> RunnableLambda(lambda x: {"n": x}).assign(double=lambda d: d["n"] * 2).invoke(4)
+        {'n': 4, 'double': 8}
+        """
+        return RunnableSequence(self, RunnableAssign(RunnableParallel(steps)))
+
+    def pick(self, keys: Union[str, List[str]]) -> "RunnableSequence[Input, Any]":
+        """`self | RunnablePick(keys)`: one key's value of this runnable's dict output, or a
+        dict of several keys.
+
+        >>> RunnableParallel(a=lambda x: x, b=lambda x: -x).pick("b").invoke(3)
+        -3
+        """
+        return RunnableSequence(self, RunnablePick(keys))
+
+    def with_fallbacks(self, fallbacks: Sequence[Any], *,
+                       exceptions_to_handle: Tuple[Type[BaseException], ...] = (Exception,),
+                       exception_key: Optional[str] = None) -> "RunnableWithFallbacks[Input, Output]":
+        """This runnable, with `fallbacks` tried in turn when it fails (see
+        `RunnableWithFallbacks`).
+
+        >>> RunnableLambda(lambda x: 1 / x).with_fallbacks([lambda x: 0.0]).invoke(0)
+        0.0
+        """
+        return RunnableWithFallbacks(self, fallbacks, exceptions_to_handle=exceptions_to_handle,
+                                     exception_key=exception_key)
+
+    def with_retry(self, *, retry_if_exception_type: Tuple[Type[BaseException], ...] = (Exception,),
+                   wait_exponential_jitter: bool = True,
+                   exponential_jitter_params: Optional[Dict[str, float]] = None,
+                   stop_after_attempt: int = 3) -> "RunnableRetry[Input, Output]":
+        """This runnable, invoked again when it fails (see `RunnableRetry`).
+
+        >>> RunnableLambda(lambda x: x).with_retry(stop_after_attempt=5).max_attempt_number
+        5
+        """
+        return RunnableRetry(self, retry_exception_types=retry_if_exception_type,
+                             max_attempt_number=stop_after_attempt,
+                             wait_exponential_jitter=wait_exponential_jitter,
+                             exponential_jitter_params=exponential_jitter_params)
 
     def pipe(self, *others: Any) -> "RunnableSequence[Input, Any]":
         """`self | others[0] | others[1] ...`
@@ -2005,8 +2123,9 @@ class RunnableBinding(Runnable[Input, Output]):
     'hi'
     """
 
-    def __init__(self, bound: Runnable[Input, Output], config: RunnableConfig) -> None:
-        self.bound, self.config = bound, config
+    def __init__(self, bound: Runnable[Input, Output], config: RunnableConfig,
+                 kwargs: Optional[Dict[str, Any]] = None) -> None:
+        self.bound, self.config, self.kwargs = bound, config, kwargs or {}
         self._cumulative = bound._cumulative
 
     def _name(self) -> str:
@@ -2031,21 +2150,32 @@ class RunnableBinding(Runnable[Input, Output]):
 
     def _stream_run(self, inputs: Iterator[Any], config: RunnableConfig, tag: Optional[str] = None,
                     known: Any = _MISSING, invoked: bool = False) -> Iterator[Any]:
-        return self.bound._stream_run(inputs, self._bind(config), tag, known, invoked)
+        bound = self.bound._called(self.kwargs) if self.kwargs else self.bound
+        return bound._stream_run(inputs, self._bind(config), tag, known, invoked)
 
     def _astream_run(self, inputs: AsyncIterator[Any], config: RunnableConfig,
                      tag: Optional[str] = None, known: Any = _MISSING,
                      invoked: bool = False) -> AsyncIterator[Any]:
-        return self.bound._astream_run(inputs, self._bind(config), tag, known, invoked)
+        bound = self.bound._called(self.kwargs) if self.kwargs else self.bound
+        return bound._astream_run(inputs, self._bind(config), tag, known, invoked)
 
     def _invoked(self, output: Any) -> Any:
         return self.bound._invoked(output)
 
+    def _called(self, kwargs: Dict[str, Any]) -> "Runnable[Input, Output]":
+        return RunnableBinding(self.bound, self.config, {**self.kwargs, **kwargs}) if kwargs else self
+
     def with_config(self, config: Optional[RunnableConfig] = None, **kwargs: Any) -> "Runnable[Input, Output]":
-        return RunnableBinding(self.bound, _merge_configs(self.config, {**(config or {}), **kwargs}))
+        return RunnableBinding(self.bound, _merge_configs(self.config, {**(config or {}), **kwargs}),
+                               self.kwargs)
+
+    def bind(self, **kwargs: Any) -> "Runnable[Input, Output]":
+        return RunnableBinding(self.bound, self.config, {**self.kwargs, **kwargs})
 
     def __repr__(self) -> str:
-        return f"{self.bound!r}.with_config({self.config!r})"
+        bound = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return repr(self.bound) + (f".bind({bound})" if self.kwargs else "") + (
+            f".with_config({self.config!r})" if self.config else "")
 
 
 # ==============================================================================================
@@ -2315,6 +2445,16 @@ class RunnableParallel(Runnable[Input, Dict[str, Any]]):
         yield dict(zip(self.steps, results))
 
 
+def _with_kwargs(runnable: Any, kwargs: Dict[str, Any]) -> Any:
+    """A copy of `runnable` whose `kwargs` has `kwargs` added (those of one call)."""
+    if not kwargs:
+        return runnable
+    import copy
+    called = copy.copy(runnable)
+    called.kwargs = {**runnable.kwargs, **kwargs}
+    return called
+
+
 def _accepts_config(func: Callable[..., Any]) -> bool:
     try:
         return "config" in inspect.signature(func).parameters
@@ -2347,12 +2487,17 @@ class RunnableLambda(Runnable[Input, Output]):
             raise TypeError(f"RunnableLambda needs a function, got {type(func).__name__}: "
                             f"{_short(func)}")
         self.func, self.afunc = func, afunc
+        self.kwargs: Dict[str, Any] = {}  # bound with `bind`, or given to the call
         fname = getattr(func, "__name__", None)
         self.name = name or (fname if fname and fname != "<lambda>" else None)
         self._config_param = _accepts_config(func)
 
     def _call(self, func: Callable[..., Any], value: Any, config: RunnableConfig) -> Any:
-        return func(value, config=config) if self._config_param else func(value)
+        return func(value, config=config, **self.kwargs) if self._config_param \
+            else func(value, **self.kwargs)
+
+    def _called(self, kwargs: Dict[str, Any]) -> "RunnableLambda[Input, Output]":
+        return cast("RunnableLambda[Input, Output]", _with_kwargs(self, kwargs))
 
     def _produce(self, value: Any, config: RunnableConfig) -> Iterator[Any]:
         func = self.func
@@ -2362,9 +2507,19 @@ class RunnableLambda(Runnable[Input, Output]):
         if inspect.isgenerator(out):
             yield from out
         elif isinstance(out, Runnable):
-            yield from out._stream_run(iter([value]), config)
+            yield from out._stream_run(iter([value]), self._deeper(config, value))
         else:
             yield out
+
+    def _deeper(self, config: RunnableConfig, value: Any) -> RunnableConfig:
+        """The config for the runnable the function returned: one level of `recursion_limit`
+        (default 25) used up, or a RecursionError when none is left (as in langchain_core)."""
+        limit = config.get("recursion_limit", 25)
+        if limit <= 0:
+            raise RecursionError(f"Recursion limit reached when invoking {self!r} with input "
+                                 f"{_short(value)}; a function that returns a runnable may nest "
+                                 "that deep: raise config['recursion_limit'] if it is meant to")
+        return {**config, "recursion_limit": limit - 1}
 
     async def _aproduce(self, value: Any, config: RunnableConfig) -> AsyncIterator[Any]:
         func = self.afunc or self.func
@@ -2382,13 +2537,13 @@ class RunnableLambda(Runnable[Input, Output]):
         elif inspect.iscoroutinefunction(func):
             out = await self._call(func, value, config)
             chunks = _aiter([out]) if not isinstance(out, Runnable) else \
-                out._astream_run(_aiter([value]), config)
+                out._astream_run(_aiter([value]), self._deeper(config, value))
         else:
             ctx = contextvars.copy_context()
             out = await asyncio.get_running_loop().run_in_executor(
                 None, ctx.run, self._call, func, value, config)
             chunks = _aiter([out]) if not isinstance(out, Runnable) else \
-                out._astream_run(_aiter([value]), config)
+                out._astream_run(_aiter([value]), self._deeper(config, value))
         try:
             async for chunk in chunks:
                 yield chunk
@@ -2563,6 +2718,308 @@ class RunnableAssign(Runnable[Dict[str, Any], Dict[str, Any]]):
                     yield chunk
             finally:
                 await _aclose(mapped)
+
+
+class RunnablePick(Runnable[Dict[str, Any], Any]):
+    """Picks keys from a dict, chunk by chunk: one key gives its value, a list of keys a dict
+    of those present (a chunk with none of them is skipped). What `.pick(keys)` adds.
+
+    >>> RunnablePick("a").invoke({"a": 1, "b": 2}), RunnablePick(["a", "c"]).invoke({"a": 1, "b": 2})
+    (1, {'a': 1})
+    """
+
+    def __init__(self, keys: Union[str, List[str]]) -> None:
+        self.keys = keys
+
+    def _name(self) -> str:
+        keys = [self.keys] if isinstance(self.keys, str) else self.keys
+        return self.name or f"RunnablePick<{','.join(keys)}>"
+
+    def _pick(self, chunk: Any) -> Any:
+        if not isinstance(chunk, dict):
+            raise TypeError(f"{self.get_name()} needs dict input, got {type(chunk).__name__}: "
+                            f"{_short(chunk)}")
+        if isinstance(self.keys, str):
+            return chunk.get(self.keys)
+        return AddableDict({k: chunk[k] for k in self.keys if k in chunk}) or None
+
+    def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        for chunk in inputs:
+            picked = self._pick(chunk)
+            if picked is not None:
+                yield picked
+
+    async def _atransform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        try:
+            async for chunk in inputs:
+                picked = self._pick(chunk)
+                if picked is not None:
+                    yield picked
+        finally:
+            await _aclose(inputs)
+
+
+class RunnableWithFallbacks(Runnable[Input, Output]):
+    """A runnable that, when it fails with one of `exceptions_to_handle`, tries each of
+    `fallbacks` in turn on the same input; if all fail, the first error is raised. What
+    `with_fallbacks` makes. Streaming falls back only while nothing was yielded: once a
+    chunk is out, an error goes to the caller (as in langchain_core). With `exception_key`,
+    a fallback gets the input dict with the last error under that key.
+
+    >>> def broken(x):
+    ...     raise ValueError("down")
+    >>> RunnableLambda(broken).with_fallbacks([RunnableLambda(lambda x: f"backup: {x}")]).invoke(1)
+    'backup: 1'
+    """
+
+    input_in_start = True
+
+    def __init__(self, runnable: Any, fallbacks: Sequence[Any], *,
+                 exceptions_to_handle: Tuple[Type[BaseException], ...] = (Exception,),
+                 exception_key: Optional[str] = None) -> None:
+        self.runnable = coerce_to_runnable(runnable)
+        self.fallbacks = [coerce_to_runnable(f) for f in fallbacks]
+        self.exceptions_to_handle, self.exception_key = tuple(exceptions_to_handle), exception_key
+
+    @property
+    def runnables(self) -> List[Runnable[Any, Any]]:
+        """The runnable, then its fallbacks: the order they are tried in."""
+        return [self.runnable, *self.fallbacks]
+
+    def _input(self, value: Any, error: Optional[BaseException]) -> Any:
+        if self.exception_key is None or error is None:
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"with_fallbacks(exception_key={self.exception_key!r}) needs a dict "
+                            f"input to add the error to, got {type(value).__name__}: {_short(value)}")
+        return {**value, self.exception_key: error}
+
+    def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        value, first, error = _fold(inputs), None, None
+        for runnable in self.runnables:
+            arg = self._input(value, error)
+            chunks = runnable._stream_run(iter([arg]), config, None, arg)
+            try:
+                head = next(chunks, _MISSING)
+            except self.exceptions_to_handle as exc:
+                _close(chunks)
+                first, error = first or exc, exc
+                continue
+            try:
+                if head is not _MISSING:
+                    yield head
+                    yield from chunks
+            finally:
+                _close(chunks)
+            return
+        raise cast(BaseException, first)
+
+    async def _atransform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        value, first, error = await _afold(inputs), None, None
+        for runnable in self.runnables:
+            arg = self._input(value, error)
+            chunks = runnable._astream_run(_aiter([arg]), config, None, arg)
+            try:
+                head = await chunks.__anext__()
+            except StopAsyncIteration:
+                return
+            except self.exceptions_to_handle as exc:
+                await _aclose(chunks)
+                first, error = first or exc, exc
+                continue
+            try:
+                yield head
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                await _aclose(chunks)
+            return
+        raise cast(BaseException, first)
+
+    def _invoke_transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        value, first, error = _fold(inputs), None, None
+        for runnable in self.runnables:  # invoke falls back on a failure at any point
+            arg = self._input(value, error)
+            try:
+                out = runnable._invoke(arg, config)
+            except self.exceptions_to_handle as exc:
+                first, error = first or exc, exc
+                continue
+            yield out
+            return
+        raise cast(BaseException, first)
+
+    async def _ainvoke_transform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        value, first, error = await _afold(inputs), None, None
+        for runnable in self.runnables:
+            arg = self._input(value, error)
+            try:
+                out = await runnable._ainvoke(arg, config)
+            except self.exceptions_to_handle as exc:
+                first, error = first or exc, exc
+                continue
+            yield out
+            return
+        raise cast(BaseException, first)
+
+    def __repr__(self) -> str:
+        return f"{self.runnable!r}.with_fallbacks({self.fallbacks!r})"
+
+
+class RunnableRetry(RunnableBinding[Input, Output]):
+    """A runnable retried when it fails with one of `retry_exception_types`, at most
+    `max_attempt_number` attempts, waiting exponentially longer (with jitter) between them.
+    What `with_retry` makes. As in langchain_core, `invoke`/`batch` (and their async twins)
+    retry, each attempt a child run tagged `retry:attempt:N` from the second on; `stream`
+    and the event APIs run the runnable once, without retrying: a retry could not take back
+    chunks already yielded.
+
+    >>> calls = []
+    >>> def flaky(x):
+    ...     calls.append(x)
+    ...     if len(calls) < 3:
+    ...         raise ValueError("try again")
+    ...     return f"ok after {len(calls)}"
+    >>> RunnableLambda(flaky).with_retry(wait_exponential_jitter=False).invoke(1)
+    'ok after 3'
+    """
+
+    def __init__(self, bound: Runnable[Input, Output], *,
+                 retry_exception_types: Tuple[Type[BaseException], ...] = (Exception,), max_attempt_number: int = 3,
+                 wait_exponential_jitter: bool = True,
+                 exponential_jitter_params: Optional[Dict[str, float]] = None) -> None:
+        super().__init__(bound, {})
+        if not isinstance(max_attempt_number, int) or max_attempt_number < 1:
+            raise ValueError(f"with_retry: stop_after_attempt must be an int >= 1, not "
+                             f"{_short(max_attempt_number)}")
+        self.retry_exception_types = tuple(retry_exception_types)
+        self.max_attempt_number, self.wait_exponential_jitter = max_attempt_number, wait_exponential_jitter
+        self.exponential_jitter_params = exponential_jitter_params
+
+    def _wait(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt `attempt`: tenacity's exponential jitter
+        (`initial * exp_base ** (attempt - 1)` plus up to `jitter`, at most `max`)."""
+        if not self.wait_exponential_jitter:
+            return 0.0
+        import random
+        p = {"initial": 1.0, "max": 60.0, "exp_base": 2.0, "jitter": 1.0,
+             **(self.exponential_jitter_params or {})}
+        return min(p["initial"] * p["exp_base"] ** (attempt - 1) + random.uniform(0, p["jitter"]), p["max"])
+
+    def _attempts(self, config: RunnableConfig) -> Iterator[Tuple[int, RunnableConfig]]:
+        for n in range(1, self.max_attempt_number + 1):
+            yield n, config if n == 1 else _merge_configs(config, {"tags": [f"retry:attempt:{n}"]})
+
+    def _stream_run(self, inputs: Iterator[Any], config: RunnableConfig, tag: Optional[str] = None,
+                    known: Any = _MISSING, invoked: bool = False) -> Iterator[Any]:
+        if not invoked:  # streaming runs once (langchain_core's retry wraps invoke only)
+            return super()._stream_run(inputs, config, tag, known, invoked)
+        return Runnable._stream_run(self, inputs, self._bind(config), tag, known, invoked)
+
+    def _astream_run(self, inputs: AsyncIterator[Any], config: RunnableConfig,
+                     tag: Optional[str] = None, known: Any = _MISSING,
+                     invoked: bool = False) -> AsyncIterator[Any]:
+        if not invoked:
+            return super()._astream_run(inputs, config, tag, known, invoked)
+        return Runnable._astream_run(self, inputs, self._bind(config), tag, known, invoked)
+
+    def _invoke_transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        value, bound = _fold(inputs), self.bound._called(self.kwargs)
+        for n, attempt in self._attempts(config):
+            try:
+                out = bound._invoke(value, attempt)
+            except self.retry_exception_types:
+                if n == self.max_attempt_number:
+                    raise
+                time.sleep(self._wait(n))
+                continue
+            yield out
+            return
+
+    async def _ainvoke_transform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        value, bound = await _afold(inputs), self.bound._called(self.kwargs)
+        for n, attempt in self._attempts(config):
+            try:
+                out = await bound._ainvoke(value, attempt)
+            except self.retry_exception_types:
+                if n == self.max_attempt_number:
+                    raise
+                await asyncio.sleep(self._wait(n))
+                continue
+            yield out
+            return
+
+    def __repr__(self) -> str:
+        return f"{self.bound!r}.with_retry(stop_after_attempt={self.max_attempt_number})"
+
+
+class RunnableBranch(Runnable[Input, Output]):
+    """Runs the first branch whose condition holds for the input, else the default:
+    `RunnableBranch((condition, runnable), ..., default)`. Conditions and branches may be
+    runnables, functions or dicts; the conditions run one by one (tagged `condition:N`)
+    until one is true, then the chosen branch streams (tagged `branch:N` or `branch:default`).
+
+    >>> sign = RunnableBranch((lambda x: x > 0, lambda x: "positive"), (lambda x: x < 0, lambda x: "negative"), lambda x: "zero")
+    >>> sign.invoke(5), sign.invoke(-1), list(sign.stream(0))
+    ('positive', 'negative', ['zero'])
+    """
+
+    input_in_start = True
+
+    def __init__(self, *branches: Any) -> None:
+        if len(branches) < 2:
+            raise ValueError(f"RunnableBranch needs at least one (condition, runnable) pair and "
+                             f"a default, got {len(branches)} argument{'s' * (len(branches) != 1)}: "
+                             "RunnableBranch((lambda x: ..., runnable), default)")
+        self.branches: List[Tuple[Runnable[Any, Any], Runnable[Any, Any]]] = []
+        for i, pair in enumerate(branches[:-1], 1):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                got = f"a {type(pair).__name__} of {len(pair)}" if isinstance(pair, (tuple, list)) \
+                    else _short(pair)
+                raise TypeError(f"RunnableBranch branch {i} must be a (condition, runnable) pair, "
+                                f"not {got}")
+            self.branches.append((coerce_to_runnable(pair[0]), coerce_to_runnable(pair[1])))
+        if isinstance(branches[-1], (tuple, list)):
+            raise TypeError("RunnableBranch's last argument is the default: a runnable, function "
+                            f"or dict, not the pair {_short(branches[-1])}")
+        self.default = coerce_to_runnable(branches[-1])
+
+    def _branch(self, value: Any, config: RunnableConfig) -> Tuple[Runnable[Any, Any], str]:
+        for i, (condition, runnable) in enumerate(self.branches, 1):
+            if condition._invoke(value, config, f"condition:{i}"):
+                return runnable, f"branch:{i}"
+        return self.default, "branch:default"
+
+    async def _abranch(self, value: Any, config: RunnableConfig) -> Tuple[Runnable[Any, Any], str]:
+        for i, (condition, runnable) in enumerate(self.branches, 1):
+            if await condition._ainvoke(value, config, f"condition:{i}"):
+                return runnable, f"branch:{i}"
+        return self.default, "branch:default"
+
+    def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        value = _fold(inputs)
+        runnable, tag = self._branch(value, config)
+        yield from runnable._stream_run(iter([value]), config, tag, value)
+
+    async def _atransform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        value = await _afold(inputs)
+        runnable, tag = await self._abranch(value, config)
+        chunks = runnable._astream_run(_aiter([value]), config, tag, value)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await _aclose(chunks)
+
+    def _invoke_transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        value = _fold(inputs)
+        runnable, tag = self._branch(value, config)
+        yield runnable._invoke(value, config, tag)
+
+    async def _ainvoke_transform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        value = await _afold(inputs)
+        runnable, tag = await self._abranch(value, config)
+        yield await runnable._ainvoke(value, config, tag)
 
 
 # ==============================================================================================
@@ -3154,10 +3611,14 @@ class BaseChatModel(Runnable[Any, AIMessage]):
     def _own_tags(self) -> List[str]:
         return self.tags
 
+    def _called(self, kwargs: Dict[str, Any]) -> "BaseChatModel":
+        return cast(BaseChatModel, _with_kwargs(self, kwargs))
+
     def _own_metadata(self) -> Dict[str, Any]:
-        meta = {"ls_provider": type(self).__name__.lower(), "ls_model_type": "chat",
-                "ls_integration": "langchain_chat_model"}
-        return {**meta, **self.metadata}
+        name = type(self).__name__
+        provider = name[4:] if name.startswith("Chat") else name[:-4] if name.endswith("Chat") else name
+        return {**_ls_params(self, provider.lower(), "chat"),
+                "ls_integration": "langchain_chat_model", **self.metadata}
 
 
 class BaseLLM(Runnable[Any, str]):
@@ -3177,6 +3638,7 @@ class BaseLLM(Runnable[Any, str]):
     def __init__(self, *, tags: Optional[List[str]] = None,
                  metadata: Optional[Dict[str, Any]] = None) -> None:
         self.tags, self.metadata = list(tags or []), dict(metadata or {})
+        self.kwargs: Dict[str, Any] = {}  # bound with `bind`, or given to the call
 
     def _call(self, prompt: str, **kwargs: Any) -> str:
         """The whole completion of `prompt`."""
@@ -3190,7 +3652,10 @@ class BaseLLM(Runnable[Any, str]):
         return type(self)._stream is not BaseLLM._stream
 
     def _produce(self, value: Any, config: RunnableConfig) -> Iterator[Any]:
-        yield from self._stream(_to_prompt(value))
+        yield from self._stream(_to_prompt(value), **self.kwargs)
+
+    def _called(self, kwargs: Dict[str, Any]) -> "BaseLLM":
+        return cast(BaseLLM, _with_kwargs(self, kwargs))
 
     def _event_input(self, value: Any, end: bool) -> Any:
         return {"prompts": [_to_prompt(value)]}
@@ -3203,9 +3668,23 @@ class BaseLLM(Runnable[Any, str]):
         return self.tags
 
     def _own_metadata(self) -> Dict[str, Any]:
-        provider = type(self).__name__.lower()
-        provider = provider[:-3] if provider.endswith("llm") else provider
-        return {"ls_provider": provider, "ls_model_type": "llm", **self.metadata}
+        name = type(self).__name__
+        return {**_ls_params(self, (name[:-3] if name.endswith("LLM") else name).lower(), "llm"),
+                **self.metadata}
+
+
+def _ls_params(model: Any, provider: str, model_type: str) -> Dict[str, Any]:
+    """The `ls_*` metadata a model's events carry: its provider and type, and the stop
+    sequences, model name, temperature and token limit of the call where it has them."""
+    params: Dict[str, Any] = {"ls_provider": provider, "ls_model_type": model_type}
+    kwargs = model.kwargs
+    if kwargs.get("stop"):
+        params["ls_stop"] = kwargs["stop"]
+    for key, types in (("model", str), ("temperature", (int, float)), ("max_tokens", int)):
+        value = kwargs.get(key, getattr(model, key, None))
+        if isinstance(value, types) and not isinstance(value, bool):
+            params["ls_model_name" if key == "model" else f"ls_{key}"] = value
+    return params
 
 
 def _to_prompt(value: Any) -> str:
@@ -3312,29 +3791,28 @@ class FakeListChatModel(BaseChatModel):
         if not responses:
             raise ValueError("FakeListChatModel needs at least one response")
         self.responses, self.sleep, self.error_on = list(responses), sleep, error_on_chunk_number
-        self.i = 0
-        self._lock = threading.Lock()
+        self.turns = itertools.count()  # shared by the copies a call with arguments makes
 
     def _next(self) -> Iterator[AIMessageChunk]:
-        with self._lock:
-            text = self.responses[self.i]
-            self.i = (self.i + 1) % len(self.responses)
+        text = self.responses[next(self.turns) % len(self.responses)]
         for i, ch in enumerate(text):  # lazily: one chunk per character
             yield AIMessageChunk(ch, chunk_position="last" if i == len(text) - 1 else None)
 
     def batch(self, inputs: List[Any], config: Union[RunnableConfig, List[RunnableConfig], None] = None,
-              *, return_exceptions: bool = False) -> List[AIMessage]:
+              *, return_exceptions: bool = False, **kwargs: Any) -> List[AIMessage]:
         """One input after another, so that answers follow the inputs (as langchain_core's).
 
         >>> [m.content for m in FakeListChatModel(responses=["a", "b"]).batch(["x", "y", "z"])]
         ['a', 'b', 'a']
         """
-        return super().batch(inputs, _one_at_a_time(config), return_exceptions=return_exceptions)
+        return super().batch(inputs, _one_at_a_time(config), return_exceptions=return_exceptions,
+                             **kwargs)
 
     async def abatch(self, inputs: List[Any], config: Union[RunnableConfig, List[RunnableConfig], None] = None,
-                     *, return_exceptions: bool = False) -> List[AIMessage]:
+                     *, return_exceptions: bool = False, **kwargs: Any) -> List[AIMessage]:
         """Async twin of `batch`: one input after another."""
-        return await super().abatch(inputs, _one_at_a_time(config), return_exceptions=return_exceptions)
+        return await super().abatch(inputs, _one_at_a_time(config),
+                                    return_exceptions=return_exceptions, **kwargs)
 
     def _check(self, i: int) -> None:
         if self.error_on is not None and i == self.error_on:
@@ -3365,11 +3843,10 @@ class FakeListLLM(BaseLLM):
 
     def __init__(self, *, responses: List[str], **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.responses, self.i = list(responses), 0
+        self.responses, self.turns = list(responses), itertools.count()
 
     def _call(self, prompt: str, **kwargs: Any) -> str:
-        text = self.responses[self.i % len(self.responses)]
-        self.i += 1
+        text = self.responses[next(self.turns) % len(self.responses)]
         return text
 
 
@@ -5619,10 +6096,6 @@ class _ServerChatModel(BaseChatModel):
         finally:
             await _aclose(body)
 
-    def _own_metadata(self) -> Dict[str, Any]:
-        return {"ls_provider": self.provider.lower(), "ls_model_name": self.model,
-                "ls_model_type": "chat", "ls_integration": "langchain_chat_model", **self.metadata}
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.model!r}, base_url={self.base_url!r})"
 
@@ -5751,7 +6224,7 @@ class ChatAnthropic(_ServerChatModel):
             body["tool_choice"] = choice if isinstance(choice, dict) else \
                 {"type": {"required": "any"}.get(choice, choice)} if choice in ("auto", "any", "none", "required") \
                 else {"type": "tool", "name": choice}
-        body.update(kwargs)
+        body.update((("stop_sequences" if k == "stop" else k), v) for k, v in kwargs.items())
         headers = {"x-api-key": self.api_key, "anthropic-version": "2023-06-01",
                    "Accept": "text/event-stream"}
         return _Request(f"{self.base_url}/v1/messages", headers, body, self.timeout,

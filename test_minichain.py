@@ -27,7 +27,8 @@ from minichain import (
     FakeListChatModel, FakeListLLM, GenericFakeChatModel, HumanMessage, InMemoryVectorStore,
     JsonOutputParser, LexicalEmbeddings, MessagesPlaceholder, OutputParserException,
     PromptTemplate, RunnableGenerator, RunnableLambda, RunnableParallel, RunnablePassthrough,
-    RunnableSequence, StrOutputParser, SystemMessage, ToolMessage, chain, tool,
+    RunnableSequence, StrOutputParser, SystemMessage, ToolMessage, chain, tool, RunnableBranch,
+    RunnablePick, Runnable,
     ChatAnthropic, ChatOllama, ChatOpenAI,
 )
 
@@ -491,6 +492,274 @@ def test_nested_calls_inherit_config_through_the_context():
     outer.invoke("q", {"configurable": {"user": "ann"}})
     run(outer.ainvoke("q", {"configurable": {"user": "bob"}}))
     assert seen == [{"user": "ann"}, {"user": "bob"}]
+
+
+def both_event_apis(make: Any, value: Any, **kw: Any) -> List[tuple]:
+    """The trace of astream_events on a fresh runnable, checked equal to stream_events'."""
+    def traced(events: Iterator[dict]) -> List[tuple]:
+        got: List[dict] = []
+        try:
+            for e in events:
+                got.append(e)
+        except Exception as exc:
+            return trace(got) + [("raised", repr(exc))]
+        return trace(got)
+
+    async def collect() -> List[dict]:
+        got: List[dict] = []
+        try:
+            async for e in make().astream_events(value, **kw):
+                got.append(e)
+        except Exception as exc:
+            return trace(got) + [("raised", repr(exc))]
+        return trace(got)
+    rows = run(collect())
+    assert traced(make().stream_events(value, **kw)) == rows
+    return rows
+
+
+def _boom(x: Any) -> Any:
+    raise ValueError("boom")
+
+
+def test_bind_and_call_time_arguments_reach_the_function_or_model_only():
+    echo = RunnableLambda(lambda x, **kw: (x, kw))
+    assert echo.bind(a=1).invoke(1) == (1, {"a": 1})
+    assert echo.bind(a=1).invoke(1, None, a=2) == (1, {"a": 2})  # the call's win
+    assert echo.bind(a=1).bind(b=2).invoke(1) == (1, {"a": 1, "b": 2})
+    assert (echo | echo).invoke(1, z=3) == ((1, {}), {})  # a sequence keeps them (langchain_core)
+    assert every_mode(lambda: echo.bind(a=1), 0)["stream"] == [(0, {"a": 1})]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'a'"):
+        RunnableLambda(lambda x: x).bind(a=1).invoke(1)
+    bound = echo.bind(a=1).with_config(tags=["t"])
+    assert bound.get_name() == "RunnableLambda" and bound.kwargs == {"a": 1}
+    assert repr(bound) == "RunnableLambda(RunnableLambda).bind(a=1).with_config({'tags': ['t']})"
+    # a model: stop and temperature show in the metadata, as langchain_core's ls_* params
+    model = GenericFakeChatModel(messages=iter(["a b", "c"])).bind(stop=["q"], temperature=0.5)
+    start = next(iter(model.stream_events("x")))
+    assert start["metadata"] == {"ls_provider": "genericfakechatmodel", "ls_model_type": "chat",
+                                 "ls_stop": ["q"], "ls_temperature": 0.5,
+                                 "ls_integration": "langchain_chat_model"}
+    assert [c.content for c in GenericFakeChatModel(messages=iter(["a b"])).stream("x", stop=["b"])] == ["a", " ", "b"]
+    fake = FakeListChatModel(responses=["a", "b"])  # the copy a call makes shares the turns
+    assert [fake.invoke("x", stop=["z"]).content, fake.invoke("x").content] == ["a", "b"]
+    assert mc.FakeListLLM(responses=["x y"]).invoke("p", stop=["y"]) == "x y"
+
+
+def test_server_models_send_stop_in_each_providers_field():
+    def body(model: Any) -> dict:  # what `_stream` sends for `model.stream(..., stop=["END"])`
+        called = model._called({"stop": ["END"]})
+        return json.loads(called._request([HumanMessage("hi")], **called.kwargs).body)
+    assert body(ChatOpenAI(model="m", base_url="http://x/v1"))["stop"] == ["END"]
+    assert body(ChatOllama(model="m", base_url="http://x"))["options"] == {"stop": ["END"]}
+    anthropic = body(ChatAnthropic(model="m", api_key="k", base_url="http://x"))
+    assert anthropic["stop_sequences"] == ["END"] and "stop" not in anthropic
+
+
+def test_with_fallbacks_matches_langchain_core_in_every_mode():
+    make = lambda: RunnableLambda(_boom).with_fallbacks([RunnableLambda(lambda x: "ok")])
+    assert every_mode(make, 1) == {"invoke": "ok", "stream": ["ok"], "astream": ["ok"],
+                                   "ainvoke": "ok", "stream_events_output": ["ok"]}
+    assert make().get_name() == "RunnableWithFallbacks"
+    assert both_event_apis(make, 1) == [
+        ("on_chain_start", "RunnableWithFallbacks", "R0", [], [], "{'input': 1}"),
+        ("on_chain_start", "_boom", "R1", ["R0"], [], "{}"),
+        ("on_chain_start", "RunnableLambda", "R2", ["R0"], [], "{}"),
+        ("on_chain_stream", "RunnableLambda", "R2", ["R0"], [], "{'chunk': 'ok'}"),
+        ("on_chain_stream", "RunnableWithFallbacks", "R0", [], [], "{'chunk': 'ok'}"),
+        ("on_chain_end", "RunnableLambda", "R2", ["R0"], [], "{'output': 'ok', 'input': 1}"),
+        ("on_chain_end", "RunnableWithFallbacks", "R0", [], [], "{'output': 'ok'}")]
+    # an error it does not handle, or the last fallback's, raises the first error
+    unhandled = lambda: RunnableLambda(_boom).with_fallbacks([lambda x: 1], exceptions_to_handle=(KeyError,))
+    assert both_event_apis(unhandled, 1)[-1] == ("raised", "ValueError('boom')")
+
+    def key_error(x: Any) -> Any:
+        raise KeyError("k2")
+    with pytest.raises(ValueError, match="boom"):
+        RunnableLambda(_boom).with_fallbacks([key_error]).invoke(1)
+
+
+def test_with_fallbacks_streams_fall_back_only_before_the_first_chunk():
+    def broken_late(x: Any) -> Iterator[str]:
+        yield "a"
+        raise ValueError("midstream")
+
+    def broken_early(x: Any) -> Iterator[str]:
+        raise ValueError("early")
+        yield "never"
+
+    def backup(x: Any) -> Iterator[str]:
+        yield from ["F1", "F2"]
+    late = RunnableLambda(broken_late).with_fallbacks([RunnableLambda(backup)])
+    got: List[str] = []
+    with pytest.raises(ValueError, match="midstream"):
+        for chunk in late.stream(1):
+            got.append(chunk)
+    assert got == ["a"] and late.invoke(1) == "F1F2"  # invoke falls back on any failure
+    early = lambda: RunnableLambda(broken_early).with_fallbacks([RunnableLambda(backup)])
+    assert list(early().stream(1)) == ["F1", "F2"]
+    assert short(both_event_apis(early, 1)) == [
+        ("on_chain_start", "RunnableWithFallbacks"), ("on_chain_start", "broken_early"),
+        ("on_chain_start", "backup"), ("on_chain_stream", "backup"),
+        ("on_chain_stream", "RunnableWithFallbacks"), ("on_chain_stream", "backup"),
+        ("on_chain_stream", "RunnableWithFallbacks"), ("on_chain_end", "backup"),
+        ("on_chain_end", "RunnableWithFallbacks")]
+
+
+def test_with_fallbacks_exception_key_hands_the_last_error_on():
+    def first_backup(d: dict) -> Any:
+        raise KeyError("fb1")
+
+    def handled(d: dict) -> str:
+        return f"handled {d['exc']!r} for {d['q']}"
+    chain_ = RunnableLambda(_boom).with_fallbacks([first_backup, handled], exception_key="exc")
+    assert chain_.invoke({"q": 1}) == "handled KeyError('fb1') for 1"
+    with pytest.raises(TypeError, match=r"with_fallbacks\(exception_key='exc'\) needs a dict input to add the error to, got int: 1"):
+        chain_.invoke(1)
+
+
+def _flaky(fails: int) -> Runnable:
+    calls = {"n": 0}
+
+    def flaky(x: Any) -> str:
+        calls["n"] += 1
+        if calls["n"] <= fails:
+            raise ValueError(f"fail {calls['n']}")
+        return f"ok after {calls['n']}"
+    return RunnableLambda(flaky).with_retry(retry_if_exception_type=(ValueError,),
+                                            wait_exponential_jitter=False)
+
+
+def test_with_retry_retries_invoke_each_attempt_a_tagged_child_run():
+    assert _flaky(2).invoke(1) == "ok after 3" and run(_flaky(2).ainvoke(1)) == "ok after 3"
+    assert _flaky(2).batch([1]) == ["ok after 3"] and run(_flaky(2).abatch([1])) == ["ok after 3"]
+    seen: List[dict] = []
+    assert _flaky(2).invoke(1, {"callbacks": [seen.append]}) == "ok after 3"
+    assert [(e["event"], e["name"], e["tags"]) for e in seen] == [
+        ("on_chain_start", "flaky", []), ("on_chain_start", "flaky", []),
+        ("on_chain_start", "flaky", ["retry:attempt:2"]), ("on_chain_start", "flaky", ["retry:attempt:3"]),
+        ("on_chain_end", "flaky", ["retry:attempt:3"]), ("on_chain_end", "flaky", [])]
+    with pytest.raises(ValueError, match="fail 3"):
+        _flaky(5).invoke(1)
+    with pytest.raises(KeyError):  # not a type it retries: one attempt
+        RunnableLambda(lambda x: {}["k"]).with_retry(retry_if_exception_type=(ValueError,)).invoke(1)
+
+
+def test_with_retry_streams_once_as_langchain_core():
+    # langchain_core's retry wraps invoke only: streaming and events run the runnable once
+    with pytest.raises(ValueError, match="fail 1"):
+        list(_flaky(2).stream(1))
+    assert both_event_apis(lambda: _flaky(2), 1) == [
+        ("on_chain_start", "flaky", "R0", [], [], "{'input': 1}"), ("raised", "ValueError('fail 1')")]
+
+
+def test_with_retry_waits_exponentially_with_jitter(monkeypatch: Any):
+    waits: List[float] = []
+    monkeypatch.setattr(mc.time, "sleep", waits.append)
+    flaky = _flaky(2)
+    flaky.wait_exponential_jitter, flaky.exponential_jitter_params = True, {"jitter": 0.0}
+    assert flaky.invoke(1) == "ok after 3" and waits == [1.0, 2.0]
+    with pytest.raises(ValueError, match="stop_after_attempt must be an int >= 1, not 0"):
+        RunnableLambda(lambda x: x).with_retry(stop_after_attempt=0)
+
+
+def test_runnable_branch_matches_langchain_core():
+    make = lambda: RunnableBranch((lambda x: x > 0, RunnableLambda(lambda x: "pos")), RunnableLambda(lambda x: "neg"))
+    assert every_mode(make, -1) == {"invoke": "neg", "stream": ["neg"], "astream": ["neg"],
+                                    "ainvoke": "neg", "stream_events_output": ["neg"]}
+    assert both_event_apis(make, 1) == [
+        ("on_chain_start", "RunnableBranch", "R0", [], [], "{'input': 1}"),
+        ("on_chain_start", "RunnableLambda", "R1", ["R0"], ["condition:1"], "{'input': 1}"),
+        ("on_chain_end", "RunnableLambda", "R1", ["R0"], ["condition:1"], "{'output': True, 'input': 1}"),
+        ("on_chain_start", "RunnableLambda", "R2", ["R0"], ["branch:1"], "{}"),
+        ("on_chain_stream", "RunnableLambda", "R2", ["R0"], ["branch:1"], "{'chunk': 'pos'}"),
+        ("on_chain_stream", "RunnableBranch", "R0", [], [], "{'chunk': 'pos'}"),
+        ("on_chain_end", "RunnableLambda", "R2", ["R0"], ["branch:1"], "{'output': 'pos', 'input': 1}"),
+        ("on_chain_end", "RunnableBranch", "R0", [], [], "{'output': 'pos'}")]
+    seen: List[dict] = []
+    make().invoke(-1, {"callbacks": [seen.append]})  # invoked, the branch shows its input
+    assert [(e["event"], e["tags"], e["data"]) for e in seen][3] == ("on_chain_start", ["branch:default"], {"input": -1})
+
+    def letters(x: Any) -> Iterator[str]:
+        yield from "ab"
+    assert list(RunnableBranch((lambda x: True, letters), lambda x: "no").stream(1)) == ["a", "b"]
+
+
+@pytest.mark.parametrize("args, error", [
+    ((lambda x: 1,), "RunnableBranch needs at least one (condition, runnable) pair and a default, got 1 argument"),
+    (("notatuple", lambda x: 2), "RunnableBranch branch 1 must be a (condition, runnable) pair, not 'notatuple'"),
+    (((bool, str, 3), str), "RunnableBranch branch 1 must be a (condition, runnable) pair, not a tuple of 3"),
+    (((bool, str), (bool, str)), "RunnableBranch's last argument is the default: a runnable, function or dict"),
+])
+def test_runnable_branch_refuses_bad_arguments(args: tuple, error: str):
+    with pytest.raises((TypeError, ValueError), match=re.escape(error)):
+        RunnableBranch(*args)
+
+
+def test_assign_and_pick_on_any_runnable():
+    make = lambda: RunnableLambda(lambda x: {"a": x}).assign(b=lambda d: d["a"] * 2)
+    assert every_mode(make, 1) == {"invoke": {"a": 1, "b": 2}, "stream": [{"a": 1}, {"b": 2}],
+                                   "astream": [{"a": 1}, {"b": 2}], "ainvoke": {"a": 1, "b": 2},
+                                   "stream_events_output": [{"a": 1, "b": 2}]}
+    assert every_mode(lambda: make().pick("b"), 1)["stream"] == [2]
+    assert every_mode(lambda: make().pick(["b"]), 1)["astream"] == [{"b": 2}]
+    assert make().pick(["a", "b"]).invoke(1) == {"a": 1, "b": 2}
+    assert make().pick("zzz").invoke(1) is None
+    assert short(both_event_apis(lambda: make().pick(["a"]), 1))[5:7] == [
+        ("on_chain_start", "RunnablePick<a>"), ("on_chain_stream", "RunnablePick<a>")]
+    with pytest.raises(TypeError, match="RunnablePick<a> needs dict input, got int: 3"):
+        RunnablePick("a").invoke(3)
+
+
+def test_recursion_limit_stops_functions_that_return_runnables():
+    @chain
+    def countdown(x: int) -> Any:
+        return countdown if x else "done"
+    with pytest.raises(RecursionError, match=re.escape(
+            "Recursion limit reached when invoking RunnableLambda(countdown) with input 1; a "
+            "function that returns a runnable may nest that deep: raise config['recursion_limit']")):
+        countdown.invoke(1, {"recursion_limit": 5})
+    with pytest.raises(RecursionError, match="Recursion limit reached"):
+        run(countdown.ainvoke(1))  # the default: 25
+    depth: List[int] = []
+
+    @chain
+    def down(x: int) -> Any:
+        depth.append(x)
+        return RunnableLambda(lambda y: y - 1) | down if x else "done"
+    assert down.invoke(3, {"recursion_limit": 4}) == "done" and depth == [3, 2, 1, 0]
+
+
+class _Upper(Runnable):
+    def invoke(self, input: Any, config: Any = None, **kwargs: Any) -> Any:
+        return input.upper()
+
+
+class _AsyncUpper(Runnable):
+    async def ainvoke(self, input: Any, config: Any = None, **kwargs: Any) -> Any:
+        return input.upper() + "!"
+
+
+def test_a_runnable_that_only_implements_invoke_gets_the_rest():
+    assert every_mode(_Upper, "a") == {"invoke": "A", "stream": ["A"], "astream": ["A"],
+                                       "ainvoke": "A", "stream_events_output": []}
+    assert _Upper().batch(["a", "b"]) == ["A", "B"] and list(_Upper().transform(iter(["a", "b"]))) == ["AB"]
+    # as in langchain_core, it reports no run of its own: inside a chain only its output shows
+    assert short(both_event_apis(lambda: RunnableLambda(lambda x: x) | _Upper(), "a")) == [
+        ("on_chain_start", "RunnableSequence"), ("on_chain_start", "RunnableLambda"),
+        ("on_chain_stream", "RunnableLambda"), ("on_chain_end", "RunnableLambda"),
+        ("on_chain_stream", "RunnableSequence"), ("on_chain_end", "RunnableSequence")]
+    assert run(_AsyncUpper().ainvoke("a")) == "A!" and run(alist(_AsyncUpper().astream("a"))) == ["A!"]
+    with pytest.raises(TypeError, match=r"_AsyncUpper is async-only and cannot run in invoke/stream\(\)"):
+        _AsyncUpper().invoke("a")
+
+
+def test_runnable_config_constructs_a_dict_and_ensure_config_fills_defaults():
+    assert mc.RunnableConfig(tags=["a"]) == {"tags": ["a"]} and type(mc.RunnableConfig()) is dict
+    assert mc.ensure_config() == {"tags": [], "metadata": {}, "callbacks": None,
+                                  "recursion_limit": 25, "configurable": {}}
+    inside = RunnableLambda(lambda x: mc.ensure_config()["configurable"])
+    assert inside.invoke(1, {"configurable": {"user": "ann"}}) == {"user": "ann"}
 
 
 # ---------------------------------------------------------------------------------------------
