@@ -83,7 +83,9 @@ __all__ = [
     "PromptValue", "StringPromptValue", "ChatPromptValue", "PromptTemplate", "ChatPromptTemplate",
     "MessagesPlaceholder",
     # 3-4. config and the protocol
-    "RunnableConfig", "ensure_config", "Run", "Runnable",
+    "RunnableConfig", "ensure_config", "Run", "Runnable", "BaseCallbackHandler",
+    "AsyncCallbackHandler", "StdOutCallbackHandler", "StreamingStdOutCallbackHandler", "LLMResult",
+    "Generation", "GenerationChunk", "ChatGeneration", "ChatGenerationChunk",
     # 5. composition
     "RunnableSequence", "RunnableParallel", "RunnableLambda", "RunnableGenerator",
     "RunnablePassthrough", "RunnableAssign", "RunnablePick", "RunnableBinding", "RunnableWithFallbacks",
@@ -895,6 +897,223 @@ def _uuid7() -> str:
     return f"{t[:8]}-{t[8:]}-7{r[:3]}-{'89ab'[int(r[3], 16) & 3]}{r[4:7]}-{r[8:]}"
 
 
+class BaseCallbackHandler:
+    """A LangChain-style callback handler: override the methods you need, pass it in
+    `callbacks=[...]` like any listener. Each event of a run becomes a call with
+    langchain_core's arguments (the `ignore_*` flags skip a family):
+    `on_chain_start(serialized, inputs, *, run_id, parent_run_id, tags, metadata, name)`
+    (`inputs` is `{"input": ""}` when the run started streaming before its input was known;
+    prompts and parsers also get `run_type`), `on_chain_end(outputs, ...)`,
+    `on_chat_model_start(serialized, messages, ...)`, `on_llm_start(serialized, prompts, ...)`,
+    `on_llm_new_token(token, *, chunk, ...)`, `on_llm_end(response, ...)` (an `LLMResult`),
+    `on_tool_start(serialized, input_str, *, inputs, ...)`, `on_tool_end(output, ...)`,
+    `on_retriever_start(serialized, query, ...)`, `on_retriever_end(documents, ...)`,
+    `on_custom_event(name, data, *, run_id, tags, metadata)`, and `on_*_error(error, ...)`
+    for each family. Run ids are `uuid.UUID`s.
+
+    >>> class Tokens(BaseCallbackHandler):
+    ...     def on_llm_new_token(self, token, **kwargs):
+    ...         print(repr(token), end=" ")
+    >>> _ = list(GenericFakeChatModel(messages=iter(["hi there"])).stream("x", {"callbacks": [Tokens()]}))
+    'hi' ' ' 'there' 
+    """
+
+    raise_error = False  # raise a method's error instead of logging it
+    run_inline = False
+    ignore_chain = ignore_llm = ignore_chat_model = ignore_retriever = ignore_agent = False
+    ignore_retry = ignore_custom_event = False
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("on_"):  # every callback method does nothing unless overridden
+            return _ignore
+        raise AttributeError(name)
+
+
+class AsyncCallbackHandler(BaseCallbackHandler):
+    """A callback handler whose methods are `async def`: the async APIs await each call in
+    the order of the events (sync `invoke`/`stream` refuse it: use the async APIs).
+
+    >>> class Ends(AsyncCallbackHandler):
+    ...     async def on_chain_end(self, outputs, **kwargs):
+    ...         print("end:", outputs)
+    >>> asyncio.run(RunnableLambda(lambda x: x + 1).ainvoke(1, {"callbacks": [Ends()]}))
+    end: 2
+    2
+    """
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _uuid(run_id: str) -> Any:
+    import uuid
+    return uuid.UUID(run_id)
+
+
+def _callback_calls(h: BaseCallbackHandler) -> Callable[[Event], Any]:
+    """The listener that turns events into a handler's method calls (langchain_core's)."""
+    deferred = set()  # runs that started before their input was known: it comes at the end
+
+    def call(event: Event) -> Any:
+        kind, data = event["event"], event["data"]
+        family, phase = kind[3:kind.rindex("_")], kind[kind.rindex("_") + 1:]
+        ids = {"run_id": _uuid(event["run_id"]), "tags": event["tags"],
+               "parent_run_id": _uuid(event["parent_ids"][-1]) if event["parent_ids"] else None}
+        if kind == "on_custom_event":
+            return None if h.ignore_custom_event else h.on_custom_event(
+                event["name"], data, run_id=ids["run_id"], tags=event["tags"],
+                metadata=event["metadata"])
+        run_type = {"run_type": family} if family in ("prompt", "parser") else {}
+        if run_type:
+            family = "chain"
+        if phase == "error":
+            method = {"chat_model": "llm"}.get(family, family)
+            if getattr(h, f"ignore_{method}", False):
+                return None
+            return getattr(h, f"on_{method}_error")(data["error"], **ids)
+        if phase == "start":
+            start = {**ids, "metadata": event["metadata"], "name": event["name"]}
+            value = data.get("input", _MISSING)
+            if family == "chain":
+                if value is _MISSING:
+                    deferred.add(event["run_id"])
+                return None if h.ignore_chain else h.on_chain_start(
+                    None, {"input": ""} if value is _MISSING else value, **start, **run_type)
+            if family == "chat_model":
+                messages = value["messages"] if isinstance(value, dict) and "messages" in value \
+                    else [_to_messages(value)]
+                return None if h.ignore_chat_model else h.on_chat_model_start(
+                    {"name": event["name"]}, messages, **start)
+            if family == "llm":
+                prompts = value["prompts"] if isinstance(value, dict) and "prompts" in value \
+                    else [_to_prompt(value)]
+                return None if h.ignore_llm else h.on_llm_start({"name": event["name"]}, prompts, **start)
+            if family == "tool":
+                return h.on_tool_start({"name": event["name"]}, str(value),
+                                       inputs=value if isinstance(value, dict) else None, **start)
+            if family == "retriever":
+                return None if h.ignore_retriever else h.on_retriever_start(None, value, **start)
+            return None
+        if phase == "stream":
+            if family not in ("chat_model", "llm") or h.ignore_llm:
+                return None
+            chunk = data["chunk"]
+            wrapped = ChatGenerationChunk(message=chunk) if family == "chat_model" \
+                else GenerationChunk(text=chunk)
+            return h.on_llm_new_token(token=wrapped.text, chunk=wrapped, **ids)
+        output = data.get("output")
+        if family == "chain":
+            extra = {"inputs": data.get("input")} if event["run_id"] in deferred else {}
+            deferred.discard(event["run_id"])
+            return None if h.ignore_chain else h.on_chain_end(output, **ids, **extra)
+        if family in ("chat_model", "llm"):
+            if h.ignore_llm:
+                return None
+            if family == "chat_model":
+                gen: Generation = ChatGenerationChunk(message=output) \
+                    if isinstance(output, AIMessageChunk) else ChatGeneration(message=output)
+            else:
+                gen = Generation(text=output["generations"][0][0]["text"])
+            return h.on_llm_end(LLMResult(generations=[[gen]]), **ids)
+        if family == "tool":
+            return h.on_tool_end(output, name=event["name"], **ids)
+        if family == "retriever":
+            return None if h.ignore_retriever else h.on_retriever_end(output, **ids)
+        return None
+    return call
+
+
+class Generation:
+    """One generated text, as `on_llm_end` shows it in `LLMResult.generations`.
+
+    >>> Generation(text="hi").text
+    'hi'
+    """
+
+    def __init__(self, text: str = "", generation_info: Optional[Dict[str, Any]] = None) -> None:
+        self.text, self.generation_info = text, generation_info
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(text={self.text!r})"
+
+
+class GenerationChunk(Generation):
+    """A piece of an LLM's text, as `on_llm_new_token(token, chunk=...)` gets it.
+
+    >>> GenerationChunk(text="h").text
+    'h'
+    """
+
+
+class ChatGeneration(Generation):
+    """A chat model's message, as `LLMResult.generations` holds it (`text` is its text).
+
+    >>> ChatGeneration(message=AIMessage("hi")).text
+    'hi'
+    """
+
+    def __init__(self, *, message: Any) -> None:
+        super().__init__(message.text if isinstance(message, BaseMessage) else str(message))
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(text={self.text!r}, message={self.message!r})"
+
+
+class ChatGenerationChunk(ChatGeneration):
+    """A chat model's chunk, as `on_llm_new_token(token, chunk=...)` gets it.
+
+    >>> ChatGenerationChunk(message=AIMessageChunk("h")).message.content
+    'h'
+    """
+
+
+class LLMResult:
+    """What `on_llm_end` receives: `generations[0][0]` is the (chat) generation.
+
+    >>> LLMResult(generations=[[Generation(text="hi")]]).generations[0][0].text
+    'hi'
+    """
+
+    def __init__(self, generations: List[List[Generation]], llm_output: Optional[Dict[str, Any]] = None) -> None:
+        self.generations, self.llm_output = generations, llm_output
+
+    def __repr__(self) -> str:
+        return f"LLMResult(generations={self.generations!r}, llm_output={self.llm_output!r})"
+
+
+class StdOutCallbackHandler(BaseCallbackHandler):
+    """Prints when each chain (step) starts and finishes, as langchain_core's does.
+
+    >>> _ = RunnableLambda(lambda x: x).with_config(run_name="step").invoke(1, {"callbacks": [StdOutCallbackHandler()]})
+    <BLANKLINE>
+    <BLANKLINE>
+    [1m> Entering new step chain...[0m
+    <BLANKLINE>
+    [1m> Finished chain.[0m
+    """
+
+    def on_chain_start(self, serialized: Any, inputs: Any, **kwargs: Any) -> None:
+        print(f"\n\n\033[1m> Entering new {kwargs.get('name')} chain...\033[0m")
+
+    def on_chain_end(self, outputs: Any, **kwargs: Any) -> None:
+        print("\n\033[1m> Finished chain.\033[0m")
+
+
+class StreamingStdOutCallbackHandler(BaseCallbackHandler):
+    """Writes each token a model streams to stdout as it arrives.
+
+    >>> _ = list(GenericFakeChatModel(messages=iter(["hi there"])).stream("x", {"callbacks": [StreamingStdOutCallbackHandler()]}))
+    hi there
+    """
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        import sys
+        sys.stdout.write(token)
+        sys.stdout.flush()
+
+
 def _handler(h: Any) -> Handler:
     """A listener from a callable or an object with methods named after events.
 
@@ -906,7 +1125,9 @@ def _handler(h: Any) -> Handler:
     """
     if isinstance(h, _Channel):
         return h  # minichain's own: it never calls runnables, and its errors are real
-    if callable(h):
+    if isinstance(h, BaseCallbackHandler):
+        call = _callback_calls(h)
+    elif callable(h):
         call = cast(Handler, h)
     elif any(name.startswith("on_") for name in dir(h)):
         def call(event: Event) -> Any:
@@ -935,6 +1156,7 @@ def _handler(h: Any) -> Handler:
         if result is not None and inspect.isawaitable(result):  # for the async run to await
             return result, lambda exc: failed(event, exc)
         return None
+    guarded.errors = isinstance(h, BaseCallbackHandler) or getattr(h, "errors", False)  # type: ignore[attr-defined]
     return guarded
 
 
@@ -988,17 +1210,17 @@ class Run:
         parent.solo = None if len(parent.handlers) > 1 else self.solo
         return parent
 
-    def emit(self, event: Event) -> None:
-        """Send one event to every handler, outside this run: a runnable a listener calls does
-        not report back to it. An async listener's call waits in `pending` until the async
-        run awaits it (`settle`)."""
-        if self.solo is not None:  # only an event stream listens: nothing else to isolate
+    def emit(self, event: Event, handlers: Optional[Sequence[Handler]] = None) -> None:
+        """Send one event to every handler (or to `handlers`), outside this run: a runnable a
+        listener calls does not report back to it. An async listener's call waits in
+        `pending` until the async run awaits it (`settle`)."""
+        if self.solo is not None and handlers is None:  # only an event stream listens
             self.solo(event)
             return
         # deviation: langchain_core leaves the run active, so a listener's own calls report back
         token = _current.set(None)
         try:
-            for handler in self.handlers:
+            for handler in handlers or self.handlers:
                 call = handler(event)
                 if call is not None:
                     self.pending.append(call)
@@ -1052,6 +1274,17 @@ class Run:
             self.solo(event)
         else:
             self.emit(event)
+
+    def fail(self, error: BaseException) -> None:
+        """Tell the listeners that take errors (callback handlers, `with_listeners`) that this
+        run failed: `on_<type>_error`, an event the event streams do not show (nor does
+        langchain_core's v2)."""
+        wanting = [h for h in self.handlers if getattr(h, "errors", False)]
+        if wanting:
+            self.emit({
+                "event": f"on_{self.type}_error", "data": {"error": error}, "run_id": self.id,
+                "name": self.name, "tags": self.tags, "metadata": self.metadata,
+                "parent_ids": self.parent_ids}, wanting)
 
     def end(self, output: Any, extra: Optional[Dict[str, Any]] = None) -> None:
         """Emit `on_<type>_end` with the output (and the input, except for the root)."""
@@ -1697,6 +1930,9 @@ class Runnable(Generic[Input, Output]):
                     yield chunk
                 else:
                     held.append(chunk)
+        except Exception as exc:
+            run.fail(exc)
+            raise
         finally:
             _close(chunks)
             _close(source)
@@ -1768,6 +2004,10 @@ class Runnable(Generic[Input, Output]):
                     yield chunk
                 else:
                     held.append(chunk)
+        except Exception as exc:
+            run.fail(exc)
+            await run.settle()
+            raise
         finally:
             await _aclose(agen)
             await _aclose(source)
@@ -2061,6 +2301,20 @@ class Runnable(Generic[Input, Output]):
                              wait_exponential_jitter=wait_exponential_jitter,
                              exponential_jitter_params=exponential_jitter_params)
 
+    def with_listeners(self, *, on_start: Optional[Callable[..., Any]] = None,
+                       on_end: Optional[Callable[..., Any]] = None,
+                       on_error: Optional[Callable[..., Any]] = None) -> "Runnable[Input, Output]":
+        """This runnable with functions called when each of its runs starts, ends or fails,
+        with a `RunTree` (and the config, if the function takes two arguments). A function
+        that raises is logged and skipped, as any listener.
+
+        >>> seen = []
+        >>> r = RunnableLambda(lambda x: x + 1).with_listeners(on_end=lambda run: seen.append(run.outputs))
+        >>> r.invoke(1), seen
+        (2, [{'output': 2}])
+        """
+        return RunnableBinding(self, {"callbacks": [_RunTracker(on_start, on_end, on_error)]})
+
     def pipe(self, *others: Any) -> "RunnableSequence[Input, Any]":
         """`self | others[0] | others[1] ...`
 
@@ -2077,6 +2331,99 @@ class Runnable(Generic[Input, Output]):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class RunTree:
+    """A run as `with_listeners` functions see it (langsmith's RunTree, in part): `id`,
+    `name`, `run_type`, `inputs` and `outputs` (dicts: a value that is not a dict sits under
+    "input" / "output"), `error` (the exception's repr), `tags`, `metadata`,
+    `parent_run_id`, `start_time`/`end_time` (UTC) and the `child_runs` inside it.
+
+    >>> runs = []
+    >>> _ = (RunnableLambda(lambda x: x) | RunnableLambda(str)).with_listeners(on_end=runs.append).invoke(1)
+    >>> runs[0].name, runs[0].outputs, [child.name for child in runs[0].child_runs]
+    ('RunnableSequence', {'output': '1'}, ['RunnableLambda', 'str'])
+    """
+
+    def __init__(self, event: Event) -> None:
+        import datetime
+        self.id, self.name = _uuid(event["run_id"]), event["name"]
+        self.run_type = event["event"][3:-6]
+        self.tags, self.metadata = event["tags"], event["metadata"]
+        self.parent_run_id = _uuid(event["parent_ids"][-1]) if event["parent_ids"] else None
+        self.inputs = _as_dict(event["data"].get("input", ""), "input")
+        self.outputs: Dict[str, Any] = {}
+        self.error: Optional[str] = None
+        self.start_time = datetime.datetime.now(datetime.timezone.utc)
+        self.end_time: Any = None
+        self.child_runs: List[RunTree] = []
+
+    def finish(self, event: Event) -> None:
+        import datetime
+        self.end_time = datetime.datetime.now(datetime.timezone.utc)
+        data = event["data"]
+        if "error" in data:
+            self.error = repr(data["error"])
+        else:
+            self.outputs = _as_dict(data.get("output"), "output")
+        if "input" in data:
+            self.inputs = _as_dict(data["input"], "input")
+
+    def __repr__(self) -> str:
+        return f"RunTree(name={self.name!r}, run_type={self.run_type!r}, id={str(self.id)!r})"
+
+
+def _as_dict(value: Any, key: str) -> Dict[str, Any]:
+    return value if isinstance(value, dict) else {key: value}
+
+
+class _RunTracker:
+    """The listener behind `with_listeners`: it builds a `RunTree` of each run it is given
+    (and its children), and calls the functions at the root run's start, end or error."""
+
+    errors = True  # it is told of failures too (`Run.fail`)
+
+    def __init__(self, *listeners: Optional[Callable[..., Any]]) -> None:
+        self.listeners = [(f, _takes_two(f)) if f else None for f in listeners]
+        self.runs: Dict[str, RunTree] = {}
+
+    def _call(self, which: int, run: RunTree) -> None:
+        entry = self.listeners[which]
+        if entry is not None:
+            func, two = entry
+            func(run, {"tags": run.tags, "metadata": run.metadata}) if two else func(run)
+
+    def __call__(self, event: Event) -> None:
+        kind, run_id = event["event"], event["run_id"]
+        if kind.endswith("_start"):
+            run = self.runs[run_id] = RunTree(event)
+            parent = self.runs.get(event["parent_ids"][-1]) if event["parent_ids"] else None
+            if parent is not None:
+                parent.child_runs.append(run)
+            else:
+                self._call(0, run)
+        elif kind.endswith("_end") or kind.endswith("_error"):
+            run = self.runs[run_id]
+            run.finish(event)
+            if run.parent_run_id is None or str(run.parent_run_id) not in self.runs:
+                for done in _subtree(run):  # the root: forget it and its children
+                    self.runs.pop(str(done.id), None)
+                self._call(2 if kind.endswith("_error") else 1, run)
+
+
+def _subtree(run: RunTree) -> Iterator[RunTree]:
+    stack = [run]
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(node.child_runs)
+
+
+def _takes_two(func: Callable[..., Any]) -> bool:
+    try:
+        return len(inspect.signature(func).parameters) >= 2
+    except (TypeError, ValueError):
+        return False
 
 
 def _resolve(config: Optional[Mapping[str, Any]]) -> RunnableConfig:

@@ -2092,6 +2092,147 @@ def test_a_listener_that_calls_a_runnable_does_not_hear_that_call():
                      "on_chain_end", "on_chain_end"]
 
 
+class _Recorder(mc.BaseCallbackHandler):
+    """Records every handler call: method, positional args, and the ids and tags it got."""
+
+    def __init__(self) -> None:
+        self.calls: List[tuple] = []
+        self.labels: dict = {}
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("on_"):
+            raise AttributeError(name)
+
+        def record(*args: Any, **kwargs: Any) -> None:
+            label = lambda u: None if u is None else self.labels.setdefault(u, f"R{len(self.labels)}")
+            assert all(isinstance(kwargs[k], (uuid.UUID, type(None))) for k in ("run_id", "parent_run_id") if k in kwargs)
+            shown = {k: kwargs[k] for k in ("name", "run_type", "inputs") if k in kwargs}
+            self.calls.append((name, ids_out(repr(args)), label(kwargs.get("run_id")),
+                               label(kwargs.get("parent_run_id")), kwargs.get("tags"), shown))
+        return record
+
+
+def _joke_chain() -> Any:
+    return ChatPromptTemplate.from_template("say {x}") | GenericFakeChatModel(messages=iter(["hello world"])) | StrOutputParser()
+
+
+def test_callback_handlers_get_langchain_cores_calls_when_streaming():
+    h = _Recorder()
+    assert "".join(_joke_chain().stream({"x": "hi"}, {"callbacks": [h]})) == "hello world"
+    assert h.calls == [
+        ("on_chain_start", "(None, {'x': 'hi'})", "R0", None, [], {"name": "RunnableSequence"}),
+        ("on_chain_start", "(None, {'x': 'hi'})", "R1", "R0", ["seq:step:1"], {"name": "ChatPromptTemplate", "run_type": "prompt"}),
+        ("on_chain_end", "(ChatPromptValue(messages=[HumanMessage(content='say hi')]),)", "R1", "R0", ["seq:step:1"], {}),
+        ("on_chat_model_start", "({'name': 'GenericFakeChatModel'}, [[HumanMessage(content='say hi')]])", "R2", "R0", ["seq:step:2"], {"name": "GenericFakeChatModel"}),
+        ("on_llm_new_token", "()", "R2", "R0", ["seq:step:2"], {}),
+        ("on_chain_start", "(None, {'input': ''})", "R3", "R0", ["seq:step:3"], {"name": "StrOutputParser", "run_type": "parser"}),
+        ("on_llm_new_token", "()", "R2", "R0", ["seq:step:2"], {}),
+        ("on_llm_new_token", "()", "R2", "R0", ["seq:step:2"], {}),
+        ("on_llm_end", "(LLMResult(generations=[[ChatGenerationChunk(text='hello world', message=AIMessageChunk(content='hello world', id='lc_run--ID', chunk_position='last'))]], llm_output=None),)", "R2", "R0", ["seq:step:2"], {}),
+        ("on_chain_end", "('hello world',)", "R3", "R0", ["seq:step:3"], {"inputs": h.calls[9][5]["inputs"]}),
+        ("on_chain_end", "('hello world',)", "R0", None, [], {})]
+    # the parser started before its input was known: it comes with the end, as in langchain_core
+    assert ids_out(repr(h.calls[9][5]["inputs"])) == "AIMessageChunk(content='hello world', id='lc_run--ID', chunk_position='last')"
+
+
+def test_callback_handlers_tokens_chunks_and_results():
+    tokens: List[tuple] = []
+
+    class Tokens(mc.BaseCallbackHandler):
+        def on_llm_new_token(self, token: str, *, chunk: Any, **kwargs: Any) -> None:
+            tokens.append((token, type(chunk).__name__, getattr(chunk, "message", chunk).text))
+
+        def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+            tokens.append(("end", response.generations[0][0].text, type(response.generations[0][0]).__name__))
+    list(GenericFakeChatModel(messages=iter(["a b"])).stream("x", {"callbacks": [Tokens()]}))
+    assert tokens == [("a", "ChatGenerationChunk", "a"), (" ", "ChatGenerationChunk", " "),
+                      ("b", "ChatGenerationChunk", "b"), ("end", "a b", "ChatGenerationChunk")]
+    tokens.clear()
+    assert mc.FakeListLLM(responses=["abc"]).invoke("hi", {"callbacks": [Tokens()]}) == "abc"
+    assert tokens == [("end", "abc", "Generation")]
+
+
+def test_callback_handlers_for_tools_retrievers_custom_events_and_errors():
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two ints."""
+        return a + b
+    h = _Recorder()
+    add.invoke({"a": 1, "b": 2}, {"callbacks": [h]})
+    assert h.calls == [("on_tool_start", "({'name': 'add'}, \"{'a': 1, 'b': 2}\")", "R0", None, [], {"name": "add", "inputs": {"a": 1, "b": 2}}),
+                       ("on_tool_end", "(3,)", "R0", None, [], {"name": "add"})]
+    h = _Recorder()
+    retriever = mc.InMemoryVectorStore.from_texts(["foo"], mc.LexicalEmbeddings()).as_retriever()
+    retriever.invoke("foo", {"callbacks": [h]})
+    assert [(c[0], c[1][:14]) for c in h.calls] == [("on_retriever_start", "(None, 'foo')"), ("on_retriever_end", "([Document(id=")]
+
+    def custom(x: int) -> int:
+        mc.dispatch_custom_event("my_event", {"k": 1})
+        return x
+    h = _Recorder()
+    RunnableLambda(custom).invoke(1, {"callbacks": [h]})
+    assert h.calls[1] == ("on_custom_event", "('my_event', {'k': 1})", "R0", None, [], {})
+    h = _Recorder()
+    with pytest.raises(ValueError, match="boom"):
+        (RunnableLambda(lambda x: x) | RunnableLambda(_boom)).invoke(1, {"callbacks": [h]})
+    assert [(c[0], c[1], c[2], c[3]) for c in h.calls] == [
+        ("on_chain_start", "(None, 1)", "R0", None), ("on_chain_start", "(None, 1)", "R1", "R0"),
+        ("on_chain_end", "(1,)", "R1", "R0"), ("on_chain_start", "(None, 1)", "R2", "R0"),
+        ("on_chain_error", "(ValueError('boom'),)", "R2", "R0"), ("on_chain_error", "(ValueError('boom'),)", "R0", None)]
+    # an event stream never shows the error events handlers get (nor does langchain_core's v2)
+    assert both_event_apis(lambda: RunnableLambda(_boom), 1) == [
+        ("on_chain_start", "_boom", "R0", [], [], "{'input': 1}"), ("raised", "ValueError('boom')")]
+
+
+def test_callback_handler_flags_async_handlers_and_stdout_handlers(capsys: Any):
+    class NoChains(_Recorder):
+        ignore_chain = True
+    h = NoChains()
+    _joke_chain().invoke({"x": "hi"}, {"callbacks": [h]})
+    assert [c[0] for c in h.calls] == ["on_chat_model_start"] + ["on_llm_new_token"] * 3 + ["on_llm_end"]
+    ends: List[Any] = []
+
+    class Ends(mc.AsyncCallbackHandler):
+        async def on_chain_end(self, outputs: Any, **kwargs: Any) -> None:
+            await asyncio.sleep(0)
+            ends.append(outputs)
+    assert run(_joke_chain().ainvoke({"x": "hi"}, {"callbacks": [Ends()]})) == "hello world"
+    assert [ids_out(repr(e)) for e in ends] == ["ChatPromptValue(messages=[HumanMessage(content='say hi')])", "'hello world'", "'hello world'"]
+    with pytest.raises(TypeError, match="an async listener"):
+        RunnableLambda(lambda x: x).invoke(1, {"callbacks": [Ends()]})
+    _joke_chain().invoke({"x": "hi"}, {"callbacks": [mc.StdOutCallbackHandler()]})
+    assert capsys.readouterr().out == (
+        "\n\n\x1b[1m> Entering new RunnableSequence chain...\x1b[0m\n"
+        "\n\n\x1b[1m> Entering new ChatPromptTemplate chain...\x1b[0m\n\n\x1b[1m> Finished chain.\x1b[0m\n"
+        "\n\n\x1b[1m> Entering new StrOutputParser chain...\x1b[0m\n\n\x1b[1m> Finished chain.\x1b[0m\n"
+        "\n\x1b[1m> Finished chain.\x1b[0m\n")  # langchain_core's, byte for byte
+    list(_joke_chain().stream({"x": "hi"}, {"callbacks": [mc.StreamingStdOutCallbackHandler()]}))
+    assert capsys.readouterr().out == "hello world"
+
+
+def test_with_listeners_gets_run_trees_at_start_end_and_error():
+    seen: List[tuple] = []
+    def note(kind: str) -> Any:
+        return lambda r: seen.append((kind, r.name, r.run_type, r.inputs, r.outputs, r.error,
+                                      [c.name for c in r.child_runs], r.end_time is not None))
+    listened = lambda: (RunnableLambda(lambda x: x + 1) | RunnableLambda(lambda x: x * 2)).with_listeners(
+        on_start=note("start"), on_end=note("end"), on_error=note("error"))
+    assert every_mode(listened, 1) == {"invoke": 4, "stream": [4], "astream": [4], "ainvoke": 4,
+                                       "stream_events_output": [4]}
+    assert seen == 5 * [("start", "RunnableSequence", "chain", {"input": 1}, {}, None, [], False),
+                        ("end", "RunnableSequence", "chain", {"input": 1}, {"output": 4}, None,
+                         ["RunnableLambda", "RunnableLambda"], True)]
+    seen.clear()
+    with pytest.raises(ValueError):
+        RunnableLambda(_boom).with_listeners(on_error=note("error")).invoke({"q": 1})
+    assert seen == [("error", "_boom", "chain", {"q": 1}, {}, "ValueError('boom')", [], True)]
+    configs: List[Any] = []
+    RunnableLambda(lambda x: x).with_listeners(on_end=lambda run, config: configs.append(config)).invoke(
+        5, {"tags": ["t"], "metadata": {"m": 1}})
+    assert configs == [{"tags": ["t"], "metadata": {"m": 1}}]
+    assert RunnableLambda(lambda x: x).with_listeners(on_end=lambda r: seen.append(r.outputs)).batch([1, 2]) == [1, 2]
+
+
 def test_async_listeners_are_awaited_in_order_and_refused_in_sync_runs():
     heard: List[str] = []
 
