@@ -37,7 +37,8 @@ Sections (each relies only on the ones above it):
  11. Tools
  12. Model servers over HTTP: OpenAI-compatible, Ollama, Anthropic
  13. Server-sent events out: streaming a run to a browser
- 14. Demo (`python -m minichain`)
+ 14. Remote runnables: LangServe's protocol, from both ends
+ 15. Demo (`python -m minichain`)
 """
 from __future__ import annotations
 
@@ -107,6 +108,8 @@ __all__ = [
     "IncompleteStreamError", "demo_model",
     # 13. server-sent events
     "to_sse", "ato_sse", "read_sse",
+    # 14. remote runnables
+    "RemoteRunnable", "asgi_app", "MAX_BODY_BYTES",
 ]
 
 T = TypeVar("T")
@@ -973,9 +976,13 @@ def _callback_calls(h: BaseCallbackHandler) -> Callable[[Event], Any]:
                 return None
             return getattr(h, f"on_{method}_error")(data["error"], **ids)
         if phase == "start":
+            # deviation: `serialized` is None or {"name": ...}, and models and tools get
+            # their `name` too (langchain_core serializes prompts, models and tools)
             start = {**ids, "metadata": event["metadata"], "name": event["name"]}
             value = data.get("input", _MISSING)
             if family == "chain":
+                # deviation: a streamed root shows its input at its start ({"input": ""} in
+                # langchain_core); a step started before its input was known gets it at its end
                 if value is _MISSING:
                     deferred.add(event["run_id"])
                 return None if h.ignore_chain else h.on_chain_start(
@@ -996,6 +1003,8 @@ def _callback_calls(h: BaseCallbackHandler) -> Callable[[Event], Any]:
                 return None if h.ignore_retriever else h.on_retriever_start(None, value, **start)
             return None
         if phase == "stream":
+            # deviation: an invoked chat model streams too, so its tokens reach the handler
+            # (langchain_core calls on_llm_new_token only when the model was streamed)
             if family not in ("chat_model", "llm") or h.ignore_llm:
                 return None
             chunk = data["chunk"]
@@ -1795,6 +1804,7 @@ class Runnable(Generic[Input, Output]):
     _user_code = False  # runs user code, which may call runnables or dispatch custom events
     _cumulative = False  # each output chunk is the whole output so far: folds keep the last
     _opaque = False  # a subclass that writes `invoke` or `ainvoke` itself (no run of its own)
+    _passes_through = False  # a run without stream events still passes its chunks on at once
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -1926,7 +1936,7 @@ class Runnable(Generic[Input, Output]):
         try:
             for chunk in chunks:
                 run.chunk(chunk)
-                if run.streams:
+                if run.streams or self._passes_through:
                     yield chunk
                 else:
                     held.append(chunk)
@@ -1998,7 +2008,7 @@ class Runnable(Generic[Input, Output]):
                 except StopAsyncIteration:
                     break
                 run.chunk(chunk)
-                if run.streams:
+                if run.streams or self._passes_through:
                     if run.pending:
                         await run.settle()
                     yield chunk
@@ -3872,9 +3882,12 @@ async def adispatch_custom_event(name: str, data: Any, config: Optional[Runnable
 # ==============================================================================================
 
 def _to_messages(value: Any) -> List[BaseMessage]:
-    """A chat model's input as messages: a string, a prompt value or a list of messages."""
+    """A chat model's input as messages: a string, a prompt value or a list of messages (or
+    `{"messages": [...]}`, the chat prompt value as LangServe sends it)."""
     if isinstance(value, PromptValue):
         return value.to_messages()
+    if isinstance(value, dict) and list(value) == ["messages"]:
+        value = value["messages"]
     if isinstance(value, (str, BaseMessage)):
         return [_to_message(value)]
     if isinstance(value, (list, tuple)):
@@ -5688,7 +5701,7 @@ class _SSEDecoder:
         if self.first:
             line, self.first = line.lstrip("\ufeff"), False
         if not line:
-            if self.data:
+            if self.data or self.event:  # LangServe's `end` has a name and no data
                 out.append((self.event or "message", "\n".join(self.data)))
             self.event, self.data, self.data_size = "", [], 0
             return
@@ -6356,6 +6369,16 @@ def _anthropic_messages(messages: List[BaseMessage]) -> Tuple[str, List[Dict[str
     return system, turns
 
 
+def _timeouts(timeout: Union[None, float, Tuple[float, float]]) -> Tuple[float, float]:
+    """(connect, read) seconds from a number, a pair or None (10 s; 600 s: a long prompt can
+    take minutes on a CPU)."""
+    if timeout is None:
+        return 10.0, 600.0
+    if isinstance(timeout, tuple):
+        return float(timeout[0]), float(timeout[1])
+    return float(timeout), float(timeout)
+
+
 class _ServerChatModel(BaseChatModel):
     """What the three server models share: the request, the transport, the stream loop.
 
@@ -6377,12 +6400,7 @@ class _ServerChatModel(BaseChatModel):
                                 f"{int(name == 'max_event_bytes')}, not {_short(value)}")
         self.max_event_bytes = max_event_bytes
         self.model, self.base_url, self.api_key = model, base_url.rstrip("/"), api_key
-        if timeout is None:
-            self.timeout = (10.0, 600.0)  # connect; read: a long prompt can take minutes on a CPU
-        elif isinstance(timeout, tuple):
-            self.timeout = (float(timeout[0]), float(timeout[1]))
-        else:
-            self.timeout = (float(timeout), float(timeout))
+        self.timeout = _timeouts(timeout)
         self.max_retries = max_retries
         self.tools: List[Dict[str, Any]] = []
         self.tool_choice: Any = None
@@ -6413,35 +6431,11 @@ class _ServerChatModel(BaseChatModel):
 
     def _stream(self, messages: List[BaseMessage], **kwargs: Any) -> Iterator[AIMessageChunk]:
         decoder, reader = self._decoder(), self._reader()
-        body = _post_stream(self._request(messages, **kwargs))
-        try:
-            for data in body:
-                for event, text in decoder.feed(data):
-                    yield from reader.frame(event, text)
-                    if reader.done:
-                        return  # closes the connection: nothing more is needed
-            for event, text in decoder.finish():
-                yield from reader.frame(event, text)
-            reader.finish()
-        finally:
-            _close(body)
+        return _read_frames(_post_stream(self._request(messages, **kwargs)), decoder, reader)
 
-    async def _astream(self, messages: List[BaseMessage], **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
+    def _astream(self, messages: List[BaseMessage], **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
         decoder, reader = self._decoder(), self._reader()
-        body = _apost_stream(self._request(messages, **kwargs))
-        try:
-            async for data in body:
-                for event, text in decoder.feed(data):
-                    for chunk in reader.frame(event, text):
-                        yield chunk
-                    if reader.done:
-                        return
-            for event, text in decoder.finish():
-                for chunk in reader.frame(event, text):
-                    yield chunk
-            reader.finish()
-        finally:
-            await _aclose(body)
+        return _aread_frames(_apost_stream(self._request(messages, **kwargs)), decoder, reader)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.model!r}, base_url={self.base_url!r})"
@@ -6689,13 +6683,571 @@ def read_sse(chunks: Iterable[bytes]) -> Iterator[Tuple[str, Any]]:
     decoder = _SSEDecoder()
     for chunk in chunks:
         for event, data in decoder.feed(chunk):
-            yield event, json.loads(data)
+            yield event, json.loads(data) if data else None
     for event, data in decoder.finish():
-        yield event, json.loads(data)
+        yield event, json.loads(data) if data else None
 
 
 # ==============================================================================================
-# 14. Demo: `python -m minichain`
+# 14. Remote runnables: LangServe's protocol, from both ends
+#
+# A chain served by LangServe answers `POST {path}/invoke`, `/batch`, `/stream`,
+# `/stream_events` and `/stream_log` with JSON bodies and server-sent events. `RemoteRunnable`
+# calls such a server with the model servers' HTTP and SSE code; `asgi_app` is such a server,
+# an ASGI 3 application with no framework. Values cross the wire as LangServe writes them:
+# messages, documents and prompt values are dicts with a `"type"` naming the class.
+# ==============================================================================================
+
+def _dump(value: Any) -> Any:
+    """A value as LangServe's JSON has it: every field of a message (with `"type"`: `human`,
+    `ai`, `AIMessageChunk` ...), documents, prompt values; NaN and infinities as null.
+
+    >>> _dump([HumanMessage("hi"), Document("d", id="1")])
+    [{'content': 'hi', 'additional_kwargs': {}, 'response_metadata': {}, 'type': 'human', 'name': None, 'id': None}, {'id': '1', 'metadata': {}, 'page_content': 'd', 'type': 'Document'}]
+    """
+    if isinstance(value, BaseMessage):
+        fields = [_dump(getattr(value, f)) for f in value._fields]
+        out = dict(zip(value._fields[:3], fields[:3]))
+        out["type"] = _wire_type(type(value))
+        out.update(zip(value._fields[3:], fields[3:]))
+        return out
+    if isinstance(value, Document):
+        return {"id": value.id, "metadata": _dump(value.metadata),
+                "page_content": value.page_content, "type": "Document"}
+    if isinstance(value, StringPromptValue):
+        return {"text": value.text, "type": "StringPromptValue"}
+    if isinstance(value, ChatPromptValue):
+        return {"messages": _dump(value.messages)}  # no type, as LangServe sends it
+    if isinstance(value, dict):
+        return {str(k): _dump(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_dump(v) for v in value]
+    if isinstance(value, float) and (value != value or abs(value) == float("inf")):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)
+
+
+def _wire_type(cls: type) -> str:
+    """A message class's `"type"` on the wire: `human`, `ai`... ; a chunk class's own name."""
+    return cls.__name__ if cls.__name__.endswith("Chunk") else cast(str, getattr(cls, "type"))
+
+
+def _load(value: Any) -> Any:
+    """The objects in LangServe's JSON, bottom-up: a dict whose `"type"` names a message,
+    `Document`, `StringPromptValue` or `ChatPromptValueConcrete` becomes one (fields it does
+    not know are left out); any other dict stays a dict.
+
+    >>> _load({"a": [{"type": "human", "content": "hi", "id": None}], "b": {"type": "unknown"}})
+    {'a': [HumanMessage(content='hi')], 'b': {'type': 'unknown'}}
+    """
+    if isinstance(value, list):
+        return [_load(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    value = {k: _load(v) for k, v in value.items()}
+    kind = value.get("type")
+    if not isinstance(kind, str):
+        return value
+    cls = next((c for c in _subclasses(BaseMessage) if _wire_type(c) == kind), None)
+    if cls is not None and "content" in value:
+        fields = cast(Any, cls)._fields
+        return cls(**{k: v for k, v in value.items() if k in fields and v is not None})
+    if kind == "Document" and isinstance(value.get("page_content"), str):
+        return Document(value["page_content"], metadata=value.get("metadata") or {},
+                        id=value.get("id"))
+    if kind == "StringPromptValue" and isinstance(value.get("text"), str):
+        return StringPromptValue(value["text"])
+    if kind == "ChatPromptValueConcrete" and isinstance(value.get("messages"), list):
+        return ChatPromptValue(value["messages"])
+    return value
+
+
+def _subclasses(cls: type) -> Iterator[type]:
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def _compact(value: Any) -> str:
+    """Compact JSON, as LangServe's orjson writes it; a lone surrogate as its `\\u` escape."""
+    text = json.dumps(_dump(value), ensure_ascii=False, separators=(",", ":"))
+    return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+class _LangServeStream:
+    """A LangServe event stream -> the values of its `data` events, until `end`; an `error`
+    event raises, and so does a stream that stops without `end` (nothing is truncated)."""
+
+    def __init__(self, provider: str) -> None:
+        self.provider, self.done = provider, False
+
+    def frame(self, event: str, data: str) -> List[Any]:
+        if event == "data":
+            try:
+                return [_load(json.loads(data))]
+            except ValueError as exc:
+                raise APIError(f"malformed event data {_short(data, 200)}: {exc}",
+                               provider=self.provider) from None
+        if event == "error":
+            try:
+                payload = json.loads(data)
+            except ValueError:
+                payload = None
+            payload = payload if isinstance(payload, dict) else {"message": data}
+            status = payload.get("status_code")
+            raise APIError(str(payload.get("message", data)), body=payload, provider=self.provider,
+                           status=status if isinstance(status, int) else None, reported=True)
+        self.done = event == "end"
+        return []  # `metadata`, and events LangServe may add
+
+    def finish(self) -> None:
+        if not self.done:
+            raise IncompleteStreamError("the stream ended without its `end` event; the answer "
+                                        "so far would be truncated", provider=self.provider)
+
+
+class RemoteRunnable(Runnable[Any, Any]):
+    """A runnable served elsewhere, by LangServe or by `asgi_app`, called over HTTP.
+
+    `invoke` posts to `{url}/invoke`, `batch` to `/batch`, `stream` reads `/stream`,
+    `astream_events`/`stream_events` give the server's own events (`/stream_events`), and
+    `astream_log` its log (`/stream_log`); sync and async. Messages and documents come back
+    as objects. In a chain it is one step, a run named `RemoteRunnable` with no stream
+    events (as LangServe's client shows it), whose chunks flow on as they arrive. An HTTP
+    error, an `error` event, a cut stream or a timeout raises from the `APIError` family;
+    leaving a stream closes the connection, which stops the remote run. `timeout` is
+    seconds, or `(connect, read)`; `max_retries` retries refused connections and 5xx answers
+    (none by default: a remote chain may have effects).
+
+    >>> RemoteRunnable("http://localhost:8000/joke/")
+    RemoteRunnable('http://localhost:8000/joke')
+    """
+
+    input_in_start = True
+    _passes_through = True  # its chunks flow on as they come, with no stream events
+
+    def __init__(self, url: str, *, timeout: Union[None, float, Tuple[float, float]] = None,
+                 headers: Optional[Mapping[str, str]] = None, max_retries: int = 0,
+                 max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self.url, self.headers = url.rstrip("/"), dict(headers or {})
+        self.timeout = _timeouts(timeout)
+        self.max_retries, self.max_event_bytes = max_retries, max_event_bytes
+        self._request("invoke", {})  # a bad URL or header fails here, not at the first call
+
+    def _provider(self) -> str:
+        return f"the server at {self.url}"
+
+    def _streams(self, invoked: bool) -> bool:
+        return False
+
+    def _event_input(self, value: Any, end: bool) -> Any:
+        return _dump(value)
+
+    def _called(self, kwargs: Dict[str, Any]) -> "RemoteRunnable":
+        if kwargs:
+            raise TypeError(f"RemoteRunnable takes no call-time keyword arguments (LangServe's "
+                            f"protocol has no place for them), got {sorted(kwargs)}")
+        return self
+
+    def _request(self, endpoint: str, body: Dict[str, Any]) -> _Request:
+        streams = endpoint.startswith("stream")
+        headers = {"Accept": "text/event-stream", "Cache-Control": "no-store"} if streams else {}
+        return _Request(f"{self.url}/{endpoint}", {**headers, **self.headers}, body, self.timeout,
+                        self.max_retries, self._provider())
+
+    @staticmethod
+    def _config(config: RunnableConfig) -> Dict[str, Any]:
+        """What of a config goes to the server (which keeps only `configurable` by default)."""
+        return {"tags": list(config.get("tags", ())), "metadata": _dump(config.get("metadata", {})),
+                "recursion_limit": config.get("recursion_limit", 25),
+                "configurable": _dump(config.get("configurable", {}))}
+
+    def _body(self, value: Any, config: RunnableConfig, **extra: Any) -> Dict[str, Any]:
+        return {"input": _dump(value), "config": self._config(config), "kwargs": {}, **extra}
+
+    def _output(self, data: bytes) -> Any:
+        try:
+            return _load(json.loads(data)["output"])
+        except (ValueError, KeyError, TypeError):
+            raise APIError(f"the answer is not LangServe's {{\"output\": ...}} JSON: "
+                           f"{_short(data, 200)}", provider=self._provider()) from None
+
+    def _batch_body(self, inputs: List[Any], config: Any) -> Dict[str, Any]:
+        return {"inputs": _dump(inputs), "kwargs": {},
+                "config": [self._config(c) for c in _batch_configs(config, len(inputs))]}
+
+    # -- invoke and batch: one JSON answer each ------------------------------------------------
+
+    def _invoke_transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        request = self._request("invoke", self._body(_fold(inputs), config))
+        yield self._output(b"".join(_post_stream(request)))
+
+    async def _ainvoke_transform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        request = self._request("invoke", self._body(await _afold(inputs), config))
+        yield self._output(b"".join([data async for data in _apost_stream(request)]))
+
+    def batch(self, inputs: List[Any], config: Union[RunnableConfig, List[RunnableConfig], None] = None,
+              *, return_exceptions: bool = False, **kwargs: Any) -> List[Any]:
+        """One `POST {url}/batch` for all the inputs (with `return_exceptions`, one invoke
+        each, so that one failure does not take the others with it)."""
+        _check_inputs("batch", inputs)
+        if return_exceptions or not inputs:
+            return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        request = self._called(kwargs)._request("batch", self._batch_body(inputs, config))
+        return cast(List[Any], self._output(b"".join(_post_stream(request))))
+
+    async def abatch(self, inputs: List[Any], config: Union[RunnableConfig, List[RunnableConfig], None] = None,
+                     *, return_exceptions: bool = False, **kwargs: Any) -> List[Any]:
+        """Async twin of `batch`."""
+        _check_inputs("abatch", inputs)
+        if return_exceptions or not inputs:
+            return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        request = self._called(kwargs)._request("batch", self._batch_body(inputs, config))
+        return cast(List[Any], self._output(b"".join([d async for d in _apost_stream(request)])))
+
+    # -- streams: server-sent events -----------------------------------------------------------
+
+    def _read(self, endpoint: str, body: Dict[str, Any]) -> Iterator[Any]:
+        request = self._request(endpoint, body)
+        return _read_frames(_post_stream(request), _SSEDecoder(self.max_event_bytes, self._provider()),
+                            _LangServeStream(self._provider()))
+
+    def _aread(self, endpoint: str, body: Dict[str, Any]) -> AsyncIterator[Any]:
+        request = self._request(endpoint, body)
+        return _aread_frames(_apost_stream(request), _SSEDecoder(self.max_event_bytes, self._provider()),
+                             _LangServeStream(self._provider()))
+
+    def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        yield from self._read("stream", self._body(_fold(inputs), config))
+
+    async def _atransform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        chunks = self._aread("stream", self._body(await _afold(inputs), config))
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await _aclose(chunks)
+
+    def _filters(self, config: Optional[RunnableConfig], **filters: Any) -> Dict[str, Any]:
+        return self._body(None, _resolve(config), **{k: list(v) if v is not None else None
+                                                      for k, v in filters.items()})
+
+    def astream_events(self, input: Any, config: Optional[RunnableConfig] = None, *,
+                       version: str = "v2", include_names: Optional[Sequence[str]] = None,
+                       include_types: Optional[Sequence[str]] = None,
+                       include_tags: Optional[Sequence[str]] = None,
+                       exclude_names: Optional[Sequence[str]] = None,
+                       exclude_types: Optional[Sequence[str]] = None,
+                       exclude_tags: Optional[Sequence[str]] = None, **kwargs: Any) -> AsyncIterator[Event]:
+        """The server's own events, as its `astream_events` makes them (filtered there): its
+        run ids, the root named after its path, data decoded. (`version` is the server's.)"""
+        self._called(kwargs)
+        body = {**self._filters(config, include_names=include_names, include_types=include_types,
+                                include_tags=include_tags, exclude_names=exclude_names,
+                                exclude_types=exclude_types, exclude_tags=exclude_tags),
+                "input": _dump(input)}
+        return self._aread("stream_events", body)
+
+    def stream_events(self, input: Any, config: Optional[RunnableConfig] = None, *,
+                      version: str = "v2", include_names: Optional[Sequence[str]] = None,
+                      include_types: Optional[Sequence[str]] = None,
+                      include_tags: Optional[Sequence[str]] = None,
+                      exclude_names: Optional[Sequence[str]] = None,
+                      exclude_types: Optional[Sequence[str]] = None,
+                      exclude_tags: Optional[Sequence[str]] = None, **kwargs: Any) -> Iterator[Event]:
+        """The events `astream_events` gives, synchronously."""
+        self._called(kwargs)
+        body = {**self._filters(config, include_names=include_names, include_types=include_types,
+                                include_tags=include_tags, exclude_names=exclude_names,
+                                exclude_types=exclude_types, exclude_tags=exclude_tags),
+                "input": _dump(input)}
+        return self._read("stream_events", body)
+
+    async def astream_log(self, input: Any, config: Optional[RunnableConfig] = None, *,
+                          diff: bool = True, with_streamed_output_list: bool = True,
+                          include_names: Optional[Sequence[str]] = None,
+                          include_types: Optional[Sequence[str]] = None,
+                          include_tags: Optional[Sequence[str]] = None,
+                          exclude_names: Optional[Sequence[str]] = None,
+                          exclude_types: Optional[Sequence[str]] = None,
+                          exclude_tags: Optional[Sequence[str]] = None, **kwargs: Any) -> AsyncIterator[Any]:
+        """The server's run log (`/stream_log`) as `RunLogPatch`es (`RunLog`s with `diff=False`)."""
+        self._called(kwargs)
+        body = {**self._filters(config, include_names=include_names, include_types=include_types,
+                                include_tags=include_tags, exclude_names=exclude_names,
+                                exclude_types=exclude_types, exclude_tags=exclude_tags),
+                "input": _dump(input), "diff": True}
+        log: Optional[RunLog] = None
+        patches = self._aread("stream_log", body)
+        try:
+            async for data in patches:
+                patch = RunLogPatch(*data["ops"])
+                if diff:
+                    yield patch
+                    continue
+                log = RunLog(*patch.ops, state=_apply_ops(None, _copy_ops(patch.ops))) \
+                    if log is None else log + patch
+                yield log
+        finally:
+            await _aclose(patches)
+
+    def __repr__(self) -> str:
+        return f"RemoteRunnable({self.url!r})"
+
+
+def _read_frames(body: Iterator[bytes], decoder: Any, reader: Any) -> Iterator[Any]:
+    """What `reader` makes of the frames `decoder` finds in a response `body`, as bytes arrive;
+    it stops reading when the reader is done (closing `body` closes the connection)."""
+    try:
+        for data in body:
+            for event, text in decoder.feed(data):
+                yield from reader.frame(event, text)
+                if reader.done:
+                    return
+        for event, text in decoder.finish():
+            yield from reader.frame(event, text)
+        reader.finish()
+    finally:
+        _close(body)
+
+
+async def _aread_frames(body: AsyncIterator[bytes], decoder: Any, reader: Any) -> AsyncIterator[Any]:
+    """Async twin of `_read_frames`."""
+    try:
+        async for data in body:
+            for event, text in decoder.feed(data):
+                for value in reader.frame(event, text):
+                    yield value
+                if reader.done:
+                    return
+        for event, text in decoder.finish():
+            for value in reader.frame(event, text):
+                yield value
+        reader.finish()
+    finally:
+        await _aclose(body)
+
+
+MAX_BODY_BYTES = 2 ** 20  # the largest request body `asgi_app` reads by default (LangServe has no cap)
+_ENDPOINTS = ("invoke", "batch", "stream", "stream_events", "stream_log")
+_FILTERS = ("include_names", "include_types", "include_tags", "exclude_names", "exclude_types",
+            "exclude_tags")
+
+
+class _BadRequest(Exception):
+    """A request `asgi_app` refuses: the status and the JSON `detail` to answer with."""
+
+    def __init__(self, status: int, detail: Any) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def asgi_app(routes: Mapping[str, Any], *, max_body_bytes: int = MAX_BODY_BYTES) -> Callable[..., Awaitable[None]]:
+    """An ASGI 3 application serving each runnable with LangServe's endpoints and wire format:
+    `POST {path}/invoke`, `/batch`, `/stream`, `/stream_events`, `/stream_log`. Run it under
+    any ASGI server (`uvicorn module:app`); it keeps no state between requests, so it scales
+    across processes. As LangServe: the root run is named after the path, the server keeps
+    only `configurable` of the client's config, a bad request gets 422/404/405 with a JSON
+    `detail`, a failing run 500 (`Internal Server Error`, the exception stays on the server)
+    or an `error` event once streaming. A body over `max_body_bytes` gets 413 (LangServe has
+    no limit). A client that disconnects stops its run.
+
+    >>> app = asgi_app({"/upper": RunnableLambda(str.upper)})
+    >>> async def call(path, body):
+    ...     sent = []
+    ...     async def receive():
+    ...         return {"type": "http.request", "body": body, "more_body": False}
+    ...     async def send(message):
+    ...         sent.append(message)
+    ...     await app({"type": "http", "method": "POST", "path": path, "headers": []}, receive, send)
+    ...     return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+    >>> status, body = asyncio.run(call("/upper/invoke", b'{"input": "hi"}'))
+    >>> status, json.loads(body)["output"]
+    (200, 'HI')
+    """
+    table: Dict[str, Runnable[Any, Any]] = {}
+    for path, runnable in routes.items():
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError(f"asgi_app route {path!r} must be a path starting with '/', "
+                             "e.g. {'/joke': chain}")
+        table[path.rstrip("/")] = coerce_to_runnable(runnable)
+
+    async def app(scope: Dict[str, Any], receive: Callable[[], Awaitable[Dict[str, Any]]],
+                  send: Callable[[Dict[str, Any]], Awaitable[None]]) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] in ("lifespan.startup", "lifespan.shutdown"):
+                    await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        if scope["type"] != "http":
+            return
+        path, _, endpoint = scope["path"].rpartition("/")
+        runnable = table.get(path)
+        try:
+            if runnable is None or endpoint not in _ENDPOINTS:
+                raise _BadRequest(404, "Not Found")
+            if scope["method"] != "POST":
+                raise _BadRequest(405, "Method Not Allowed")
+            request = await _request_json(receive, max_body_bytes)
+            if request is None:
+                return  # the client left
+            headers = dict(scope.get("headers") or [])
+            config = _served_config(request, endpoint, path, headers.get(b"user-agent", b""))
+        except _BadRequest as exc:
+            extra = [(b"allow", b"POST")] if exc.status == 405 else []
+            await _send_json(send, exc.status, {"detail": exc.detail}, extra)
+            return
+        if endpoint in ("invoke", "batch"):
+            await _serve_json(runnable, endpoint, request, config, send)
+        else:
+            await _serve_stream(runnable, endpoint, request, config, receive, send)
+    return app
+
+
+async def _request_json(receive: Callable[[], Awaitable[Dict[str, Any]]], limit: int) -> Any:
+    """The request body as JSON (None if the client left first)."""
+    body: List[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        body.append(message.get("body", b""))
+        size += len(body[-1])
+        if size > limit:
+            raise _BadRequest(413, f"the request body is over {limit} bytes")
+        if not message.get("more_body"):
+            break
+    try:
+        request = json.loads(b"".join(body))
+    except ValueError:
+        raise _BadRequest(422, ["Invalid JSON body"]) from None
+    if not isinstance(request, dict):
+        raise _BadRequest(422, [{"type": "model_type", "loc": [], "msg": "Input should be a "
+                                 "valid dictionary or object to extract fields from"}])
+    return request
+
+
+def _served_config(request: Dict[str, Any], endpoint: str, path: str, agent: bytes) -> Any:
+    """The config (or configs, for batch) a request runs with: of the client's, only
+    `configurable` is kept, as LangServe does; the server names the run after the path."""
+    key = "inputs" if endpoint == "batch" else "input"
+    if key not in request:
+        raise _BadRequest(422, [{"type": "missing", "loc": [key], "msg": "Field required"}])
+    given = request.get("config") or {}
+    many = endpoint == "batch" and isinstance(given, list)
+    for config in given if many else [given]:
+        if not isinstance(config, dict) or not isinstance(config.get("configurable", {}), dict):
+            raise _BadRequest(422, [{"type": "dict_type", "loc": ["config"],
+                                     "msg": "Input should be a valid dictionary"}])
+    if many and len(given) != len(request["inputs"]):
+        raise _BadRequest(422, f"Number of configs ({len(given)}) must match number of inputs "
+                               f"({len(request['inputs'])})")
+    if endpoint == "batch" and not isinstance(request["inputs"], list):
+        raise _BadRequest(422, [{"type": "list_type", "loc": ["inputs"], "msg": "Input should be a valid list"}])
+
+    def served(config: Dict[str, Any]) -> RunnableConfig:
+        return {"run_name": path, "configurable": _load(config.get("configurable", {})),
+                "metadata": {"__useragent": agent.decode("latin-1"), "__langserve_endpoint": endpoint}}
+    return [served(c) for c in given] if many else served(given)
+
+
+async def _send_json(send: Callable[[Dict[str, Any]], Awaitable[None]], status: int, value: Any,
+                     headers: Sequence[Tuple[bytes, bytes]] = ()) -> None:
+    body = _compact(value).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _serve_json(runnable: Runnable[Any, Any], endpoint: str, request: Dict[str, Any],
+                      config: Any, send: Callable[[Dict[str, Any]], Awaitable[None]]) -> None:
+    import uuid
+    try:
+        if endpoint == "invoke":
+            config["run_id"] = str(uuid.uuid4())
+            output = await runnable.ainvoke(_load(request["input"]), config)
+            metadata: Dict[str, Any] = {"run_id": config["run_id"], "feedback_tokens": []}
+        else:
+            inputs = _load(request["inputs"])
+            configs = config if isinstance(config, list) else [dict(config) for _ in inputs]
+            for c in configs:
+                c["run_id"] = str(uuid.uuid4())
+            output = await runnable.abatch(inputs, configs)
+            metadata = {"responses": [{"run_id": c["run_id"], "feedback_tokens": []} for c in configs],
+                        "run_ids": [c["run_id"] for c in configs]}
+    except Exception as exc:
+        if isinstance(exc, _MissingVariables):  # LangServe checks the input's schema first: 422
+            await _send_json(send, 422, {"detail": str(exc.args[0] if exc.args else exc)})
+            return
+        body = b"Internal Server Error"
+        await send({"type": "http.response.start", "status": 500, "headers": [
+            (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+        return
+    await _send_json(send, 200, {"output": output, "metadata": metadata})
+
+
+async def _serve_stream(runnable: Runnable[Any, Any], endpoint: str, request: Dict[str, Any],
+                        config: RunnableConfig, receive: Callable[[], Awaitable[Dict[str, Any]]],
+                        send: Callable[[Dict[str, Any]], Awaitable[None]]) -> None:
+    """An event stream, frame by frame as the run makes them; the run stops when the client
+    disconnects (a task watches for it and cancels the stream)."""
+    import uuid
+    value = _load(request["input"])
+    filters = {k: request[k] for k in _FILTERS if request.get(k) is not None}
+    if endpoint == "stream":
+        config["run_id"] = str(uuid.uuid4())
+        items: AsyncIterator[Any] = runnable.astream(value, config)
+    elif endpoint == "stream_events":
+        items = runnable.astream_events(value, config, **filters)
+    else:
+        items = runnable.astream_log(value, config, diff=True, **filters)
+
+    async def frames() -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-store"),
+            (b"x-accel-buffering", b"no")]})
+        first = True
+        try:
+            async for item in items:
+                if endpoint == "stream" and first:
+                    frame = f'event: metadata\r\ndata: {json.dumps({"run_id": config["run_id"]})}\r\n\r\n'
+                    await send({"type": "http.response.body", "body": frame.encode(), "more_body": True})
+                first = False
+                if endpoint == "stream_events":  # LangServe strips its own `__` metadata
+                    item = {**item, "metadata": {k: v for k, v in item["metadata"].items()
+                                                 if not k.startswith("__")}}
+                elif endpoint == "stream_log":
+                    item = {"ops": item.ops}
+                frame = f"event: data\r\ndata: {_compact(item)}\r\n\r\n"
+                await send({"type": "http.response.body", "body": frame.encode(), "more_body": True})
+            ending = b"event: end\r\n\r\n"
+        except Exception:  # the error text stays on the server, as LangServe keeps it
+            ending = b'event: error\r\ndata: {"status_code": 500, "message": "Internal Server Error"}\r\n\r\n'
+        finally:
+            await _aclose(items)
+        await send({"type": "http.response.body", "body": ending, "more_body": False})
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    streaming, watching = asyncio.ensure_future(frames()), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({streaming, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (streaming, watching):
+            task.cancel()
+        await asyncio.gather(streaming, watching, return_exceptions=True)
+
+
+# ==============================================================================================
+# 15. Demo: `python -m minichain`
 # ==============================================================================================
 
 def demo_model() -> BaseChatModel:
