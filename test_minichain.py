@@ -7,7 +7,9 @@ purpose). Run ids are replaced by R0, R1, ... in order of appearance, and messag
 """
 import asyncio
 import gc
+import importlib.util
 import json
+import itertools
 import os
 import random
 import re
@@ -17,7 +19,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, List
+from typing import Any, AsyncIterator, Dict, Iterator, List, Sequence, Tuple
 
 import pytest
 
@@ -3714,3 +3716,230 @@ def test_a_sync_step_still_running_when_the_event_consumer_leaves_is_stopped():
     start = time.monotonic()
     run(main())
     assert closed.wait(2) and time.monotonic() - start < 0.5  # not the 0.6 s the answer takes
+
+
+# ---------------------------------------------------------------------------------------------
+# 14. Remote runnables: LangServe's protocol, from both ends
+# ---------------------------------------------------------------------------------------------
+
+def asgi_call(app: Any, method: str, path: str, body: bytes = b"",
+              headers: Sequence[Tuple[bytes, bytes]] = ()) -> Tuple[int, Dict[bytes, bytes], bytes]:
+    """One request to an ASGI app, in process: (status, headers, body)."""
+    sent: List[dict] = []
+
+    async def main() -> None:
+        delivered = False
+
+        async def receive() -> dict:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.sleep(3600)  # the client stays
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+        await app({"type": "http", "method": method, "path": path, "headers": list(headers)},
+                  receive, send)
+    run(main())
+    assert sent[0]["type"] == "http.response.start" and not sent[-1].get("more_body")
+    return sent[0]["status"], dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def _served_app() -> Any:
+    def fail(x: Any) -> Any:
+        raise ValueError("secret detail")
+
+    def fail_mid(x: Any) -> Iterator[str]:
+        yield from "ab"
+        raise ValueError("secret detail")
+    joke = (ChatPromptTemplate.from_template("tell me a joke about {topic}")
+            | GenericFakeChatModel(messages=itertools.cycle([AIMessage("Why did the parrot talk?")]))
+            | StrOutputParser())
+    return mc.asgi_app({"/joke": joke, "/echo": RunnableLambda(lambda x: x), "/fail": fail,
+                        "/fail_mid": RunnableLambda(fail_mid),
+                        "/chat": GenericFakeChatModel(messages=itertools.cycle([AIMessage("hello world")]))},
+                       max_body_bytes=10_000)
+
+
+def _ids(text: str) -> str:
+    return re.sub(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "ID", text)
+
+
+def test_asgi_app_answers_invoke_batch_and_streams_in_langserves_format():
+    app = _served_app()
+    status, headers, body = asgi_call(app, "POST", "/joke/invoke", b'{"input": {"topic": "parrots"}}')
+    assert (status, headers[b"content-type"]) == (200, b"application/json")
+    assert _ids(body.decode()) == '{"output":"Why did the parrot talk?","metadata":{"run_id":"ID","feedback_tokens":[]}}'
+    status, _, body = asgi_call(app, "POST", "/joke/batch", b'{"inputs": [{"topic": "a"}, {"topic": "b"}]}')
+    assert json.loads(body)["output"] == ["Why did the parrot talk?"] * 2
+    assert len(json.loads(body)["metadata"]["run_ids"]) == 2
+    status, headers, body = asgi_call(app, "POST", "/joke/stream", b'{"input": {"topic": "parrots"}}')
+    assert headers == {b"content-type": b"text/event-stream; charset=utf-8", b"cache-control": b"no-store",
+                       b"x-accel-buffering": b"no"}
+    assert _ids(body.decode()) == (
+        'event: metadata\r\ndata: {"run_id": "ID"}\r\n\r\n'
+        + "".join(f'event: data\r\ndata: "{t}"\r\n\r\n' for t in ["Why", " ", "did", " ", "the", " ", "parrot", " ", "talk?"])
+        + "event: end\r\n\r\n")
+    _, _, body = asgi_call(app, "POST", "/chat/stream", b'{"input": {"messages": [{"type": "human", "content": "hi"}]}}')
+    last = [line for line in body.decode().split("\r\n") if line.startswith("data:")][-1]
+    assert _ids(last) == ('data: {"content":"world","additional_kwargs":{},"response_metadata":{},'
+                          '"type":"AIMessageChunk","name":null,"id":"lc_run--ID","tool_calls":[],'
+                          '"invalid_tool_calls":[],"usage_metadata":null,"tool_call_chunks":[],"chunk_position":"last"}')
+
+
+def test_asgi_app_streams_events_and_logs_named_after_the_path():
+    app = _served_app()
+    _, _, body = asgi_call(app, "POST", "/joke/stream_events",
+                           b'{"input": {"topic": "x"}, "config": {"tags": ["dropped"], "run_name": "dropped"},'
+                           b' "include_types": ["chain"]}', [(b"user-agent", b"test/1")])
+    events = [json.loads(line[6:]) for line in body.decode().split("\r\n") if line.startswith("data: ")]
+    assert [(e["event"], e["name"], e["tags"], e["metadata"]) for e in events][::len(events) - 1] == [
+        ("on_chain_start", "/joke", [], {}), ("on_chain_end", "/joke", [], {})]  # __ metadata stripped
+    assert body.decode().endswith("event: end\r\n\r\n") and "event: metadata" not in body.decode()
+    _, _, body = asgi_call(app, "POST", "/joke/stream_log", b'{"input": {"topic": "x"}, "diff": true}')
+    patches = [mc.RunLogPatch(*json.loads(line[6:])["ops"]) for line in body.decode().split("\r\n") if line.startswith("data: ")]
+    log = patches[0]
+    for patch in patches[1:]:
+        log = log + patch
+    assert log.state["final_output"] == "Why did the parrot talk?" and log.state["name"] == "/joke"
+
+
+@pytest.mark.parametrize("method, path, body, status, detail", [
+    ("POST", "/joke/invoke", b"{nope", 422, ["Invalid JSON body"]),
+    ("POST", "/joke/invoke", b"", 422, ["Invalid JSON body"]),
+    ("POST", "/joke/invoke", b'{"inptu": 1}', 422, [{"type": "missing", "loc": ["input"], "msg": "Field required"}]),
+    ("POST", "/joke/batch", b'{"input": 1}', 422, [{"type": "missing", "loc": ["inputs"], "msg": "Field required"}]),
+    ("POST", "/joke/invoke", b"[1, 2]", 422, [{"type": "model_type", "loc": [], "msg": "Input should be a valid dictionary or object to extract fields from"}]),
+    ("POST", "/joke/invoke", b'{"input": 1, "config": 5}', 422, [{"type": "dict_type", "loc": ["config"], "msg": "Input should be a valid dictionary"}]),
+    ("POST", "/joke/batch", b'{"inputs": [1], "config": [{}, {}]}', 422, "Number of configs (2) must match number of inputs (1)"),
+    ("POST", "/nope/invoke", b"{}", 404, "Not Found"),
+    ("POST", "/joke/frobnicate", b"{}", 404, "Not Found"),
+    ("GET", "/joke/invoke", b"", 405, "Method Not Allowed"),
+    ("POST", "/joke/invoke", b'{"input": "' + b"x" * 10_000 + b'"}', 413, "the request body is over 10000 bytes"),
+    ("POST", "/joke/invoke", b'{"input": {"topik": 1}}', 422, "ChatPromptTemplate is missing variable 'topic'; the template expects ['topic'] and got ['topik']; pass {'topic': ...} (or write '{{topic}}' for a literal brace)"),
+])
+def test_asgi_app_refuses_bad_requests_with_json_errors(method: str, path: str, body: bytes, status: int, detail: Any):
+    got_status, headers, got = asgi_call(_served_app(), method, path, body)
+    assert (got_status, json.loads(got)) == (status, {"detail": detail})
+    assert headers[b"content-type"] == b"application/json"
+    if status == 405:
+        assert headers[b"allow"] == b"POST"
+
+
+def test_asgi_app_keeps_a_failing_runs_error_text_on_the_server():
+    app = _served_app()
+    assert asgi_call(app, "POST", "/fail/invoke", b'{"input": 1}')[::2] == (500, b"Internal Server Error")
+    assert asgi_call(app, "POST", "/fail/batch", b'{"inputs": [1]}')[::2] == (500, b"Internal Server Error")
+    error = b'event: error\r\ndata: {"status_code": 500, "message": "Internal Server Error"}\r\n\r\n'
+    assert asgi_call(app, "POST", "/fail/stream", b'{"input": 1}')[2] == error  # no metadata first
+    body = asgi_call(app, "POST", "/fail_mid/stream", b'{"input": 1}')[2]
+    assert _ids(body.decode()) == ('event: metadata\r\ndata: {"run_id": "ID"}\r\n\r\nevent: data\r\ndata: "a"\r\n\r\n'
+                                   'event: data\r\ndata: "b"\r\n\r\n') + error.decode()
+
+
+def test_asgi_app_stops_the_run_when_the_client_disconnects():
+    ticks: List[int] = []
+    closed = threading.Event()
+
+    async def slow(x: Any) -> AsyncIterator[str]:
+        try:
+            for i in range(100):
+                ticks.append(i)
+                yield "tick"
+                await asyncio.sleep(0.01)
+        finally:
+            closed.set()
+    app = mc.asgi_app({"/slow": RunnableLambda(slow)})
+    frames: List[bytes] = []
+
+    async def main() -> None:
+        gone = asyncio.Event()
+        delivered = False
+
+        async def receive() -> dict:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": b'{"input": 1}'}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            frames.append(message.get("body", b""))
+            if len(frames) == 4:  # start, metadata, two ticks: the client leaves
+                gone.set()
+        await asyncio.wait_for(app({"type": "http", "method": "POST", "path": "/slow/stream", "headers": []},
+                                   receive, send), 5)
+    run(main())
+    assert closed.is_set() and len(ticks) < 5 and len(frames) < 7
+
+
+@pytest.fixture
+def served() -> Iterator[str]:
+    spec = importlib.util.spec_from_file_location("remote_example", HERE / "examples" / "10_remote.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    url, stop = module.serve_asgi(_served_app())
+    yield url
+    stop()
+
+
+def test_remote_runnable_calls_a_served_chain_in_every_mode(served: str):
+    def make() -> Any:
+        return mc.RemoteRunnable(f"{served}/joke")
+    tokens = ["Why", " ", "did", " ", "the", " ", "parrot", " ", "talk?"]
+    assert every_mode(make, {"topic": "x"}) == {
+        "invoke": "Why did the parrot talk?", "stream": tokens, "astream": tokens,
+        "ainvoke": "Why did the parrot talk?", "stream_events_output": ["Why did the parrot talk?"]}
+    assert make().batch([{"topic": "a"}, {"topic": "b"}]) == ["Why did the parrot talk?"] * 2
+    assert run(make().abatch([{"topic": "a"}])) == ["Why did the parrot talk?"]
+    chat = mc.RemoteRunnable(f"{served}/chat")
+    message = chat.invoke([HumanMessage("hi")])
+    assert type(message) is AIMessage and message.content == "hello world"
+    chunks = list(chat.stream("hi"))
+    assert [type(c).__name__ for c in chunks] == ["AIMessageChunk"] * 3 and chunks[-1].chunk_position == "last"
+    echoed = mc.RemoteRunnable(f"{served}/echo").invoke({"m": [HumanMessage("x")], "d": mc.Document("p", id="1")})
+    assert echoed == {"m": [HumanMessage("x")], "d": mc.Document("p", id="1")}
+
+
+def test_remote_runnable_events_and_logs(served: str):
+    remote = mc.RemoteRunnable(f"{served}/joke")
+    server_events = list(remote.stream_events({"topic": "x"}, include_types=["chain"]))
+    assert [(e["event"], e["name"]) for e in server_events][::len(server_events) - 1] == [
+        ("on_chain_start", "/joke"), ("on_chain_end", "/joke")]
+    assert [e["event"] for e in run(alist(remote.astream_events({"topic": "x"}, include_types=["chat_model"])))][:2] == [
+        "on_chat_model_start", "on_chat_model_stream"]
+
+    async def final() -> Any:
+        log = None
+        async for patch in remote.astream_log({"topic": "x"}):
+            log = patch if log is None else log + patch
+        return log.state["final_output"]  # type: ignore[union-attr]
+    assert run(final()) == "Why did the parrot talk?"
+    # in a local chain it is one run, with no stream events, whose chunks flow on
+    chain_ = ChatPromptTemplate.from_template("{q}") | mc.RemoteRunnable(f"{served}/chat") | StrOutputParser()
+    assert list(chain_.stream({"q": "hi"})) == ["hello", " ", "world"]
+    rows = both_event_apis(lambda: ChatPromptTemplate.from_template("{q}") | mc.RemoteRunnable(f"{served}/chat") | StrOutputParser(), {"q": "hi"})
+    remote_rows = [r for r in rows if r[1] == "RemoteRunnable"]
+    assert [(r[0], r[4], r[5]) for r in remote_rows] == [
+        ("on_chain_start", ["seq:step:2"], "{'input': {'messages': [{'content': 'hi', 'additional_kwargs': {}, 'response_metadata': {}, 'type': 'human', 'name': None, 'id': None}]}}"),
+        ("on_chain_end", ["seq:step:2"], remote_rows[1][5])]
+    assert "'output': AIMessageChunk(content='hello world'" in remote_rows[1][5]
+
+
+def test_remote_runnable_errors_are_api_errors(served: str):
+    with pytest.raises(mc.APIError, match=r"the server at http://127.0.0.1:\d+/fail returned HTTP 500: Internal Server Error"):
+        mc.RemoteRunnable(f"{served}/fail").invoke(1)
+    got: List[str] = []
+    with pytest.raises(mc.APIError, match="Internal Server Error") as caught:
+        for chunk in mc.RemoteRunnable(f"{served}/fail_mid").stream(1):
+            got.append(chunk)
+    assert got == ["a", "b"] and caught.value.status == 500
+    with pytest.raises(mc.APIError, match=r"returned HTTP 422: .*missing variable 'topic'"):
+        run(mc.RemoteRunnable(f"{served}/joke").ainvoke({"topik": 1}))
+    with pytest.raises(TypeError, match=r"RemoteRunnable takes no call-time keyword arguments .* got \['stop'\]"):
+        mc.RemoteRunnable(f"{served}/joke").invoke({"topic": "x"}, stop=["y"])
+    with pytest.raises(ValueError, match="is not an http"):
+        mc.RemoteRunnable("ftp://x/joke")

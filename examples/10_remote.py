@@ -23,7 +23,17 @@ def serve_asgi(app: Any, host: str = "127.0.0.1", port: int = 0) -> Tuple[str, A
     ready = threading.Event()
     bound: List[Any] = []
 
+    handlers: set = set()
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.add(asyncio.current_task())
+        try:
+            await answer(reader, writer)
+        finally:
+            writer.close()
+            handlers.discard(asyncio.current_task())
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         method, target, _ = lines[0].split(" ", 2)
@@ -66,8 +76,6 @@ def serve_asgi(app: Any, host: str = "127.0.0.1", port: int = 0) -> Tuple[str, A
             await app(scope, receive, send)
         except (ConnectionError, OSError):
             pass
-        finally:
-            writer.close()
 
     async def main() -> None:
         server = await asyncio.start_server(handle, host, port)
@@ -76,6 +84,9 @@ def serve_asgi(app: Any, host: str = "127.0.0.1", port: int = 0) -> Tuple[str, A
         ready.set()
         await stopping.wait()
         server.close()
+        for task in list(handlers):
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
         await server.wait_closed()
 
     def run() -> None:
