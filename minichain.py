@@ -77,7 +77,8 @@ __version__ = "0.1.0"
 __all__ = [
     # 1. messages and documents
     "BaseMessage", "SystemMessage", "HumanMessage", "AIMessage", "AIMessageChunk", "ToolMessage",
-    "Document", "AddableDict",
+    "ChatMessage", "HumanMessageChunk", "SystemMessageChunk", "ToolMessageChunk", "ChatMessageChunk",
+    "merge_content", "Document", "AddableDict",
     # 2. prompts
     "PromptValue", "StringPromptValue", "ChatPromptValue", "PromptTemplate", "ChatPromptTemplate",
     "MessagesPlaceholder",
@@ -90,7 +91,7 @@ __all__ = [
     "dispatch_custom_event", "adispatch_custom_event", "RunLogPatch", "RunLog",
     # 7. models
     "BaseChatModel", "BaseLLM", "GenericFakeChatModel", "FakeListChatModel",
-    "FakeListChatModelError", "FakeListLLM",
+    "FakeListChatModelError", "FakeListLLM", "FakeStreamingListLLM", "FakeListLLMError",
     # 8. parsers
     "OutputParserException", "BaseOutputParser", "StrOutputParser", "JsonOutputParser",
     "parse_partial_json",
@@ -313,6 +314,55 @@ def _parse_tool_call_chunks(chunks: List[Dict[str, Any]]) -> Tuple[List[Dict[str
     return calls, invalid
 
 
+def _plain_text(block: Any) -> bool:
+    return isinstance(block, dict) and block.get("type") == "text" and block.keys() == {"type", "text"}
+
+
+def _as_blocks(content: Any) -> List[Any]:
+    """Content as a list of blocks (a string becomes one text block)."""
+    if isinstance(content, list):
+        return content
+    return [{"type": "text", "text": content}] if content else []
+
+
+def merge_content(first: Any, *others: Any) -> Any:
+    """Message contents added up, as chunks add them: strings concatenate; otherwise the
+    result is a list of content blocks in which adjacent plain text joins and a block streamed
+    in pieces under one `"index"` (Anthropic, OpenAI's Responses API) merges into one,
+    keeping its first piece's `"type"`. One pass over the pieces; associative.
+
+    >>> merge_content("Hel", "lo")
+    'Hello'
+    >>> merge_content([{"type": "text", "text": "Hel", "index": 0}], [{"type": "text", "text": "lo", "index": 0}])
+    [{'type': 'text', 'text': 'Hello', 'index': 0}]
+    >>> merge_content("a", ["b"], [{"type": "image", "url": "u"}])
+    [{'type': 'text', 'text': 'ab'}, {'type': 'image', 'url': 'u'}]
+    """
+    texts = (first,) + others
+    if all(t.__class__ is str for t in texts):
+        return "".join(texts)
+    # deviation: strings in a list become text blocks and adjacent text joins (langchain_core
+    # keeps strings as they come: merge_content("a", ["b"]) is ['a', 'b'] there), so that
+    # adding is associative and text reads the same however the chunks were grouped
+    content: List[Any] = []
+    indexed: Dict[Any, int] = {}  # a streamed block's `index` -> its place in `content`
+    for block in (b for t in texts for b in _as_blocks(t)):
+        if isinstance(block, str):
+            block = {"type": "text", "text": block}
+        if isinstance(block, dict) and block.get("index") in indexed:
+            # a later piece of a block: merged into it, keeping the first piece's type
+            at = indexed[block["index"]]
+            content[at] = _merge_dicts(content[at], {k: v for k, v in block.items()
+                                                     if k not in ("type", "index")})
+            continue
+        if content and _plain_text(block) and _plain_text(content[-1]):
+            block = {"type": "text", "text": content.pop()["text"] + block["text"]}
+        if isinstance(block, dict) and block.get("index") is not None:
+            indexed[block["index"]] = len(content)
+        content.append(block)
+    return content
+
+
 class AIMessageChunk(AIMessage):
     """A piece of a streamed answer; chunks add up with `+`.
 
@@ -350,10 +400,14 @@ class AIMessageChunk(AIMessage):
 
     def __add__(self, other: Any) -> "AIMessageChunk":
         if not isinstance(other, AIMessageChunk):
-            if isinstance(other, BaseMessage):
+            if isinstance(other, _CHUNKS):  # another kind of chunk: its content and metadata
+                other = AIMessageChunk(other.content, additional_kwargs=other.additional_kwargs,
+                                       response_metadata=other.response_metadata)
+            elif isinstance(other, BaseMessage):
                 raise TypeError(f"cannot add {type(other).__name__} to AIMessageChunk: only "
                                 "chunks add up; convert whole messages before joining them")
-            return NotImplemented
+            else:
+                return NotImplemented
         return AIMessageChunk.join([self, other])
 
     @staticmethod
@@ -370,27 +424,7 @@ class AIMessageChunk(AIMessage):
         ...                      AIMessageChunk([{"type": "text", "text": "lo", "index": 0}])]).content
         [{'type': 'text', 'text': 'Hello', 'index': 0}]
         """
-        texts = [c.content for c in chunks]
-        if all(t.__class__ is str for t in texts):
-            content: Any = "".join(cast(List[str], texts))
-        else:  # content blocks; adjacent plain text joins, so that addition is associative
-            content = []
-            indexed: Dict[Any, int] = {}  # a streamed block's `index` -> its place in `content`
-            for block in (b for t in texts for b in _as_blocks(t)):
-                if isinstance(block, str):
-                    block = {"type": "text", "text": block}
-                if isinstance(block, dict) and block.get("index") in indexed:
-                    # a later piece of a block (Anthropic, OpenAI Responses): merged into it,
-                    # keeping the first piece's type, as langchain_core does
-                    at = indexed[block["index"]]
-                    content[at] = _merge_dicts(content[at], {k: v for k, v in block.items()
-                                                             if k not in ("type", "index")})
-                    continue
-                if content and _plain_text(block) and _plain_text(content[-1]):
-                    block = {"type": "text", "text": content.pop()["text"] + block["text"]}
-                if isinstance(block, dict) and block.get("index") is not None:
-                    indexed[block["index"]] = len(content)
-                content.append(block)
+        content = merge_content(*[c.content for c in chunks])
         first = chunks[0]
         kwargs, meta, calls = first.additional_kwargs, first.response_metadata, first.tool_call_chunks
         usage, id_, name = first.usage_metadata, first.id, first.name
@@ -424,17 +458,6 @@ class AIMessageChunk(AIMessage):
                          usage_metadata=self.usage_metadata)
 
 
-def _plain_text(block: Any) -> bool:
-    return isinstance(block, dict) and block.get("type") == "text" and block.keys() == {"type", "text"}
-
-
-def _as_blocks(content: Any) -> List[Any]:
-    """Content as a list of blocks (a string becomes one text block)."""
-    if isinstance(content, list):
-        return content
-    return [{"type": "text", "text": content}] if content else []
-
-
 class ToolMessage(BaseMessage):
     """A tool's result, sent back to the model under the id of the call it answers.
 
@@ -448,6 +471,97 @@ class ToolMessage(BaseMessage):
     def __init__(self, content: Any = "", *, tool_call_id: str, **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self.tool_call_id = tool_call_id
+
+
+class ChatMessage(BaseMessage):
+    """A message with any `role`, for roles beyond system, human, ai and tool.
+
+    >>> ChatMessage("Looks good.", role="critic")
+    ChatMessage(content='Looks good.', role='critic')
+    """
+    type = "chat"
+    _fields = BaseMessage._fields + ("role",)
+    __slots__ = ("role",)
+
+    def __init__(self, content: Any = "", *, role: str, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.role = role
+
+
+def _add_chunks(self: BaseMessage, other: Any) -> Any:
+    """`a + b` for human, system, tool and chat chunks, as langchain_core's `BaseMessageChunk`:
+    contents merge (`merge_content`), metadata merges, and the sum keeps the left chunk's class,
+    id and own fields (`tool_call_id`, `role`), which must agree between chunks of one class.
+    `a + [b, c]` adds several at once."""
+    others = other if isinstance(other, list) else [other]
+    if not all(isinstance(o, _CHUNKS) for o in others):
+        fix = f" (make the whole message a chunk first: {type(self).__name__}(message.content))" \
+            if isinstance(other, BaseMessage) else ""
+        raise TypeError(f'unsupported operand type(s) for +: "{type(self).__name__}" and '
+                        f'"{type(other).__name__}"; only message chunks add up{fix}')
+    own = {f: getattr(self, f) for f in self._fields[5:]}  # tool_call_id or role
+    for o in others:
+        # deviation: a chunk of another class keeps the left one's own fields (langchain_core
+        # raises KeyError for a ToolMessageChunk plus another kind of chunk)
+        for field, value in own.items():
+            if type(o) is type(self) and getattr(o, field) != value:
+                raise ValueError(
+                    f"Cannot concatenate {type(self).__name__}s with different "
+                    f"{'roles' if field == 'role' else 'names'}. ({field} {value!r} and "
+                    f"{getattr(o, field)!r}: only chunks of one message add up)")
+    kwargs, meta, name = dict(self.additional_kwargs), dict(self.response_metadata), self.name
+    for o in others:
+        kwargs, meta = _merge_dicts(kwargs, o.additional_kwargs), _merge_dicts(meta, o.response_metadata)
+        name = name or o.name  # deviation: the name is kept (langchain_core drops it)
+    return type(self)(merge_content(self.content, *(o.content for o in others)),
+                      additional_kwargs=kwargs, response_metadata=meta, name=name, id=self.id, **own)
+
+
+class HumanMessageChunk(HumanMessage):
+    """A piece of a streamed human message; chunks add up with `+` (see `_add_chunks`).
+
+    >>> HumanMessageChunk("Hel", id="1") + HumanMessageChunk("lo")
+    HumanMessageChunk(content='Hello', id='1')
+    """
+    __slots__ = ()
+    __add__ = _add_chunks
+
+
+class SystemMessageChunk(SystemMessage):
+    """A piece of a streamed system message; chunks add up with `+`.
+
+    >>> SystemMessageChunk("Be ") + [SystemMessageChunk("brief"), SystemMessageChunk(".")]
+    SystemMessageChunk(content='Be brief.')
+    """
+    __slots__ = ()
+    __add__ = _add_chunks
+
+
+class ToolMessageChunk(ToolMessage):
+    """A piece of a streamed tool result; only chunks of one `tool_call_id` add up.
+
+    >>> ToolMessageChunk("4", tool_call_id="c1") + ToolMessageChunk("2", tool_call_id="c1")
+    ToolMessageChunk(content='42', tool_call_id='c1')
+    >>> ToolMessageChunk("4", tool_call_id="c1") + ToolMessageChunk("2", tool_call_id="c2")
+    Traceback (most recent call last):
+    ...
+    ValueError: Cannot concatenate ToolMessageChunks with different names. (tool_call_id 'c1' and 'c2': only chunks of one message add up)
+    """
+    __slots__ = ()
+    __add__ = _add_chunks
+
+
+class ChatMessageChunk(ChatMessage):
+    """A piece of a streamed `ChatMessage`; only chunks of one `role` add up.
+
+    >>> ChatMessageChunk("Looks ", role="critic") + ChatMessageChunk("good.", role="critic")
+    ChatMessageChunk(content='Looks good.', role='critic')
+    """
+    __slots__ = ()
+    __add__ = _add_chunks
+
+
+_CHUNKS = (AIMessageChunk, HumanMessageChunk, SystemMessageChunk, ToolMessageChunk, ChatMessageChunk)
 
 
 _ROLES: Dict[str, type] = {"system": SystemMessage, "human": HumanMessage, "user": HumanMessage,
@@ -3371,6 +3485,72 @@ class FakeListLLM(BaseLLM):
         text = self.responses[self.i % len(self.responses)]
         self.i += 1
         return text
+
+
+class FakeListLLMError(Exception):
+    """Raised by `FakeStreamingListLLM` at `error_on_chunk_number`.
+
+    >>> list(FakeStreamingListLLM(responses=["abc"], error_on_chunk_number=1).stream("x"))
+    Traceback (most recent call last):
+    ...
+    minichain.FakeListLLMError: FakeStreamingListLLM raised at chunk 1 as configured
+    """
+
+
+class FakeStreamingListLLM(FakeListLLM):
+    """A `FakeListLLM` whose `stream` gives the answer one character per chunk.
+
+    As langchain_core's, it streams by invoking: its run ends with the whole answer (no
+    `on_llm_stream` events), then the characters move on, after `sleep` seconds each;
+    `error_on_chunk_number=k` raises `FakeListLLMError` at character k (0-based) of a stream,
+    never in `invoke`.
+
+    >>> llm = FakeStreamingListLLM(responses=["hi", "yo"])
+    >>> list(llm.stream("x")), llm.invoke("x")
+    (['h', 'i'], 'yo')
+    """
+
+    def __init__(self, *, responses: List[str], sleep: Optional[float] = None,
+                 error_on_chunk_number: Optional[int] = None, **kwargs: Any) -> None:
+        super().__init__(responses=responses, **kwargs)
+        self.sleep, self.error_on = sleep, error_on_chunk_number
+
+    def _check(self, i: int) -> None:
+        if i == self.error_on:
+            raise FakeListLLMError(f"FakeStreamingListLLM raised at chunk {i} as configured")
+
+    def _stream_run(self, inputs: Iterator[Any], config: RunnableConfig, tag: Optional[str] = None,
+                    known: Any = _MISSING, invoked: bool = False) -> Iterator[Any]:
+        answers = super()._stream_run(inputs, config, tag, known, invoked)
+        return answers if invoked else self._characters(answers)
+
+    def _characters(self, answers: Iterator[str]) -> Iterator[str]:
+        try:
+            for answer in answers:
+                for i, c in enumerate(answer):
+                    if self.sleep is not None:
+                        time.sleep(self.sleep)
+                    self._check(i)
+                    yield c
+        finally:
+            _close(answers)
+
+    def _astream_run(self, inputs: AsyncIterator[Any], config: RunnableConfig,
+                     tag: Optional[str] = None, known: Any = _MISSING,
+                     invoked: bool = False) -> AsyncIterator[Any]:
+        answers = super()._astream_run(inputs, config, tag, known, invoked)
+        return answers if invoked else self._acharacters(answers)
+
+    async def _acharacters(self, answers: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            async for answer in answers:
+                for i, c in enumerate(answer):
+                    if self.sleep is not None:
+                        await asyncio.sleep(self.sleep)
+                    self._check(i)
+                    yield c
+        finally:
+            await _aclose(answers)
 
 
 # ==============================================================================================

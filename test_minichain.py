@@ -154,6 +154,54 @@ def test_content_blocks_streamed_under_one_index_merge_as_in_langchain_core():
     assert total.content == expected == (pieces[0] + pieces[1] + (pieces[2] + (pieces[3] + pieces[4]))).content
 
 
+@pytest.mark.parametrize("a, b, expected", [  # each checked against langchain_core 1.7.2
+    (mc.HumanMessageChunk("a", id="y"), mc.HumanMessageChunk("b", id="x"), "HumanMessageChunk(content='ab', id='y')"),
+    (mc.HumanMessageChunk("a"), AIMessageChunk("b"), "HumanMessageChunk(content='ab')"),
+    (AIMessageChunk("a"), mc.HumanMessageChunk("b"), "AIMessageChunk(content='ab')"),
+    (mc.HumanMessageChunk("a"), [mc.HumanMessageChunk("b"), mc.SystemMessageChunk("c")], "HumanMessageChunk(content='abc')"),
+    (mc.SystemMessageChunk("a"), mc.SystemMessageChunk("b", response_metadata={"x": "1"}),
+     "SystemMessageChunk(content='ab', response_metadata={'x': '1'})"),
+    (mc.ToolMessageChunk("a", tool_call_id="1"), mc.ToolMessageChunk("b", tool_call_id="1"),
+     "ToolMessageChunk(content='ab', tool_call_id='1')"),
+    (mc.ChatMessageChunk("a", role="r"), mc.ChatMessageChunk("b", role="r"), "ChatMessageChunk(content='ab', role='r')"),
+    (mc.ChatMessageChunk("a", role="r"), mc.HumanMessageChunk("b"), "ChatMessageChunk(content='ab', role='r')"),
+    (mc.HumanMessageChunk([{"type": "text", "text": "a", "index": 0}]),
+     mc.HumanMessageChunk([{"type": "text", "text": "b", "index": 0}]),
+     "HumanMessageChunk(content=[{'type': 'text', 'text': 'ab', 'index': 0}])"),
+])
+def test_message_chunks_of_every_kind_add_like_langchain_core(a: Any, b: Any, expected: str):
+    assert repr(a + b) == expected
+
+
+def test_adding_mismatched_message_chunks_raises_langchain_cores_errors():
+    with pytest.raises(TypeError, match='^unsupported operand type\\(s\\) for \\+: "HumanMessageChunk" and '
+                       '"HumanMessage"; only message chunks add up \\(make the whole message a chunk first: '
+                       'HumanMessageChunk\\(message.content\\)\\)$'):
+        mc.HumanMessageChunk("a") + HumanMessage("b")
+    with pytest.raises(TypeError, match='^unsupported operand type\\(s\\) for \\+: "SystemMessageChunk" and '
+                       '"str"; only message chunks add up$'):
+        mc.SystemMessageChunk("a") + "b"
+    with pytest.raises(ValueError, match="^Cannot concatenate ToolMessageChunks with different names. "
+                       "\\(tool_call_id '1' and '2': only chunks of one message add up\\)$"):
+        mc.ToolMessageChunk("a", tool_call_id="1") + mc.ToolMessageChunk("b", tool_call_id="2")
+    with pytest.raises(ValueError, match="^Cannot concatenate ChatMessageChunks with different roles. "
+                       "\\(role 'r' and 'q': only chunks of one message add up\\)$"):
+        mc.ChatMessageChunk("a", role="r") + mc.ChatMessageChunk("b", role="q")
+
+
+def test_merge_content_is_what_chunks_add_with():
+    assert mc.merge_content("a", "b", "c") == "abc"
+    assert mc.merge_content("a") == "a"
+    assert mc.merge_content([{"type": "text", "text": "a", "index": 0}], [{"type": "text", "text": "b", "index": 0}],
+                            [{"type": "tool_use", "id": "t", "index": 1}]) == [
+        {"type": "text", "text": "ab", "index": 0}, {"type": "tool_use", "id": "t", "index": 1}]
+    # deviation: langchain_core gives ['ab', 'cd'] (strings kept, not joined across the list)
+    assert mc.merge_content("a", "b", ["c"], "d") == [{"type": "text", "text": "abcd"}]
+    first = [{"type": "text", "text": "a", "index": 0}]
+    mc.merge_content(first, [{"type": "text", "text": "b", "index": 0}])
+    assert first == [{"type": "text", "text": "a", "index": 0}]  # its arguments are not changed
+
+
 # ---------------------------------------------------------------------------------------------
 # 2-3. Config, runs, events, the fold
 # ---------------------------------------------------------------------------------------------
@@ -571,6 +619,55 @@ def test_fake_list_models():
     assert got == ["a", "b"]
     llm = FakeListLLM(responses=["hello world"])
     assert list(llm.stream("x")) == ["hello world"] and llm.invoke("x") == "hello world"
+
+
+def test_fake_streaming_list_llm_streams_characters_after_invoking():
+    assert every_mode(lambda: mc.FakeStreamingListLLM(responses=["ab"]), "x") == {
+        "invoke": "ab", "stream": ["a", "b"], "astream": ["a", "b"], "ainvoke": "ab",
+        "stream_events_output": [{"generations": [[{"text": "ab", "generation_info": None, "type": "Generation"}]],
+                                  "llm_output": None}]}
+    llm = mc.FakeStreamingListLLM(responses=["ab", "cd"])
+    assert (list(llm.stream("x")), llm.invoke("x"), llm.invoke("x")) == (["a", "b"], "cd", "ab")
+    broken = mc.FakeStreamingListLLM(responses=["abc"], error_on_chunk_number=1)
+    assert broken.invoke("x") == "abc"  # as langchain_core: only streaming raises
+    got: List[str] = []
+    with pytest.raises(mc.FakeListLLMError, match="^FakeStreamingListLLM raised at chunk 1 as configured$"):
+        for c in broken.stream("x"):
+            got.append(c)
+
+    async def collect() -> None:
+        async for c in broken.astream("x"):
+            got.append(c)
+    with pytest.raises(mc.FakeListLLMError):
+        run(collect())
+    assert got == ["a", "a"]
+    assert list(mc.FakeStreamingListLLM(responses=[""]).stream("x")) == []
+
+
+def test_fake_streaming_list_llm_events_end_before_its_characters_stream():
+    def make() -> Any:
+        return PromptTemplate.from_template("{q}") | mc.FakeStreamingListLLM(responses=["ab"]) | StrOutputParser()
+    gen = "{'generations': [[{'text': 'ab', 'generation_info': None, 'type': 'Generation'}]], 'llm_output': None}"
+    expected = [  # as langchain_core 1.7.2: no on_llm_stream; the parser streams each character
+        ("on_chain_start", "RunnableSequence", "R0", [], [], "{'input': {'q': 'hi'}}"),
+        ("on_prompt_start", "PromptTemplate", "R1", ["R0"], ["seq:step:1"], "{'input': {'q': 'hi'}}"),
+        ("on_prompt_end", "PromptTemplate", "R1", ["R0"], ["seq:step:1"], "{'output': StringPromptValue(text='hi'), 'input': {'q': 'hi'}}"),
+        ("on_llm_start", "FakeStreamingListLLM", "R2", ["R0"], ["seq:step:2"], "{'input': {'prompts': ['hi']}}"),
+        ("on_llm_end", "FakeStreamingListLLM", "R2", ["R0"], ["seq:step:2"], "{'output': " + gen + ", 'input': {'prompts': ['hi']}}"),
+        ("on_parser_start", "StrOutputParser", "R3", ["R0"], ["seq:step:3"], "{}"),
+        ("on_parser_stream", "StrOutputParser", "R3", ["R0"], ["seq:step:3"], "{'chunk': 'a'}"),
+        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': 'a'}"),
+        ("on_parser_stream", "StrOutputParser", "R3", ["R0"], ["seq:step:3"], "{'chunk': 'b'}"),
+        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': 'b'}"),
+        ("on_parser_end", "StrOutputParser", "R3", ["R0"], ["seq:step:3"], "{'output': 'ab', 'input': 'ab'}"),
+        ("on_chain_end", "RunnableSequence", "R0", [], [], "{'output': 'ab'}"),
+    ]
+    assert events_both(make(), {"q": "hi"}) == expected
+    assert trace(list(make().stream_events({"q": "hi"}))) == expected
+    meta = trace(list(mc.FakeStreamingListLLM(responses=["ab"]).stream_events("x")), meta=True)
+    assert [(r[0], r[5], r[6]) for r in meta] == [
+        ("on_llm_start", "{'input': 'x'}", {"ls_provider": "fakestreaminglist", "ls_model_type": "llm"}),
+        ("on_llm_end", "{'output': " + gen + "}", {"ls_provider": "fakestreaminglist", "ls_model_type": "llm"})]
 
 
 def test_a_model_with_only_sync_stream_works_under_astream_off_the_loop():
