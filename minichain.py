@@ -31,7 +31,7 @@ Sections (each relies only on the ones above it):
   5. Composition: sequence, parallel, lambda, generator, passthrough, @chain
   6. Event streaming: astream_events, stream_events, custom events, astream_log
   7. Chat models, LLMs and fakes
-  8. Output parsers: str and incremental JSON
+  8. Output parsers: str, incremental JSON and lists
   9. Prompt templates
  10. Retrieval
  11. Tools
@@ -94,7 +94,8 @@ __all__ = [
     "FakeListChatModelError", "FakeListLLM", "FakeStreamingListLLM", "FakeListLLMError",
     # 8. parsers
     "OutputParserException", "BaseOutputParser", "StrOutputParser", "JsonOutputParser",
-    "parse_partial_json",
+    "parse_partial_json", "parse_json_markdown", "CommaSeparatedListOutputParser",
+    "NumberedListOutputParser", "MarkdownListOutputParser",
     # 9. retrieval
     "BaseRetriever", "LexicalEmbeddings", "InMemoryVectorStore", "VectorStoreRetriever",
     # 10. tools
@@ -3554,7 +3555,7 @@ class FakeStreamingListLLM(FakeListLLM):
 
 
 # ==============================================================================================
-# 8. Output parsers: str and incremental JSON
+# 8. Output parsers: str, incremental JSON and lists
 #
 # A parser is a push machine (`feed` text, read what changed) driven by the transform loops
 # below. `JsonOutputParser` yields a new snapshot of the partial object each time it grows:
@@ -4346,20 +4347,229 @@ class JsonOutputParser(BaseOutputParser[Any]):
 
     def parse(self, text: str) -> Any:
         """Parse a whole output (a partial document gives its partial value)."""
-        state = _JsonStream()
-        text = text.strip()
-        state.feed(text)
-        state.finish()
-        value = state.snapshot()
-        if state.error or value is _MISSING:
-            at = min(state.offset, len(text))
-            line = text.count("\n", 0, at) + 1
-            column = at - (text.rfind("\n", 0, at) + 1) + 1
-            why = state.error or "no JSON value found"
+        try:
+            return parse_json_markdown(text)
+        except json.JSONDecodeError as e:
             raise OutputParserException(
-                f"Invalid json output: {text}\n({why} at line {line} column {column}; expected "
-                "one JSON value, optionally inside a ```json fence)", llm_output=text)
-        return value
+                f"Invalid json output: {e.doc}\n({e.msg} at line {e.lineno} column {e.colno}; "
+                "expected one JSON value, optionally inside a ```json fence)", llm_output=e.doc) from None
+
+    def get_format_instructions(self) -> str:
+        """What to tell the model, as langchain_core's (without a schema).
+
+        >>> JsonOutputParser().get_format_instructions()
+        'Return a JSON object.'
+        """
+        return "Return a JSON object."
+
+
+def parse_json_markdown(text: str) -> Any:
+    """The JSON value in a model's answer: bare, or in a ```json fence after some prose; a
+    partial document gives its partial value (what `JsonOutputParser.parse` returns).
+    Raises `json.JSONDecodeError` where there is no JSON value.
+
+    >>> parse_json_markdown('Here it is:\\n```json\\n{"a": [1, 2]}\\n```')
+    {'a': [1, 2]}
+    >>> parse_json_markdown('{"a": "b", "c": [1')
+    {'a': 'b', 'c': [1]}
+    """
+    state = _JsonStream()
+    text = text.strip()
+    state.feed(text)
+    state.finish()
+    value = state.snapshot()
+    if state.error or value is _MISSING:
+        raise json.JSONDecodeError(state.error or "no JSON value found", text, min(state.offset, len(text)))
+    return value
+
+
+class _CsvItems:
+    """Comma-separated items as a push machine: `feed(text)` returns the items completed,
+    `finish()` the rest. It reads as Python's `csv` module does with `skipinitialspace=True`
+    (quotes group, `""` is a quote, newlines end a row, blank rows are skipped), scanning each
+    character once. An item is out once the next one has begun, as in langchain_core."""
+
+    # where it is: at a row's start, a field's start, in a field, in quotes, just after a
+    # quote in quotes (a second one is a quote; anything else ends the quotes)
+    ROW, FIELD, TEXT, QUOTED, QUOTE = range(5)
+    _special = re.compile(r"[,\r\n]")
+
+    def __init__(self) -> None:
+        self.state = self.ROW
+        self.pieces: List[str] = []  # the field being read
+        self.done: List[str] = []  # fields read and not yet out
+
+    def _save(self, state: int) -> None:
+        self.done.append("".join(self.pieces))
+        self.pieces, self.state = [], state
+
+    def feed(self, text: str) -> List[str]:
+        i, n = 0, len(text)
+        while i < n:
+            state = self.state
+            if state == self.QUOTED:
+                j = text.find('"', i)
+                self.pieces.append(text[i:] if j < 0 else text[i:j])
+                if j < 0:
+                    break
+                self.state, i = self.QUOTE, j + 1
+                continue
+            if state == self.TEXT:
+                m = self._special.search(text, i)
+                self.pieces.append(text[i:m.start() if m else n])
+                if m is None:
+                    break
+                i = m.end()
+                self._save(self.FIELD if m.group() == "," else self.ROW)
+                continue
+            c = text[i]
+            i += 1
+            if state == self.ROW:
+                if c not in "\r\n":  # deviation: a lone \r ends a row (csv raises there)
+                    self.state, i = self.FIELD, i - 1
+            elif c == ",":
+                self._save(self.FIELD)
+            elif c in "\r\n":
+                self._save(self.ROW)
+            elif state == self.FIELD and c == '"':
+                self.state = self.QUOTED
+            elif state == self.QUOTE and c == '"':
+                self.pieces.append(c)
+                self.state = self.QUOTED
+            elif not (state == self.FIELD and c == " "):
+                self.state, i = self.TEXT, i - 1
+        # the last item saved waits while a new row has not begun
+        out, self.done = (self.done[:-1], self.done[-1:]) if self.state == self.ROW else (self.done, [])
+        return out
+
+    def finish(self) -> List[str]:
+        if self.state != self.ROW:
+            self._save(self.ROW)
+        return self.done
+
+
+class _LineItems:
+    """Items that are one line each (a numbered or a markdown list) as a push machine, matching
+    what `re.findall(pattern, text)` finds. A line is matched once, when its newline arrives;
+    a marker that ends a line (`"1."`, `"-"`) takes the next line as its item. An item is out
+    once the next one has begun (as in langchain_core): the unfinished line is checked through
+    a few characters only, so the cost stays linear however long a line grows."""
+
+    def __init__(self, item: str, marker_at_end: str, begun: str, anchored: bool) -> None:
+        self.item, self.marker_at_end = re.compile(item), re.compile(marker_at_end)
+        self.begun, self.anchored = re.compile(begun), anchored
+        self.tail: List[str] = []  # the unfinished line, in pieces
+        self.head = ""  # anchored: its first characters after indentation; else its last three
+        self.held: Optional[str] = None  # the last item found, out when the next one begins
+        self.carry = False  # the line before ended with a marker: this line is an item
+
+    def _line(self, line: str) -> Optional[str]:
+        if self.carry and line:
+            self.carry = False
+            return line
+        m = self.item.match(line) if self.anchored else self.item.search(line)
+        self.carry = m is None and self.marker_at_end.search(line) is not None
+        return m.group(1) if m else None
+
+    def feed(self, text: str) -> List[str]:
+        out = []
+        *lines, piece = text.split("\n")
+        if lines:
+            lines[0] = "".join(self.tail) + lines[0]
+            self.tail, self.head = [], ""
+        for line in lines:
+            found = self._line(line)
+            if found is not None:
+                if self.held is not None:
+                    out.append(self.held)
+                self.held = found
+        self.tail.append(piece)
+        if self.anchored:  # does the line begin with a marker, a space and a character?
+            self.head = (self.head + piece if self.head else piece.lstrip())[:3]
+            begun = self.begun.match(self.head)
+        else:  # is there a number, a dot, a space and a character anywhere in it?
+            begun = self.begun.search(self.head + piece)
+            self.head = (self.head + piece[-3:])[-3:]
+        if self.held is not None and (begun or (self.carry and piece)):
+            out.append(self.held)
+            self.held = None
+        return out
+
+    def finish(self) -> List[str]:
+        found = self._line("".join(self.tail))
+        return [item for item in (self.held, found) if item is not None]
+
+
+class _ListParser(BaseOutputParser[List[str]]):
+    """What the list parsers share: a push machine of items and langchain_core's instructions.
+    Streaming yields each item as a one-item list once the next one has begun (as
+    langchain_core's); `invoke` gives the whole list; any split of the text gives the same
+    items, at a cost linear in the text."""
+
+    _instructions = ""
+
+    def _feed(self, state: Any, text: str) -> Iterable[List[str]]:
+        return [[item] for item in state.feed(text)]
+
+    def _finish(self, state: Any) -> Iterable[List[str]]:
+        return [[item] for item in state.finish()]
+
+    def parse(self, text: str) -> List[str]:
+        """The items of a whole text."""
+        state = self._start()
+        return cast(List[str], state.feed(text) + state.finish())
+
+    def get_format_instructions(self) -> str:
+        """What to tell the model about the format (langchain_core's words)."""
+        return self._instructions
+
+
+class CommaSeparatedListOutputParser(_ListParser):
+    """Comma-separated items, read as CSV: a space after a comma is skipped, quotes group,
+    newlines separate too.
+
+    >>> parser = CommaSeparatedListOutputParser()
+    >>> list(parser.transform(iter(["red, gre", "en, ", '"blue, dark"'])))
+    [['red'], ['green'], ['blue, dark']]
+    >>> parser.invoke("red, green")
+    ['red', 'green']
+    """
+
+    # deviation: items never depend on how the text was split, and stream and invoke agree
+    # (langchain_core re-reads only the unfinished item's value: a quote, a newline or an empty
+    # item after a final comma at the end of a chunk can be lost)
+    _instructions = ("Your response should be a list of comma separated values, "
+                     "eg: `foo, bar, baz` or `foo,bar,baz`")
+
+    def _start(self) -> _CsvItems:
+        return _CsvItems()
+
+
+class NumberedListOutputParser(_ListParser):
+    """The items of a numbered list: what follows each `1. ` to the end of its line.
+
+    >>> list(NumberedListOutputParser().transform(iter(["1. red\\n2. gr", "een\\n3. blue"])))
+    [['red'], ['green'], ['blue']]
+    """
+
+    _instructions = ("Your response should be a numbered list with each item on a new line. "
+                     "For example: \n\n1. foo\n\n2. bar\n\n3. baz")
+
+    def _start(self) -> _LineItems:
+        return _LineItems(r"\d+\.\s([^\n]+)", r"\d+\.$", r"\d\.\s.", anchored=False)
+
+
+class MarkdownListOutputParser(_ListParser):
+    """The items of a markdown list: lines starting with `- ` or `* `.
+
+    >>> MarkdownListOutputParser().invoke("Colours:\\n- red\\n  * green")
+    ['red', 'green']
+    """
+
+    _instructions = "Your response should be a markdown list, eg: `- foo\n- bar\n- baz`"
+
+    def _start(self) -> _LineItems:
+        return _LineItems(r"\s*[-*]\s([^\n]+)$", r"^\s*[-*]$", r"[-*]\s.", anchored=True)
 
 
 # ==============================================================================================

@@ -972,6 +972,136 @@ def test_a_parallel_branch_of_json_snapshots_folds_to_its_last_snapshot():
     assert mc._fold(iter(chunks)) == {"j": [10, 20, 30]}
 
 
+# -- list parsers --------------------------------------------------------------------------------
+
+def test_list_parsers_stream_each_item_once_the_next_begins():
+    # (parser, chunks, what langchain_core 1.7.2 yields before each chunk is read, and at the end)
+    cases = [
+        (mc.CommaSeparatedListOutputParser(), ["a", ", ", " b", ",c\nd", ""], [[], [["a"]], [], [["b"], ["c"]], [], [["d"]]]),
+        (mc.CommaSeparatedListOutputParser(), ["x\n", "\n", "y"], [[], [], [["x"]], [["y"]]]),
+        (mc.NumberedListOutputParser(), ["1. a\n2", ". b c\n", "3. d"], [[], [["a"]], [["b c"]], [["d"]]]),
+        (mc.NumberedListOutputParser(), ["1.\nfoo\n", "2. x"], [[], [["foo"]], [["x"]]]),
+        (mc.MarkdownListOutputParser(), ["- a\n", "  * b c\n-", " d"], [[], [["a"]], [["b c"]], [["d"]]]),
+    ]
+    for parser, chunks, expected in cases:
+        got: List[Any] = [[]]
+
+        def source() -> Iterator[str]:
+            for c in chunks:
+                yield c
+                got.append([])
+        for out in parser.transform(source()):
+            got[-1].append(out)
+        assert got == expected, (parser, chunks)
+
+
+def test_list_parsers_in_every_mode():
+    def make(parser: Any, text: str) -> Any:
+        return lambda: GenericFakeChatModel(messages=iter([text])) | parser
+    for parser, text in [(mc.CommaSeparatedListOutputParser(), "red, green, blue"),
+                         (mc.NumberedListOutputParser(), "1. red\n2. green\n3. blue"),
+                         (mc.MarkdownListOutputParser(), "- red\n- green\n- blue")]:
+        assert every_mode(make(parser, text), "x") == {
+            "invoke": ["red", "green", "blue"], "stream": [["red"], ["green"], ["blue"]],
+            "astream": [["red"], ["green"], ["blue"]], "ainvoke": ["red", "green", "blue"],
+            "stream_events_output": [["red", "green", "blue"]]}
+
+
+def test_list_parsers_read_as_csv_and_findall_however_the_text_is_split():
+    rng = random.Random(13)
+
+    def csv_items(text: str) -> List[str]:
+        import csv
+        import io
+        return [x for row in csv.reader(io.StringIO(text), skipinitialspace=True) for x in row]
+    for alphabet, parser, expected in [
+            ('ab ,"\n', mc.CommaSeparatedListOutputParser(), csv_items),
+            ("a1. \n2", mc.NumberedListOutputParser(), lambda t: re.findall(r"\d+\.\s([^\n]+)", t)),
+            ("a- *\n\t", mc.MarkdownListOutputParser(), lambda t: re.findall(r"^\s*[-*]\s([^\n]+)$", t, re.M))]:
+        for _ in range(3000):
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+            items = expected(text)
+            assert parser.parse(text) == items, text
+            for pieces in (list(text), _random_splits(text, rng) if len(text) > 1 else [text]):
+                assert [c[0] for c in parser.transform(iter(pieces))] == items, pieces
+
+
+def test_list_parser_work_grows_linearly_with_the_input():
+    import gc
+
+    def seconds(parser: Any, text: str) -> float:
+        pieces = [text[i:i + 4] for i in range(0, len(text), 4)]
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in parser.transform(iter(pieces)):
+                pass
+            best = min(best, time.perf_counter() - start)
+        return best
+    shapes = {  # one item that never ends, an item after a long line, deep indentation
+        "csv, one long item": (mc.CommaSeparatedListOutputParser(), lambda n: "a" * n),
+        "csv, open quotes": (mc.CommaSeparatedListOutputParser(), lambda n: '"' + "a," * (n // 2)),
+        "numbered, long line": (mc.NumberedListOutputParser(), lambda n: "1. a\n" + "1." * (n // 2)),
+        "markdown, long indent": (mc.MarkdownListOutputParser(), lambda n: "- a\n" + " " * n),
+    }
+    gc.disable()
+    try:
+        for name, (parser, text) in shapes.items():
+            small, large = seconds(parser, text(50_000)), seconds(parser, text(200_000))
+            assert large / small < 8, (name, small, large)  # linear is ~4, quadratic ~16
+    finally:
+        gc.enable()
+
+
+def test_events_of_model_then_comma_separated_list_parser():
+    msg = "AIMessageChunk(content='a, b', id='lc_run--ID', chunk_position='last')"
+    model_in = "{'messages': [[HumanMessage(content='x')]]}"
+    chain_ = GenericFakeChatModel(messages=iter(["a, b"])) | mc.CommaSeparatedListOutputParser()
+    expected = [  # as langchain_core 1.7.2
+        ("on_chain_start", "RunnableSequence", "R0", [], [], "{'input': 'x'}"),
+        ("on_chat_model_start", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'input': " + model_in + "}"),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content='a,', id='lc_run--ID')}"),
+        ("on_parser_start", "CommaSeparatedListOutputParser", "R2", ["R0"], ["seq:step:2"], "{}"),
+        ("on_parser_stream", "CommaSeparatedListOutputParser", "R2", ["R0"], ["seq:step:2"], "{'chunk': ['a']}"),
+        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': ['a']}"),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content=' ', id='lc_run--ID')}"),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content='b', id='lc_run--ID', chunk_position='last')}"),
+        ("on_chat_model_end", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'output': " + msg + ", 'input': " + model_in + "}"),
+        ("on_parser_stream", "CommaSeparatedListOutputParser", "R2", ["R0"], ["seq:step:2"], "{'chunk': ['b']}"),
+        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': ['b']}"),
+        ("on_parser_end", "CommaSeparatedListOutputParser", "R2", ["R0"], ["seq:step:2"], "{'output': ['a', 'b'], 'input': " + msg + "}"),
+        ("on_chain_end", "RunnableSequence", "R0", [], [], "{'output': ['a', 'b']}"),
+    ]
+    assert events_both(chain_, "x") == expected
+    chain_ = GenericFakeChatModel(messages=iter(["a, b"])) | mc.CommaSeparatedListOutputParser()
+    assert trace(list(chain_.stream_events("x"))) == expected
+
+
+def test_format_instructions_are_langchain_cores():
+    assert JsonOutputParser().get_format_instructions() == "Return a JSON object."
+    assert mc.CommaSeparatedListOutputParser().get_format_instructions() == (
+        "Your response should be a list of comma separated values, eg: `foo, bar, baz` or `foo,bar,baz`")
+    assert mc.NumberedListOutputParser().get_format_instructions() == (
+        "Your response should be a numbered list with each item on a new line. For example: \n\n1. foo\n\n2. bar\n\n3. baz")
+    assert mc.MarkdownListOutputParser().get_format_instructions() == (
+        "Your response should be a markdown list, eg: `- foo\n- bar\n- baz`")
+
+
+@pytest.mark.parametrize("text, expected", [  # each as langchain_core 1.7.2's parse_json_markdown
+    ('```json\n{"a": 1}\n```', {"a": 1}), ('{"a": 1', {"a": 1}), ('text ```{"a": [1, 2]}``` after', {"a": [1, 2]}),
+    ('  {"a": "b"}  ', {"a": "b"}), ("```\n[1, 2]\n```", [1, 2]), ('{"a": "x\ny"}', {"a": "x\ny"}),
+    ('```json\n{"a": 1}\n```\n```json\n{"b": 2}\n```', {"a": 1}),
+])
+def test_parse_json_markdown(text: str, expected: Any):
+    assert mc.parse_json_markdown(text) == expected
+
+
+def test_parse_json_markdown_raises_json_decode_error_where_there_is_no_json():
+    for text in ["", "nothing"]:
+        with pytest.raises(json.JSONDecodeError, match="^no JSON value found: line 1 column"):
+            mc.parse_json_markdown(text)
+
+
 # ---------------------------------------------------------------------------------------------
 # 9-10. Retrieval and tools
 # ---------------------------------------------------------------------------------------------
