@@ -81,7 +81,8 @@ __all__ = [
     "merge_content", "Document", "AddableDict",
     # 2. prompts
     "PromptValue", "StringPromptValue", "ChatPromptValue", "PromptTemplate", "ChatPromptTemplate",
-    "MessagesPlaceholder",
+    "MessagesPlaceholder", "SystemMessagePromptTemplate", "HumanMessagePromptTemplate",
+    "AIMessagePromptTemplate",
     # 3-4. config and the protocol
     "RunnableConfig", "Run", "Runnable",
     # 5. composition
@@ -4580,17 +4581,25 @@ class MarkdownListOutputParser(_ListParser):
 # ==============================================================================================
 
 class _Prompt(Runnable[Dict[str, Any], PromptValue]):
-    """What both prompt templates share: variable checking and the prompt run type."""
+    """What both prompt templates share: variable checking, partial values, the prompt run type."""
 
     run_type = "prompt"
     input_in_start = True
     input_variables: List[str] = []
+    partial_variables: Dict[str, Any] = {}
 
     def _values(self, value: Any) -> Dict[str, Any]:
         if not isinstance(value, dict) and len(self.input_variables) == 1:
             return {self.input_variables[0]: value}  # one variable: the input is its value
         _check_variables(type(self).__name__, self.input_variables, value)
         return cast(Dict[str, Any], value)
+
+    def _filled(self, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        """The variables given, checked, over the partial values (a function is called now)."""
+        _check_variables(type(self).__name__, self.input_variables, kwargs)
+        if not self.partial_variables:
+            return kwargs
+        return {**{k: v() if callable(v) else v for k, v in self.partial_variables.items()}, **kwargs}
 
     def _produce(self, value: Any, config: RunnableConfig) -> Iterator[PromptValue]:
         yield self.format_prompt(**self._values(value))
@@ -4599,12 +4608,32 @@ class _Prompt(Runnable[Dict[str, Any], PromptValue]):
         """The prompt value for these variables."""
         raise NotImplementedError
 
+    def partial(self: _P, **values: Any) -> _P:
+        """A copy of this prompt with some variables filled in, each by a value or by a function
+        called for it at every format. Variables given when formatting win over them.
+
+        >>> prompt = PromptTemplate.from_template("{greeting}, {name}").partial(greeting="Hi")
+        >>> prompt.input_variables, prompt.format(name="Ada")
+        (['name'], 'Hi, Ada')
+        """
+        import copy
+        new = copy.copy(self)
+        new.partial_variables = {**self.partial_variables, **values}
+        new.input_variables = [v for v in self.input_variables if v not in values]
+        return new
+
+
+_P = TypeVar("_P", bound=_Prompt)
+
 
 class PromptTemplate(_Prompt):
-    """A string template: variables in, a `StringPromptValue` out.
+    """A string template: variables in, a `StringPromptValue` out. `a + b` joins two templates
+    (or a template and a string), keeping the partial values of both.
 
     >>> PromptTemplate.from_template("Q: {question}").invoke({"question": "why?"})
     StringPromptValue(text='Q: why?')
+    >>> (PromptTemplate.from_template("{a} and ") + "{b}").format(a=1, b=2)
+    '1 and 2'
     """
 
     def __init__(self, template: str) -> None:
@@ -4622,18 +4651,36 @@ class PromptTemplate(_Prompt):
         >>> PromptTemplate.from_template("{a}+{a}={b}").format(a=1, b=2)
         '1+1=2'
         """
-        _check_variables("PromptTemplate", self.input_variables, kwargs)
-        return self.template.format(**kwargs)
+        return self.template.format(**self._filled(kwargs))
 
     def format_prompt(self, **kwargs: Any) -> PromptValue:
         return StringPromptValue(self.format(**kwargs))
+
+    def __add__(self, other: Any) -> "PromptTemplate":
+        if isinstance(other, str):
+            other = PromptTemplate(other)
+        if not isinstance(other, PromptTemplate):
+            return NotImplemented
+        return PromptTemplate(self.template + other.template).partial(
+            **{**self.partial_variables, **other.partial_variables})
 
     def __repr__(self) -> str:
         return f"PromptTemplate.from_template({self.template!r})"
 
 
+def _add_to_chat(self: Any, other: Any) -> Any:
+    """`part + other` for the parts of a chat prompt: a chat prompt of both."""
+    return ChatPromptTemplate([self]).__add__(other)
+
+
+def _message_before(self: Any, other: Any) -> Any:
+    """`message + part`: a chat prompt of both (a string or tuple before it stays an error)."""
+    return ChatPromptTemplate([other]).__add__(self) if isinstance(other, BaseMessage) else NotImplemented
+
+
 class MessagesPlaceholder:
-    """Where a list of messages from the input goes in a chat prompt.
+    """Where a list of messages from the input goes in a chat prompt; with `optional=True` the
+    variable may be left out.
 
     >>> prompt = ChatPromptTemplate.from_messages([MessagesPlaceholder("history"), ("human", "{q}")])
     >>> prompt.invoke({"history": [("ai", "hello")], "q": "hi"}).to_messages()
@@ -4654,12 +4701,86 @@ class MessagesPlaceholder:
                             f"messages, got {type(value).__name__}: {_short(value)}")
         return [_to_message(m) for m in value]
 
+    __add__, __radd__ = _add_to_chat, _message_before
 
-_MessageLike = Union[BaseMessage, MessagesPlaceholder, Tuple[str, str], str]
+    def __repr__(self) -> str:
+        optional = ", optional=True" if self.optional else ""
+        return f"MessagesPlaceholder(variable_name={self.variable_name!r}{optional})"
+
+
+class _MessageTemplate:
+    """A template for one message of one role; the three public classes differ only in it."""
+
+    role = "human"
+
+    def __init__(self, prompt: PromptTemplate) -> None:
+        self.prompt = prompt
+
+    @classmethod
+    def from_template(cls: type[_M], template: str,
+                      partial_variables: Optional[Dict[str, Any]] = None) -> _M:
+        """A message template from a `{name}` template (and values for some variables)."""
+        return cls(PromptTemplate(template).partial(**(partial_variables or {})))
+
+    @property
+    def input_variables(self) -> List[str]:
+        """The variables the template needs."""
+        return self.prompt.input_variables
+
+    def format(self, **kwargs: Any) -> BaseMessage:
+        """The message, with the variables filled in."""
+        _check_variables(type(self).__name__, self.input_variables, kwargs)
+        return _to_message((self.role, self.prompt.format(**kwargs)))
+
+    def format_messages(self, **kwargs: Any) -> List[BaseMessage]:
+        """`[format(**kwargs)]`: the message as a list, as every part of a chat prompt gives."""
+        return [self.format(**kwargs)]
+
+    __add__, __radd__ = _add_to_chat, _message_before
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}.from_template({self.prompt.template!r})"
+
+
+_M = TypeVar("_M", bound=_MessageTemplate)
+
+
+class SystemMessagePromptTemplate(_MessageTemplate):
+    """A template for a system message; `a + b` with another part makes a chat prompt.
+
+    >>> SystemMessagePromptTemplate.from_template("You like {topic}.").format(topic="cats")
+    SystemMessage(content='You like cats.')
+    """
+    role = "system"
+
+
+class HumanMessagePromptTemplate(_MessageTemplate):
+    """A template for a human message.
+
+    >>> HumanMessagePromptTemplate.from_template("Tell me about {topic}.").format_messages(topic="cats")
+    [HumanMessage(content='Tell me about cats.')]
+    """
+    role = "human"
+
+
+class AIMessagePromptTemplate(_MessageTemplate):
+    """A template for an AI message (an example answer, say).
+
+    >>> (AIMessagePromptTemplate.from_template("{a}") + "{q}").format_messages(a="Meow.", q="Again?")
+    [AIMessage(content='Meow.'), HumanMessage(content='Again?')]
+    """
+    role = "ai"
+
+
+_MessageLike = Union[BaseMessage, MessagesPlaceholder, _MessageTemplate, Tuple[str, str], str]
 
 
 class ChatPromptTemplate(_Prompt):
     """A chat template: variables in, a `ChatPromptValue` of messages out.
+
+    `a + b` is one chat prompt of both, where `b` is a chat prompt, a message template, a
+    message, a placeholder, a `(role, template)` tuple, a string (a human message) or a list
+    of these; partial values carry over.
 
     >>> prompt = ChatPromptTemplate.from_messages([("system", "You like {topic}."), ("human", "{q}")])
     >>> prompt.invoke({"topic": "cats", "q": "hi"})
@@ -4668,6 +4789,8 @@ class ChatPromptTemplate(_Prompt):
     Traceback (most recent call last):
     ...
     minichain._MissingVariables: ChatPromptTemplate is missing variable 'q'; the template expects ['topic', 'q'] and got ['topic']; pass {'q': ...} (or write '{{q}}' for a literal brace)
+    >>> (prompt + ("ai", "{a}")).format_messages(topic="cats", q="hi", a="meow")[-1]
+    AIMessage(content='meow')
     """
 
     def __init__(self, messages: Sequence[_MessageLike]) -> None:
@@ -4682,19 +4805,21 @@ class ChatPromptTemplate(_Prompt):
                 names = [] if item.optional else [item.variable_name]
             elif isinstance(item, BaseMessage):
                 names = []
+            elif isinstance(item, _MessageTemplate):
+                names = item.input_variables
             elif isinstance(item, tuple) and len(item) == 2:
                 _to_message((item[0], ""))  # checks the role
                 names = _variables(item[1])
             else:
-                raise TypeError(f"cannot use {_short(item)} in a chat prompt; use a "
-                                "(role, template) tuple, a message or a MessagesPlaceholder")
+                raise TypeError(f"cannot use {_short(item)} in a chat prompt; use a (role, "
+                                "template) tuple, a message, a message template or a MessagesPlaceholder")
             self.messages.append(item)
             variables += [n for n in names if n not in variables]
         self.input_variables = variables
 
     @classmethod
     def from_messages(cls, messages: Sequence[_MessageLike]) -> "ChatPromptTemplate":
-        """A chat prompt from `(role, template)` tuples, messages and placeholders."""
+        """A chat prompt from `(role, template)` tuples, messages, message templates and placeholders."""
         return cls(messages)
 
     @classmethod
@@ -4708,10 +4833,10 @@ class ChatPromptTemplate(_Prompt):
 
     def format_messages(self, **kwargs: Any) -> List[BaseMessage]:
         """The messages with the variables filled in."""
-        _check_variables("ChatPromptTemplate", self.input_variables, kwargs)
+        kwargs = self._filled(kwargs)
         out: List[BaseMessage] = []
         for item in self.messages:
-            if isinstance(item, MessagesPlaceholder):
+            if isinstance(item, (MessagesPlaceholder, _MessageTemplate)):
                 out += item.format_messages(**kwargs)
             elif isinstance(item, BaseMessage):
                 out.append(item)
@@ -4721,6 +4846,22 @@ class ChatPromptTemplate(_Prompt):
 
     def format_prompt(self, **kwargs: Any) -> PromptValue:
         return ChatPromptValue(self.format_messages(**kwargs))
+
+    def __add__(self, other: Any) -> "ChatPromptTemplate":
+        partials = self.partial_variables
+        if isinstance(other, ChatPromptTemplate):
+            items, partials = other.messages, {**partials, **other.partial_variables}
+        elif isinstance(other, list):
+            items = other
+        elif isinstance(other, (str, tuple, BaseMessage, MessagesPlaceholder, _MessageTemplate)):
+            # deviation: a (role, template) tuple is one message (langchain_core takes any
+            # tuple for a list of messages: ("ai", "hi") would add two human messages)
+            items = [other]
+        else:  # deviation: a TypeError, as Python gives (langchain_core: NotImplementedError)
+            return NotImplemented
+        return ChatPromptTemplate(self.messages + items).partial(**partials)
+
+    __radd__ = _message_before
 
 
 # ==============================================================================================

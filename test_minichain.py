@@ -574,6 +574,103 @@ def test_unknown_message_role_is_named():
         ChatPromptTemplate.from_messages([("robot", "hi")])
 
 
+def test_message_prompt_templates_format_and_join_chat_prompts():
+    system = mc.SystemMessagePromptTemplate.from_template("sys {a}")
+    human = mc.HumanMessagePromptTemplate.from_template("hi {name}")
+    assert (human.input_variables, human.format(name="bob"), human.format_messages(name="bob", extra=1)) == (
+        ["name"], HumanMessage("hi bob"), [HumanMessage("hi bob")])
+    prompt = ChatPromptTemplate.from_messages([system, human, mc.AIMessagePromptTemplate.from_template("ai {b}")])
+    assert prompt.format_messages(a=1, name=2, b=3) == [SystemMessage("sys 1"), HumanMessage("hi 2"), AIMessage("ai 3")]
+    assert prompt.input_variables == ["a", "name", "b"]  # deviation: in order of appearance (langchain_core sorts)
+    assert repr(human) == "HumanMessagePromptTemplate.from_template('hi {name}')"
+    assert mc.HumanMessagePromptTemplate.from_template("{a} {b}", partial_variables={"a": "A"}).format(b=1) == HumanMessage("A 1")
+    with pytest.raises(KeyError, match="HumanMessagePromptTemplate is missing variable 'name'; the template expects"):
+        human.format()
+
+
+def test_adding_prompt_parts_makes_one_prompt_as_langchain_core():
+    chat = ChatPromptTemplate.from_messages([("system", "s {a}")])
+    human = mc.HumanMessagePromptTemplate.from_template("hi {name}")
+    system = mc.SystemMessagePromptTemplate.from_template("s")
+    values = {"a": "A", "b": "B", "q": "Q", "z": "Z", "name": "N", "x": [("ai", "X")]}
+    cases = [  # (sum, its messages for `values`), each checked against langchain_core 1.7.2
+        (chat + ChatPromptTemplate.from_messages([("human", "h {b}")]), [SystemMessage("s A"), HumanMessage("h B")]),
+        (chat + human, [SystemMessage("s A"), HumanMessage("hi N")]),
+        (chat + HumanMessage("m"), [SystemMessage("s A"), HumanMessage("m")]),
+        (chat + "str {q}", [SystemMessage("s A"), HumanMessage("str Q")]),
+        (chat + [("ai", "t {z}"), "u"], [SystemMessage("s A"), AIMessage("t Z"), HumanMessage("u")]),
+        (human + system, [HumanMessage("hi N"), SystemMessage("s")]),
+        (human + "str", [HumanMessage("hi N"), HumanMessage("str")]),
+        (human + AIMessage("a"), [HumanMessage("hi N"), AIMessage("a")]),
+        (human + chat, [HumanMessage("hi N"), SystemMessage("s A")]),
+        (HumanMessage("m") + chat, [HumanMessage("m"), SystemMessage("s A")]),
+        (HumanMessage("m") + human, [HumanMessage("m"), HumanMessage("hi N")]),
+        (MessagesPlaceholder("x") + human, [AIMessage("X"), HumanMessage("hi N")]),
+        (human + MessagesPlaceholder("x"), [HumanMessage("hi N"), AIMessage("X")]),
+        # deviation: langchain_core reads a tuple as a list of messages: [..., HumanMessage('ai'), HumanMessage('t Z')]
+        (chat + ("ai", "t {z}"), [SystemMessage("s A"), AIMessage("t Z")]),
+    ]
+    for total, messages in cases:
+        assert isinstance(total, ChatPromptTemplate) and total.format_messages(**values) == messages
+    text = PromptTemplate.from_template("a {x}") + PromptTemplate.from_template(" b {y}")
+    assert (text.input_variables, text.format(x=1, y=2)) == (["x", "y"], "a 1 b 2")
+    assert (PromptTemplate.from_template("a {x}") + " b {y}").format(x=1, y=2) == "a 1 b 2"
+    for bad, message in [(lambda: "x" + chat, 'can only concatenate str (not "ChatPromptTemplate") to str'),
+                         (lambda: ("ai", "y") + chat, 'can only concatenate tuple (not "ChatPromptTemplate") to tuple'),
+                         (lambda: "x" + PromptTemplate.from_template("a"), 'can only concatenate str (not "PromptTemplate") to str'),
+                         # deviation: langchain_core raises NotImplementedError here
+                         (lambda: chat + 1, "unsupported operand type(s) for +: 'ChatPromptTemplate' and 'int'"),
+                         (lambda: human + 1, "unsupported operand type(s) for +: 'HumanMessagePromptTemplate' and 'int'")]:
+        with pytest.raises(TypeError) as info:
+            bad()
+        assert str(info.value) == message
+
+
+def test_partial_fills_variables_with_values_or_functions():
+    prompt = PromptTemplate.from_template("{a} and {b}")
+    part = prompt.partial(a="A")
+    assert (part.input_variables, part.partial_variables, part.format(b="B")) == (["b"], {"a": "A"}, "A and B")
+    assert part.invoke("B") == mc.StringPromptValue("A and B")  # one variable left: the input is its value
+    assert part.format(a="X", b="B") == "X and B"  # what is given when formatting wins
+    assert (prompt.input_variables, prompt.partial_variables) == (["a", "b"], {})  # the original is unchanged
+    calls = iter(["call1", "call2"])
+    called = prompt.partial(a=lambda: next(calls))
+    assert (called.format(b=1), called.format(b=2)) == ("call1 and 1", "call2 and 2")
+    assert prompt.partial(zz=1).format(a=1, b=2) == "1 and 2"  # an unknown name is kept, unused
+    assert (PromptTemplate.from_template("{a}").partial(a="1") + PromptTemplate.from_template("{b}")).format(b=2) == "12"
+    chat = ChatPromptTemplate.from_messages([("system", "{a}"), ("human", "{b}"), MessagesPlaceholder("h")])
+    assert chat.partial(a="A").input_variables == ["b", "h"]
+    assert chat.partial(h=[("ai", "x")]).invoke({"a": 1, "b": 2}).to_messages() == [
+        SystemMessage("1"), HumanMessage("2"), AIMessage("x")]
+    assert (chat.partial(a="A") + ("human", "{z}")).input_variables == ["b", "h", "z"]
+    assert (chat.partial(a="A") + [("human", "{z}")]).partial_variables == {"a": "A"}
+
+
+def test_optional_messages_placeholder_may_be_left_out():
+    prompt = ChatPromptTemplate.from_messages([MessagesPlaceholder("h", optional=True), ("human", "{q}")])
+    assert prompt.input_variables == ["q"]
+    assert prompt.invoke("hi").to_messages() == [HumanMessage("hi")]
+    assert prompt.invoke({"q": 1, "h": [("ai", "x")]}).to_messages() == [AIMessage("x"), HumanMessage("1")]
+    assert MessagesPlaceholder("h", optional=True).format_messages() == []
+    assert repr(MessagesPlaceholder("h", optional=True)) == "MessagesPlaceholder(variable_name='h', optional=True)"
+    assert repr(MessagesPlaceholder("h")) == "MessagesPlaceholder(variable_name='h')"
+
+
+def test_a_partial_chat_prompt_of_message_templates_in_every_mode_and_its_events():
+    def make() -> Any:
+        return ChatPromptTemplate.from_messages([mc.SystemMessagePromptTemplate.from_template("s {a}"),
+                                                 mc.HumanMessagePromptTemplate.from_template("h {b}")]).partial(a="A")
+    value = ChatPromptValue([SystemMessage("s A"), HumanMessage("h B")])
+    assert every_mode(make, {"b": "B"}) == {"invoke": value, "stream": [value], "astream": [value],
+                                            "ainvoke": value, "stream_events_output": [value]}
+    expected = [  # as langchain_core 1.7.2
+        ("on_prompt_start", "ChatPromptTemplate", "R0", [], [], "{'input': {'b': 'B'}}"),
+        ("on_prompt_end", "ChatPromptTemplate", "R0", [], [], "{'output': " + repr(value) + "}"),
+    ]
+    assert events_both(make(), {"b": "B"}) == expected
+    assert trace(list(make().stream_events({"b": "B"}))) == expected
+
+
 def test_generic_fake_model_splits_on_each_whitespace_character():
     model = GenericFakeChatModel(messages=iter(["The sky  is\nblue."]))
     chunks = list(model.stream("x"))
