@@ -501,7 +501,7 @@ def _add_chunks(self: BaseMessage, other: Any) -> Any:
             if isinstance(other, BaseMessage) else ""
         raise TypeError(f'unsupported operand type(s) for +: "{type(self).__name__}" and '
                         f'"{type(other).__name__}"; only message chunks add up{fix}')
-    own = {f: getattr(self, f) for f in self._fields[5:]}  # tool_call_id or role
+    own = {f: getattr(self, f) for f in self._fields[len(BaseMessage._fields):]}  # tool_call_id, role
     for o in others:
         # deviation: a chunk of another class keeps the left one's own fields (langchain_core
         # raises KeyError for a ToolMessageChunk plus another kind of chunk)
@@ -692,8 +692,9 @@ class ChatPromptValue(PromptValue):
         self.messages = messages
 
     def to_string(self) -> str:
-        return "\n".join(f"{m.type.capitalize() if m.type != 'ai' else 'AI'}: {m.text}"
-                         for m in self.messages)
+        def role(m: BaseMessage) -> str:
+            return m.role if isinstance(m, ChatMessage) else "AI" if m.type == "ai" else m.type.capitalize()
+        return "\n".join(f"{role(m)}: {m.text}" for m in self.messages)
 
     def to_messages(self) -> List[BaseMessage]:
         return list(self.messages)

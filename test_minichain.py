@@ -173,6 +173,11 @@ def test_message_chunks_of_every_kind_add_like_langchain_core(a: Any, b: Any, ex
     assert repr(a + b) == expected
 
 
+def test_a_chat_message_shows_its_role_in_a_prompt_string():
+    value = ChatPromptValue([mc.ChatMessage("ok", role="critic"), HumanMessage("h")])
+    assert value.to_string() == "critic: ok\nHuman: h"  # as langchain_core's get_buffer_string
+
+
 def test_adding_mismatched_message_chunks_raises_langchain_cores_errors():
     with pytest.raises(TypeError, match='^unsupported operand type\\(s\\) for \\+: "HumanMessageChunk" and '
                        '"HumanMessage"; only message chunks add up \\(make the whole message a chunk first: '
