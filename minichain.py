@@ -3519,6 +3519,8 @@ class FakeStreamingListLLM(FakeListLLM):
         self.sleep, self.error_on = sleep, error_on_chunk_number
 
     def _check(self, i: int) -> None:
+        # deviation: the error reaches astream_events' caller too (langchain_core's root
+        # astream_events ends quietly after on_llm_end)
         if i == self.error_on:
             raise FakeListLLMError(f"FakeStreamingListLLM raised at chunk {i} as configured")
 
