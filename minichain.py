@@ -31,7 +31,7 @@ Sections (each relies only on the ones above it):
   5. Composition: sequence, parallel, lambda, generator, passthrough, @chain
   6. Event streaming: astream_events, stream_events, custom events, astream_log
   7. Chat models, LLMs and fakes
-  8. Output parsers: str and incremental JSON
+  8. Output parsers: str, incremental JSON and lists
   9. Prompt templates
  10. Retrieval
  11. Tools
@@ -79,10 +79,12 @@ __version__ = "0.1.0"
 __all__ = [
     # 1. messages and documents
     "BaseMessage", "SystemMessage", "HumanMessage", "AIMessage", "AIMessageChunk", "ToolMessage",
-    "Document", "AddableDict",
+    "ChatMessage", "HumanMessageChunk", "SystemMessageChunk", "ToolMessageChunk", "ChatMessageChunk",
+    "merge_content", "Document", "AddableDict",
     # 2. prompts
     "PromptValue", "StringPromptValue", "ChatPromptValue", "PromptTemplate", "ChatPromptTemplate",
-    "MessagesPlaceholder",
+    "MessagesPlaceholder", "SystemMessagePromptTemplate", "HumanMessagePromptTemplate",
+    "AIMessagePromptTemplate",
     # 3-4. config and the protocol
     "RunnableConfig", "ensure_config", "Run", "Runnable", "BaseCallbackHandler",
     "AsyncCallbackHandler", "StdOutCallbackHandler", "StreamingStdOutCallbackHandler", "LLMResult",
@@ -95,10 +97,11 @@ __all__ = [
     "dispatch_custom_event", "adispatch_custom_event", "RunLogPatch", "RunLog",
     # 7. models
     "BaseChatModel", "BaseLLM", "GenericFakeChatModel", "FakeListChatModel",
-    "FakeListChatModelError", "FakeListLLM",
+    "FakeListChatModelError", "FakeListLLM", "FakeStreamingListLLM", "FakeListLLMError",
     # 8. parsers
     "OutputParserException", "BaseOutputParser", "StrOutputParser", "JsonOutputParser",
-    "parse_partial_json",
+    "parse_partial_json", "parse_json_markdown", "CommaSeparatedListOutputParser",
+    "NumberedListOutputParser", "MarkdownListOutputParser",
     # 9. retrieval
     "BaseRetriever", "LexicalEmbeddings", "InMemoryVectorStore", "VectorStoreRetriever",
     # 10. tools
@@ -320,6 +323,55 @@ def _parse_tool_call_chunks(chunks: List[Dict[str, Any]]) -> Tuple[List[Dict[str
     return calls, invalid
 
 
+def _plain_text(block: Any) -> bool:
+    return isinstance(block, dict) and block.get("type") == "text" and block.keys() == {"type", "text"}
+
+
+def _as_blocks(content: Any) -> List[Any]:
+    """Content as a list of blocks (a string becomes one text block)."""
+    if isinstance(content, list):
+        return content
+    return [{"type": "text", "text": content}] if content else []
+
+
+def merge_content(first: Any, *others: Any) -> Any:
+    """Message contents added up, as chunks add them: strings concatenate; otherwise the
+    result is a list of content blocks in which adjacent plain text joins and a block streamed
+    in pieces under one `"index"` (Anthropic, OpenAI's Responses API) merges into one,
+    keeping its first piece's `"type"`. One pass over the pieces; associative.
+
+    >>> merge_content("Hel", "lo")
+    'Hello'
+    >>> merge_content([{"type": "text", "text": "Hel", "index": 0}], [{"type": "text", "text": "lo", "index": 0}])
+    [{'type': 'text', 'text': 'Hello', 'index': 0}]
+    >>> merge_content("a", ["b"], [{"type": "image", "url": "u"}])
+    [{'type': 'text', 'text': 'ab'}, {'type': 'image', 'url': 'u'}]
+    """
+    texts = (first,) + others
+    if all(t.__class__ is str for t in texts):
+        return "".join(texts)
+    # deviation: strings in a list become text blocks and adjacent text joins (langchain_core
+    # keeps strings as they come: merge_content("a", ["b"]) is ['a', 'b'] there), so that
+    # adding is associative and text reads the same however the chunks were grouped
+    content: List[Any] = []
+    indexed: Dict[Any, int] = {}  # a streamed block's `index` -> its place in `content`
+    for block in (b for t in texts for b in _as_blocks(t)):
+        if isinstance(block, str):
+            block = {"type": "text", "text": block}
+        if isinstance(block, dict) and block.get("index") in indexed:
+            # a later piece of a block: merged into it, keeping the first piece's type
+            at = indexed[block["index"]]
+            content[at] = _merge_dicts(content[at], {k: v for k, v in block.items()
+                                                     if k not in ("type", "index")})
+            continue
+        if content and _plain_text(block) and _plain_text(content[-1]):
+            block = {"type": "text", "text": content.pop()["text"] + block["text"]}
+        if isinstance(block, dict) and block.get("index") is not None:
+            indexed[block["index"]] = len(content)
+        content.append(block)
+    return content
+
+
 class AIMessageChunk(AIMessage):
     """A piece of a streamed answer; chunks add up with `+`.
 
@@ -357,10 +409,14 @@ class AIMessageChunk(AIMessage):
 
     def __add__(self, other: Any) -> "AIMessageChunk":
         if not isinstance(other, AIMessageChunk):
-            if isinstance(other, BaseMessage):
+            if isinstance(other, _CHUNKS):  # another kind of chunk: its content and metadata
+                other = AIMessageChunk(other.content, additional_kwargs=other.additional_kwargs,
+                                       response_metadata=other.response_metadata)
+            elif isinstance(other, BaseMessage):
                 raise TypeError(f"cannot add {type(other).__name__} to AIMessageChunk: only "
                                 "chunks add up; convert whole messages before joining them")
-            return NotImplemented
+            else:
+                return NotImplemented
         return AIMessageChunk.join([self, other])
 
     @staticmethod
@@ -377,27 +433,7 @@ class AIMessageChunk(AIMessage):
         ...                      AIMessageChunk([{"type": "text", "text": "lo", "index": 0}])]).content
         [{'type': 'text', 'text': 'Hello', 'index': 0}]
         """
-        texts = [c.content for c in chunks]
-        if all(t.__class__ is str for t in texts):
-            content: Any = "".join(cast(List[str], texts))
-        else:  # content blocks; adjacent plain text joins, so that addition is associative
-            content = []
-            indexed: Dict[Any, int] = {}  # a streamed block's `index` -> its place in `content`
-            for block in (b for t in texts for b in _as_blocks(t)):
-                if isinstance(block, str):
-                    block = {"type": "text", "text": block}
-                if isinstance(block, dict) and block.get("index") in indexed:
-                    # a later piece of a block (Anthropic, OpenAI Responses): merged into it,
-                    # keeping the first piece's type, as langchain_core does
-                    at = indexed[block["index"]]
-                    content[at] = _merge_dicts(content[at], {k: v for k, v in block.items()
-                                                             if k not in ("type", "index")})
-                    continue
-                if content and _plain_text(block) and _plain_text(content[-1]):
-                    block = {"type": "text", "text": content.pop()["text"] + block["text"]}
-                if isinstance(block, dict) and block.get("index") is not None:
-                    indexed[block["index"]] = len(content)
-                content.append(block)
+        content = merge_content(*[c.content for c in chunks])
         first = chunks[0]
         kwargs, meta, calls = first.additional_kwargs, first.response_metadata, first.tool_call_chunks
         usage, id_, name = first.usage_metadata, first.id, first.name
@@ -431,17 +467,6 @@ class AIMessageChunk(AIMessage):
                          usage_metadata=self.usage_metadata)
 
 
-def _plain_text(block: Any) -> bool:
-    return isinstance(block, dict) and block.get("type") == "text" and block.keys() == {"type", "text"}
-
-
-def _as_blocks(content: Any) -> List[Any]:
-    """Content as a list of blocks (a string becomes one text block)."""
-    if isinstance(content, list):
-        return content
-    return [{"type": "text", "text": content}] if content else []
-
-
 class ToolMessage(BaseMessage):
     """A tool's result, sent back to the model under the id of the call it answers.
 
@@ -455,6 +480,97 @@ class ToolMessage(BaseMessage):
     def __init__(self, content: Any = "", *, tool_call_id: str, **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self.tool_call_id = tool_call_id
+
+
+class ChatMessage(BaseMessage):
+    """A message with any `role`, for roles beyond system, human, ai and tool.
+
+    >>> ChatMessage("Looks good.", role="critic")
+    ChatMessage(content='Looks good.', role='critic')
+    """
+    type = "chat"
+    _fields = BaseMessage._fields + ("role",)
+    __slots__ = ("role",)
+
+    def __init__(self, content: Any = "", *, role: str, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.role = role
+
+
+def _add_chunks(self: BaseMessage, other: Any) -> Any:
+    """`a + b` for human, system, tool and chat chunks, as langchain_core's `BaseMessageChunk`:
+    contents merge (`merge_content`), metadata merges, and the sum keeps the left chunk's class,
+    id and own fields (`tool_call_id`, `role`), which must agree between chunks of one class.
+    `a + [b, c]` adds several at once."""
+    others = other if isinstance(other, list) else [other]
+    if not all(isinstance(o, _CHUNKS) for o in others):
+        fix = f" (make the whole message a chunk first: {type(self).__name__}(message.content))" \
+            if isinstance(other, BaseMessage) else ""
+        raise TypeError(f'unsupported operand type(s) for +: "{type(self).__name__}" and '
+                        f'"{type(other).__name__}"; only message chunks add up{fix}')
+    own = {f: getattr(self, f) for f in self._fields[len(BaseMessage._fields):]}  # tool_call_id, role
+    for o in others:
+        # deviation: a chunk of another class keeps the left one's own fields (langchain_core
+        # raises KeyError for a ToolMessageChunk plus another kind of chunk)
+        for field, value in own.items():
+            if type(o) is type(self) and getattr(o, field) != value:
+                raise ValueError(
+                    f"Cannot concatenate {type(self).__name__}s with different "
+                    f"{'roles' if field == 'role' else 'names'}. ({field} {value!r} and "
+                    f"{getattr(o, field)!r}: only chunks of one message add up)")
+    kwargs, meta, name = dict(self.additional_kwargs), dict(self.response_metadata), self.name
+    for o in others:
+        kwargs, meta = _merge_dicts(kwargs, o.additional_kwargs), _merge_dicts(meta, o.response_metadata)
+        name = name or o.name  # deviation: the name is kept (langchain_core drops it)
+    return type(self)(merge_content(self.content, *(o.content for o in others)),
+                      additional_kwargs=kwargs, response_metadata=meta, name=name, id=self.id, **own)
+
+
+class HumanMessageChunk(HumanMessage):
+    """A piece of a streamed human message; chunks add up with `+` (see `_add_chunks`).
+
+    >>> HumanMessageChunk("Hel", id="1") + HumanMessageChunk("lo")
+    HumanMessageChunk(content='Hello', id='1')
+    """
+    __slots__ = ()
+    __add__ = _add_chunks
+
+
+class SystemMessageChunk(SystemMessage):
+    """A piece of a streamed system message; chunks add up with `+`.
+
+    >>> SystemMessageChunk("Be ") + [SystemMessageChunk("brief"), SystemMessageChunk(".")]
+    SystemMessageChunk(content='Be brief.')
+    """
+    __slots__ = ()
+    __add__ = _add_chunks
+
+
+class ToolMessageChunk(ToolMessage):
+    """A piece of a streamed tool result; only chunks of one `tool_call_id` add up.
+
+    >>> ToolMessageChunk("4", tool_call_id="c1") + ToolMessageChunk("2", tool_call_id="c1")
+    ToolMessageChunk(content='42', tool_call_id='c1')
+    >>> ToolMessageChunk("4", tool_call_id="c1") + ToolMessageChunk("2", tool_call_id="c2")
+    Traceback (most recent call last):
+    ...
+    ValueError: Cannot concatenate ToolMessageChunks with different names. (tool_call_id 'c1' and 'c2': only chunks of one message add up)
+    """
+    __slots__ = ()
+    __add__ = _add_chunks
+
+
+class ChatMessageChunk(ChatMessage):
+    """A piece of a streamed `ChatMessage`; only chunks of one `role` add up.
+
+    >>> ChatMessageChunk("Looks ", role="critic") + ChatMessageChunk("good.", role="critic")
+    ChatMessageChunk(content='Looks good.', role='critic')
+    """
+    __slots__ = ()
+    __add__ = _add_chunks
+
+
+_CHUNKS = (AIMessageChunk, HumanMessageChunk, SystemMessageChunk, ToolMessageChunk, ChatMessageChunk)
 
 
 _ROLES: Dict[str, type] = {"system": SystemMessage, "human": HumanMessage, "user": HumanMessage,
@@ -583,8 +699,9 @@ class ChatPromptValue(PromptValue):
         self.messages = messages
 
     def to_string(self) -> str:
-        return "\n".join(f"{m.type.capitalize() if m.type != 'ai' else 'AI'}: {m.text}"
-                         for m in self.messages)
+        def role(m: BaseMessage) -> str:
+            return m.role if isinstance(m, ChatMessage) else "AI" if m.type == "ai" else m.type.capitalize()
+        return "\n".join(f"{role(m)}: {m.text}" for m in self.messages)
 
     def to_messages(self) -> List[BaseMessage]:
         return list(self.messages)
@@ -4210,8 +4327,76 @@ class FakeListLLM(BaseLLM):
         return text
 
 
+class FakeListLLMError(Exception):
+    """Raised by `FakeStreamingListLLM` at `error_on_chunk_number`.
+
+    >>> list(FakeStreamingListLLM(responses=["abc"], error_on_chunk_number=1).stream("x"))
+    Traceback (most recent call last):
+    ...
+    minichain.FakeListLLMError: FakeStreamingListLLM raised at chunk 1 as configured
+    """
+
+
+class FakeStreamingListLLM(FakeListLLM):
+    """A `FakeListLLM` whose `stream` gives the answer one character per chunk.
+
+    As langchain_core's, it streams by invoking: its run ends with the whole answer (no
+    `on_llm_stream` events), then the characters move on, after `sleep` seconds each;
+    `error_on_chunk_number=k` raises `FakeListLLMError` at character k (0-based) of a stream,
+    never in `invoke`.
+
+    >>> llm = FakeStreamingListLLM(responses=["hi", "yo"])
+    >>> list(llm.stream("x")), llm.invoke("x")
+    (['h', 'i'], 'yo')
+    """
+
+    def __init__(self, *, responses: List[str], sleep: Optional[float] = None,
+                 error_on_chunk_number: Optional[int] = None, **kwargs: Any) -> None:
+        super().__init__(responses=responses, **kwargs)
+        self.sleep, self.error_on = sleep, error_on_chunk_number
+
+    def _check(self, i: int) -> None:
+        # deviation: the error reaches astream_events' caller too (langchain_core's root
+        # astream_events ends quietly after on_llm_end)
+        if i == self.error_on:
+            raise FakeListLLMError(f"FakeStreamingListLLM raised at chunk {i} as configured")
+
+    def _stream_run(self, inputs: Iterator[Any], config: RunnableConfig, tag: Optional[str] = None,
+                    known: Any = _MISSING, invoked: bool = False) -> Iterator[Any]:
+        answers = super()._stream_run(inputs, config, tag, known, invoked)
+        return answers if invoked else self._characters(answers)
+
+    def _characters(self, answers: Iterator[str]) -> Iterator[str]:
+        try:
+            for answer in answers:
+                for i, c in enumerate(answer):
+                    if self.sleep is not None:
+                        time.sleep(self.sleep)
+                    self._check(i)
+                    yield c
+        finally:
+            _close(answers)
+
+    def _astream_run(self, inputs: AsyncIterator[Any], config: RunnableConfig,
+                     tag: Optional[str] = None, known: Any = _MISSING,
+                     invoked: bool = False) -> AsyncIterator[Any]:
+        answers = super()._astream_run(inputs, config, tag, known, invoked)
+        return answers if invoked else self._acharacters(answers)
+
+    async def _acharacters(self, answers: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            async for answer in answers:
+                for i, c in enumerate(answer):
+                    if self.sleep is not None:
+                        await asyncio.sleep(self.sleep)
+                    self._check(i)
+                    yield c
+        finally:
+            await _aclose(answers)
+
+
 # ==============================================================================================
-# 8. Output parsers: str and incremental JSON
+# 8. Output parsers: str, incremental JSON and lists
 #
 # A parser is a push machine (`feed` text, read what changed) driven by the transform loops
 # below. `JsonOutputParser` yields a new snapshot of the partial object each time it grows:
@@ -5003,20 +5188,229 @@ class JsonOutputParser(BaseOutputParser[Any]):
 
     def parse(self, text: str) -> Any:
         """Parse a whole output (a partial document gives its partial value)."""
-        state = _JsonStream()
-        text = text.strip()
-        state.feed(text)
-        state.finish()
-        value = state.snapshot()
-        if state.error or value is _MISSING:
-            at = min(state.offset, len(text))
-            line = text.count("\n", 0, at) + 1
-            column = at - (text.rfind("\n", 0, at) + 1) + 1
-            why = state.error or "no JSON value found"
+        try:
+            return parse_json_markdown(text)
+        except json.JSONDecodeError as e:
             raise OutputParserException(
-                f"Invalid json output: {text}\n({why} at line {line} column {column}; expected "
-                "one JSON value, optionally inside a ```json fence)", llm_output=text)
-        return value
+                f"Invalid json output: {e.doc}\n({e.msg} at line {e.lineno} column {e.colno}; "
+                "expected one JSON value, optionally inside a ```json fence)", llm_output=e.doc) from None
+
+    def get_format_instructions(self) -> str:
+        """What to tell the model, as langchain_core's (without a schema).
+
+        >>> JsonOutputParser().get_format_instructions()
+        'Return a JSON object.'
+        """
+        return "Return a JSON object."
+
+
+def parse_json_markdown(text: str) -> Any:
+    """The JSON value in a model's answer: bare, or in a ```json fence after some prose; a
+    partial document gives its partial value (what `JsonOutputParser.parse` returns).
+    Raises `json.JSONDecodeError` where there is no JSON value.
+
+    >>> parse_json_markdown('Here it is:\\n```json\\n{"a": [1, 2]}\\n```')
+    {'a': [1, 2]}
+    >>> parse_json_markdown('{"a": "b", "c": [1')
+    {'a': 'b', 'c': [1]}
+    """
+    state = _JsonStream()
+    text = text.strip()
+    state.feed(text)
+    state.finish()
+    value = state.snapshot()
+    if state.error or value is _MISSING:
+        raise json.JSONDecodeError(state.error or "no JSON value found", text, min(state.offset, len(text)))
+    return value
+
+
+class _CsvItems:
+    """Comma-separated items as a push machine: `feed(text)` returns the items completed,
+    `finish()` the rest. It reads as Python's `csv` module does with `skipinitialspace=True`
+    (quotes group, `""` is a quote, newlines end a row, blank rows are skipped), scanning each
+    character once. An item is out once the next one has begun, as in langchain_core."""
+
+    # where it is: at a row's start, a field's start, in a field, in quotes, just after a
+    # quote in quotes (a second one is a quote; anything else ends the quotes)
+    ROW, FIELD, TEXT, QUOTED, QUOTE = range(5)
+    _special = re.compile(r"[,\r\n]")
+
+    def __init__(self) -> None:
+        self.state = self.ROW
+        self.pieces: List[str] = []  # the field being read
+        self.done: List[str] = []  # fields read and not yet out
+
+    def _save(self, state: int) -> None:
+        self.done.append("".join(self.pieces))
+        self.pieces, self.state = [], state
+
+    def feed(self, text: str) -> List[str]:
+        i, n = 0, len(text)
+        while i < n:
+            state = self.state
+            if state == self.QUOTED:
+                j = text.find('"', i)
+                self.pieces.append(text[i:] if j < 0 else text[i:j])
+                if j < 0:
+                    break
+                self.state, i = self.QUOTE, j + 1
+                continue
+            if state == self.TEXT:
+                m = self._special.search(text, i)
+                self.pieces.append(text[i:m.start() if m else n])
+                if m is None:
+                    break
+                i = m.end()
+                self._save(self.FIELD if m.group() == "," else self.ROW)
+                continue
+            c = text[i]
+            i += 1
+            if state == self.ROW:
+                if c not in "\r\n":  # deviation: a lone \r ends a row (csv raises there)
+                    self.state, i = self.FIELD, i - 1
+            elif c == ",":
+                self._save(self.FIELD)
+            elif c in "\r\n":
+                self._save(self.ROW)
+            elif state == self.FIELD and c == '"':
+                self.state = self.QUOTED
+            elif state == self.QUOTE and c == '"':
+                self.pieces.append(c)
+                self.state = self.QUOTED
+            elif not (state == self.FIELD and c == " "):
+                self.state, i = self.TEXT, i - 1
+        # the last item saved waits while a new row has not begun
+        out, self.done = (self.done[:-1], self.done[-1:]) if self.state == self.ROW else (self.done, [])
+        return out
+
+    def finish(self) -> List[str]:
+        if self.state != self.ROW:
+            self._save(self.ROW)
+        return self.done
+
+
+class _LineItems:
+    """Items that are one line each (a numbered or a markdown list) as a push machine, matching
+    what `re.findall(pattern, text)` finds. A line is matched once, when its newline arrives;
+    a marker that ends a line (`"1."`, `"-"`) takes the next line as its item. An item is out
+    once the next one has begun (as in langchain_core): the unfinished line is checked through
+    a few characters only, so the cost stays linear however long a line grows."""
+
+    def __init__(self, item: str, marker_at_end: str, begun: str, anchored: bool) -> None:
+        self.item, self.marker_at_end = re.compile(item), re.compile(marker_at_end)
+        self.begun, self.anchored = re.compile(begun), anchored
+        self.tail: List[str] = []  # the unfinished line, in pieces
+        self.head = ""  # anchored: its first characters after indentation; else its last three
+        self.held: Optional[str] = None  # the last item found, out when the next one begins
+        self.carry = False  # the line before ended with a marker: this line is an item
+
+    def _line(self, line: str) -> Optional[str]:
+        if self.carry and line:
+            self.carry = False
+            return line
+        m = self.item.match(line) if self.anchored else self.item.search(line)
+        self.carry = m is None and self.marker_at_end.search(line) is not None
+        return m.group(1) if m else None
+
+    def feed(self, text: str) -> List[str]:
+        out = []
+        *lines, piece = text.split("\n")
+        if lines:
+            lines[0] = "".join(self.tail) + lines[0]
+            self.tail, self.head = [], ""
+        for line in lines:
+            found = self._line(line)
+            if found is not None:
+                if self.held is not None:
+                    out.append(self.held)
+                self.held = found
+        self.tail.append(piece)
+        if self.anchored:  # does the line begin with a marker, a space and a character?
+            self.head = (self.head + piece if self.head else piece.lstrip())[:3]
+            begun = self.begun.match(self.head)
+        else:  # is there a number, a dot, a space and a character anywhere in it?
+            begun = self.begun.search(self.head + piece)
+            self.head = (self.head + piece[-3:])[-3:]
+        if self.held is not None and (begun or (self.carry and piece)):
+            out.append(self.held)
+            self.held = None
+        return out
+
+    def finish(self) -> List[str]:
+        found = self._line("".join(self.tail))
+        return [item for item in (self.held, found) if item is not None]
+
+
+class _ListParser(BaseOutputParser[List[str]]):
+    """What the list parsers share: a push machine of items and langchain_core's instructions.
+    Streaming yields each item as a one-item list once the next one has begun (as
+    langchain_core's); `invoke` gives the whole list; any split of the text gives the same
+    items, at a cost linear in the text."""
+
+    _instructions = ""
+
+    def _feed(self, state: Any, text: str) -> Iterable[List[str]]:
+        return [[item] for item in state.feed(text)]
+
+    def _finish(self, state: Any) -> Iterable[List[str]]:
+        return [[item] for item in state.finish()]
+
+    def parse(self, text: str) -> List[str]:
+        """The items of a whole text."""
+        state = self._start()
+        return cast(List[str], state.feed(text) + state.finish())
+
+    def get_format_instructions(self) -> str:
+        """What to tell the model about the format (langchain_core's words)."""
+        return self._instructions
+
+
+class CommaSeparatedListOutputParser(_ListParser):
+    """Comma-separated items, read as CSV: a space after a comma is skipped, quotes group,
+    newlines separate too.
+
+    >>> parser = CommaSeparatedListOutputParser()
+    >>> list(parser.transform(iter(["red, gre", "en, ", '"blue, dark"'])))
+    [['red'], ['green'], ['blue, dark']]
+    >>> parser.invoke("red, green")
+    ['red', 'green']
+    """
+
+    # deviation: items never depend on how the text was split, and stream and invoke agree
+    # (langchain_core re-reads only the unfinished item's value: a quote, a newline or an empty
+    # item after a final comma at the end of a chunk can be lost)
+    _instructions = ("Your response should be a list of comma separated values, "
+                     "eg: `foo, bar, baz` or `foo,bar,baz`")
+
+    def _start(self) -> _CsvItems:
+        return _CsvItems()
+
+
+class NumberedListOutputParser(_ListParser):
+    """The items of a numbered list: what follows each `1. ` to the end of its line.
+
+    >>> list(NumberedListOutputParser().transform(iter(["1. red\\n2. gr", "een\\n3. blue"])))
+    [['red'], ['green'], ['blue']]
+    """
+
+    _instructions = ("Your response should be a numbered list with each item on a new line. "
+                     "For example: \n\n1. foo\n\n2. bar\n\n3. baz")
+
+    def _start(self) -> _LineItems:
+        return _LineItems(r"\d+\.\s([^\n]+)", r"\d+\.$", r"\d\.\s.", anchored=False)
+
+
+class MarkdownListOutputParser(_ListParser):
+    """The items of a markdown list: lines starting with `- ` or `* `.
+
+    >>> MarkdownListOutputParser().invoke("Colours:\\n- red\\n  * green")
+    ['red', 'green']
+    """
+
+    _instructions = "Your response should be a markdown list, eg: `- foo\n- bar\n- baz`"
+
+    def _start(self) -> _LineItems:
+        return _LineItems(r"\s*[-*]\s([^\n]+)$", r"^\s*[-*]$", r"[-*]\s.", anchored=True)
 
 
 # ==============================================================================================
@@ -5027,17 +5421,25 @@ class JsonOutputParser(BaseOutputParser[Any]):
 # ==============================================================================================
 
 class _Prompt(Runnable[Dict[str, Any], PromptValue]):
-    """What both prompt templates share: variable checking and the prompt run type."""
+    """What both prompt templates share: variable checking, partial values, the prompt run type."""
 
     run_type = "prompt"
     input_in_start = True
     input_variables: List[str] = []
+    partial_variables: Dict[str, Any] = {}
 
     def _values(self, value: Any) -> Dict[str, Any]:
         if not isinstance(value, dict) and len(self.input_variables) == 1:
             return {self.input_variables[0]: value}  # one variable: the input is its value
         _check_variables(type(self).__name__, self.input_variables, value)
         return cast(Dict[str, Any], value)
+
+    def _filled(self, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        """The variables given, checked, over the partial values (a function is called now)."""
+        _check_variables(type(self).__name__, self.input_variables, kwargs)
+        if not self.partial_variables:
+            return kwargs
+        return {**{k: v() if callable(v) else v for k, v in self.partial_variables.items()}, **kwargs}
 
     def _produce(self, value: Any, config: RunnableConfig) -> Iterator[PromptValue]:
         yield self.format_prompt(**self._values(value))
@@ -5046,12 +5448,32 @@ class _Prompt(Runnable[Dict[str, Any], PromptValue]):
         """The prompt value for these variables."""
         raise NotImplementedError
 
+    def partial(self: _P, **values: Any) -> _P:
+        """A copy of this prompt with some variables filled in, each by a value or by a function
+        called for it at every format. Variables given when formatting win over them.
+
+        >>> prompt = PromptTemplate.from_template("{greeting}, {name}").partial(greeting="Hi")
+        >>> prompt.input_variables, prompt.format(name="Ada")
+        (['name'], 'Hi, Ada')
+        """
+        import copy
+        new = copy.copy(self)
+        new.partial_variables = {**self.partial_variables, **values}
+        new.input_variables = [v for v in self.input_variables if v not in values]
+        return new
+
+
+_P = TypeVar("_P", bound=_Prompt)
+
 
 class PromptTemplate(_Prompt):
-    """A string template: variables in, a `StringPromptValue` out.
+    """A string template: variables in, a `StringPromptValue` out. `a + b` joins two templates
+    (or a template and a string), keeping the partial values of both.
 
     >>> PromptTemplate.from_template("Q: {question}").invoke({"question": "why?"})
     StringPromptValue(text='Q: why?')
+    >>> (PromptTemplate.from_template("{a} and ") + "{b}").format(a=1, b=2)
+    '1 and 2'
     """
 
     def __init__(self, template: str) -> None:
@@ -5069,18 +5491,36 @@ class PromptTemplate(_Prompt):
         >>> PromptTemplate.from_template("{a}+{a}={b}").format(a=1, b=2)
         '1+1=2'
         """
-        _check_variables("PromptTemplate", self.input_variables, kwargs)
-        return self.template.format(**kwargs)
+        return self.template.format(**self._filled(kwargs))
 
     def format_prompt(self, **kwargs: Any) -> PromptValue:
         return StringPromptValue(self.format(**kwargs))
+
+    def __add__(self, other: Any) -> "PromptTemplate":
+        if isinstance(other, str):
+            other = PromptTemplate(other)
+        if not isinstance(other, PromptTemplate):
+            return NotImplemented
+        return PromptTemplate(self.template + other.template).partial(
+            **{**self.partial_variables, **other.partial_variables})
 
     def __repr__(self) -> str:
         return f"PromptTemplate.from_template({self.template!r})"
 
 
+def _add_to_chat(self: Any, other: Any) -> Any:
+    """`part + other` for the parts of a chat prompt: a chat prompt of both."""
+    return ChatPromptTemplate([self]).__add__(other)
+
+
+def _message_before(self: Any, other: Any) -> Any:
+    """`message + part`: a chat prompt of both (a string or tuple before it stays an error)."""
+    return ChatPromptTemplate([other]).__add__(self) if isinstance(other, BaseMessage) else NotImplemented
+
+
 class MessagesPlaceholder:
-    """Where a list of messages from the input goes in a chat prompt.
+    """Where a list of messages from the input goes in a chat prompt; with `optional=True` the
+    variable may be left out.
 
     >>> prompt = ChatPromptTemplate.from_messages([MessagesPlaceholder("history"), ("human", "{q}")])
     >>> prompt.invoke({"history": [("ai", "hello")], "q": "hi"}).to_messages()
@@ -5101,12 +5541,86 @@ class MessagesPlaceholder:
                             f"messages, got {type(value).__name__}: {_short(value)}")
         return [_to_message(m) for m in value]
 
+    __add__, __radd__ = _add_to_chat, _message_before
 
-_MessageLike = Union[BaseMessage, MessagesPlaceholder, Tuple[str, str], str]
+    def __repr__(self) -> str:
+        optional = ", optional=True" if self.optional else ""
+        return f"MessagesPlaceholder(variable_name={self.variable_name!r}{optional})"
+
+
+class _MessageTemplate:
+    """A template for one message of one role; the three public classes differ only in it."""
+
+    role = "human"
+
+    def __init__(self, prompt: PromptTemplate) -> None:
+        self.prompt = prompt
+
+    @classmethod
+    def from_template(cls: type[_M], template: str,
+                      partial_variables: Optional[Dict[str, Any]] = None) -> _M:
+        """A message template from a `{name}` template (and values for some variables)."""
+        return cls(PromptTemplate(template).partial(**(partial_variables or {})))
+
+    @property
+    def input_variables(self) -> List[str]:
+        """The variables the template needs."""
+        return self.prompt.input_variables
+
+    def format(self, **kwargs: Any) -> BaseMessage:
+        """The message, with the variables filled in."""
+        _check_variables(type(self).__name__, self.input_variables, kwargs)
+        return _to_message((self.role, self.prompt.format(**kwargs)))
+
+    def format_messages(self, **kwargs: Any) -> List[BaseMessage]:
+        """`[format(**kwargs)]`: the message as a list, as every part of a chat prompt gives."""
+        return [self.format(**kwargs)]
+
+    __add__, __radd__ = _add_to_chat, _message_before
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}.from_template({self.prompt.template!r})"
+
+
+_M = TypeVar("_M", bound=_MessageTemplate)
+
+
+class SystemMessagePromptTemplate(_MessageTemplate):
+    """A template for a system message; `a + b` with another part makes a chat prompt.
+
+    >>> SystemMessagePromptTemplate.from_template("You like {topic}.").format(topic="cats")
+    SystemMessage(content='You like cats.')
+    """
+    role = "system"
+
+
+class HumanMessagePromptTemplate(_MessageTemplate):
+    """A template for a human message.
+
+    >>> HumanMessagePromptTemplate.from_template("Tell me about {topic}.").format_messages(topic="cats")
+    [HumanMessage(content='Tell me about cats.')]
+    """
+    role = "human"
+
+
+class AIMessagePromptTemplate(_MessageTemplate):
+    """A template for an AI message (an example answer, say).
+
+    >>> (AIMessagePromptTemplate.from_template("{a}") + "{q}").format_messages(a="Meow.", q="Again?")
+    [AIMessage(content='Meow.'), HumanMessage(content='Again?')]
+    """
+    role = "ai"
+
+
+_MessageLike = Union[BaseMessage, MessagesPlaceholder, _MessageTemplate, Tuple[str, str], str]
 
 
 class ChatPromptTemplate(_Prompt):
     """A chat template: variables in, a `ChatPromptValue` of messages out.
+
+    `a + b` is one chat prompt of both, where `b` is a chat prompt, a message template, a
+    message, a placeholder, a `(role, template)` tuple, a string (a human message) or a list
+    of these; partial values carry over.
 
     >>> prompt = ChatPromptTemplate.from_messages([("system", "You like {topic}."), ("human", "{q}")])
     >>> prompt.invoke({"topic": "cats", "q": "hi"})
@@ -5115,6 +5629,8 @@ class ChatPromptTemplate(_Prompt):
     Traceback (most recent call last):
     ...
     minichain._MissingVariables: ChatPromptTemplate is missing variable 'q'; the template expects ['topic', 'q'] and got ['topic']; pass {'q': ...} (or write '{{q}}' for a literal brace)
+    >>> (prompt + ("ai", "{a}")).format_messages(topic="cats", q="hi", a="meow")[-1]
+    AIMessage(content='meow')
     """
 
     def __init__(self, messages: Sequence[_MessageLike]) -> None:
@@ -5129,19 +5645,21 @@ class ChatPromptTemplate(_Prompt):
                 names = [] if item.optional else [item.variable_name]
             elif isinstance(item, BaseMessage):
                 names = []
+            elif isinstance(item, _MessageTemplate):
+                names = item.input_variables
             elif isinstance(item, tuple) and len(item) == 2:
                 _to_message((item[0], ""))  # checks the role
                 names = _variables(item[1])
             else:
-                raise TypeError(f"cannot use {_short(item)} in a chat prompt; use a "
-                                "(role, template) tuple, a message or a MessagesPlaceholder")
+                raise TypeError(f"cannot use {_short(item)} in a chat prompt; use a (role, "
+                                "template) tuple, a message, a message template or a MessagesPlaceholder")
             self.messages.append(item)
             variables += [n for n in names if n not in variables]
         self.input_variables = variables
 
     @classmethod
     def from_messages(cls, messages: Sequence[_MessageLike]) -> "ChatPromptTemplate":
-        """A chat prompt from `(role, template)` tuples, messages and placeholders."""
+        """A chat prompt from `(role, template)` tuples, messages, message templates and placeholders."""
         return cls(messages)
 
     @classmethod
@@ -5155,10 +5673,10 @@ class ChatPromptTemplate(_Prompt):
 
     def format_messages(self, **kwargs: Any) -> List[BaseMessage]:
         """The messages with the variables filled in."""
-        _check_variables("ChatPromptTemplate", self.input_variables, kwargs)
+        kwargs = self._filled(kwargs)
         out: List[BaseMessage] = []
         for item in self.messages:
-            if isinstance(item, MessagesPlaceholder):
+            if isinstance(item, (MessagesPlaceholder, _MessageTemplate)):
                 out += item.format_messages(**kwargs)
             elif isinstance(item, BaseMessage):
                 out.append(item)
@@ -5168,6 +5686,22 @@ class ChatPromptTemplate(_Prompt):
 
     def format_prompt(self, **kwargs: Any) -> PromptValue:
         return ChatPromptValue(self.format_messages(**kwargs))
+
+    def __add__(self, other: Any) -> "ChatPromptTemplate":
+        partials = self.partial_variables
+        if isinstance(other, ChatPromptTemplate):
+            items, partials = other.messages, {**partials, **other.partial_variables}
+        elif isinstance(other, list):
+            items = other
+        elif isinstance(other, (str, tuple, BaseMessage, MessagesPlaceholder, _MessageTemplate)):
+            # deviation: a (role, template) tuple is one message (langchain_core takes any
+            # tuple for a list of messages: ("ai", "hi") would add two human messages)
+            items = [other]
+        else:  # deviation: a TypeError, as Python gives (langchain_core: NotImplementedError)
+            return NotImplemented
+        return ChatPromptTemplate(self.messages + items).partial(**partials)
+
+    __radd__ = _message_before
 
 
 # ==============================================================================================

@@ -157,6 +157,59 @@ def test_content_blocks_streamed_under_one_index_merge_as_in_langchain_core():
     assert total.content == expected == (pieces[0] + pieces[1] + (pieces[2] + (pieces[3] + pieces[4]))).content
 
 
+@pytest.mark.parametrize("a, b, expected", [  # each checked against langchain_core 1.7.2
+    (mc.HumanMessageChunk("a", id="y"), mc.HumanMessageChunk("b", id="x"), "HumanMessageChunk(content='ab', id='y')"),
+    (mc.HumanMessageChunk("a"), AIMessageChunk("b"), "HumanMessageChunk(content='ab')"),
+    (AIMessageChunk("a"), mc.HumanMessageChunk("b"), "AIMessageChunk(content='ab')"),
+    (mc.HumanMessageChunk("a"), [mc.HumanMessageChunk("b"), mc.SystemMessageChunk("c")], "HumanMessageChunk(content='abc')"),
+    (mc.SystemMessageChunk("a"), mc.SystemMessageChunk("b", response_metadata={"x": "1"}),
+     "SystemMessageChunk(content='ab', response_metadata={'x': '1'})"),
+    (mc.ToolMessageChunk("a", tool_call_id="1"), mc.ToolMessageChunk("b", tool_call_id="1"),
+     "ToolMessageChunk(content='ab', tool_call_id='1')"),
+    (mc.ChatMessageChunk("a", role="r"), mc.ChatMessageChunk("b", role="r"), "ChatMessageChunk(content='ab', role='r')"),
+    (mc.ChatMessageChunk("a", role="r"), mc.HumanMessageChunk("b"), "ChatMessageChunk(content='ab', role='r')"),
+    (mc.HumanMessageChunk([{"type": "text", "text": "a", "index": 0}]),
+     mc.HumanMessageChunk([{"type": "text", "text": "b", "index": 0}]),
+     "HumanMessageChunk(content=[{'type': 'text', 'text': 'ab', 'index': 0}])"),
+])
+def test_message_chunks_of_every_kind_add_like_langchain_core(a: Any, b: Any, expected: str):
+    assert repr(a + b) == expected
+
+
+def test_a_chat_message_shows_its_role_in_a_prompt_string():
+    value = ChatPromptValue([mc.ChatMessage("ok", role="critic"), HumanMessage("h")])
+    assert value.to_string() == "critic: ok\nHuman: h"  # as langchain_core's get_buffer_string
+
+
+def test_adding_mismatched_message_chunks_raises_langchain_cores_errors():
+    with pytest.raises(TypeError, match='^unsupported operand type\\(s\\) for \\+: "HumanMessageChunk" and '
+                       '"HumanMessage"; only message chunks add up \\(make the whole message a chunk first: '
+                       'HumanMessageChunk\\(message.content\\)\\)$'):
+        mc.HumanMessageChunk("a") + HumanMessage("b")
+    with pytest.raises(TypeError, match='^unsupported operand type\\(s\\) for \\+: "SystemMessageChunk" and '
+                       '"str"; only message chunks add up$'):
+        mc.SystemMessageChunk("a") + "b"
+    with pytest.raises(ValueError, match="^Cannot concatenate ToolMessageChunks with different names. "
+                       "\\(tool_call_id '1' and '2': only chunks of one message add up\\)$"):
+        mc.ToolMessageChunk("a", tool_call_id="1") + mc.ToolMessageChunk("b", tool_call_id="2")
+    with pytest.raises(ValueError, match="^Cannot concatenate ChatMessageChunks with different roles. "
+                       "\\(role 'r' and 'q': only chunks of one message add up\\)$"):
+        mc.ChatMessageChunk("a", role="r") + mc.ChatMessageChunk("b", role="q")
+
+
+def test_merge_content_is_what_chunks_add_with():
+    assert mc.merge_content("a", "b", "c") == "abc"
+    assert mc.merge_content("a") == "a"
+    assert mc.merge_content([{"type": "text", "text": "a", "index": 0}], [{"type": "text", "text": "b", "index": 0}],
+                            [{"type": "tool_use", "id": "t", "index": 1}]) == [
+        {"type": "text", "text": "ab", "index": 0}, {"type": "tool_use", "id": "t", "index": 1}]
+    # deviation: langchain_core gives ['ab', 'cd'] (strings kept, not joined across the list)
+    assert mc.merge_content("a", "b", ["c"], "d") == [{"type": "text", "text": "abcd"}]
+    first = [{"type": "text", "text": "a", "index": 0}]
+    mc.merge_content(first, [{"type": "text", "text": "b", "index": 0}])
+    assert first == [{"type": "text", "text": "a", "index": 0}]  # its arguments are not changed
+
+
 # ---------------------------------------------------------------------------------------------
 # 2-3. Config, runs, events, the fold
 # ---------------------------------------------------------------------------------------------
@@ -797,6 +850,103 @@ def test_unknown_message_role_is_named():
         ChatPromptTemplate.from_messages([("robot", "hi")])
 
 
+def test_message_prompt_templates_format_and_join_chat_prompts():
+    system = mc.SystemMessagePromptTemplate.from_template("sys {a}")
+    human = mc.HumanMessagePromptTemplate.from_template("hi {name}")
+    assert (human.input_variables, human.format(name="bob"), human.format_messages(name="bob", extra=1)) == (
+        ["name"], HumanMessage("hi bob"), [HumanMessage("hi bob")])
+    prompt = ChatPromptTemplate.from_messages([system, human, mc.AIMessagePromptTemplate.from_template("ai {b}")])
+    assert prompt.format_messages(a=1, name=2, b=3) == [SystemMessage("sys 1"), HumanMessage("hi 2"), AIMessage("ai 3")]
+    assert prompt.input_variables == ["a", "name", "b"]  # deviation: in order of appearance (langchain_core sorts)
+    assert repr(human) == "HumanMessagePromptTemplate.from_template('hi {name}')"
+    assert mc.HumanMessagePromptTemplate.from_template("{a} {b}", partial_variables={"a": "A"}).format(b=1) == HumanMessage("A 1")
+    with pytest.raises(KeyError, match="HumanMessagePromptTemplate is missing variable 'name'; the template expects"):
+        human.format()
+
+
+def test_adding_prompt_parts_makes_one_prompt_as_langchain_core():
+    chat = ChatPromptTemplate.from_messages([("system", "s {a}")])
+    human = mc.HumanMessagePromptTemplate.from_template("hi {name}")
+    system = mc.SystemMessagePromptTemplate.from_template("s")
+    values = {"a": "A", "b": "B", "q": "Q", "z": "Z", "name": "N", "x": [("ai", "X")]}
+    cases = [  # (sum, its messages for `values`), each checked against langchain_core 1.7.2
+        (chat + ChatPromptTemplate.from_messages([("human", "h {b}")]), [SystemMessage("s A"), HumanMessage("h B")]),
+        (chat + human, [SystemMessage("s A"), HumanMessage("hi N")]),
+        (chat + HumanMessage("m"), [SystemMessage("s A"), HumanMessage("m")]),
+        (chat + "str {q}", [SystemMessage("s A"), HumanMessage("str Q")]),
+        (chat + [("ai", "t {z}"), "u"], [SystemMessage("s A"), AIMessage("t Z"), HumanMessage("u")]),
+        (human + system, [HumanMessage("hi N"), SystemMessage("s")]),
+        (human + "str", [HumanMessage("hi N"), HumanMessage("str")]),
+        (human + AIMessage("a"), [HumanMessage("hi N"), AIMessage("a")]),
+        (human + chat, [HumanMessage("hi N"), SystemMessage("s A")]),
+        (HumanMessage("m") + chat, [HumanMessage("m"), SystemMessage("s A")]),
+        (HumanMessage("m") + human, [HumanMessage("m"), HumanMessage("hi N")]),
+        (MessagesPlaceholder("x") + human, [AIMessage("X"), HumanMessage("hi N")]),
+        (human + MessagesPlaceholder("x"), [HumanMessage("hi N"), AIMessage("X")]),
+        # deviation: langchain_core reads a tuple as a list of messages: [..., HumanMessage('ai'), HumanMessage('t Z')]
+        (chat + ("ai", "t {z}"), [SystemMessage("s A"), AIMessage("t Z")]),
+    ]
+    for total, messages in cases:
+        assert isinstance(total, ChatPromptTemplate) and total.format_messages(**values) == messages
+    text = PromptTemplate.from_template("a {x}") + PromptTemplate.from_template(" b {y}")
+    assert (text.input_variables, text.format(x=1, y=2)) == (["x", "y"], "a 1 b 2")
+    assert (PromptTemplate.from_template("a {x}") + " b {y}").format(x=1, y=2) == "a 1 b 2"
+    for bad, message in [(lambda: "x" + chat, 'can only concatenate str (not "ChatPromptTemplate") to str'),
+                         (lambda: ("ai", "y") + chat, 'can only concatenate tuple (not "ChatPromptTemplate") to tuple'),
+                         (lambda: "x" + PromptTemplate.from_template("a"), 'can only concatenate str (not "PromptTemplate") to str'),
+                         # deviation: langchain_core raises NotImplementedError here
+                         (lambda: chat + 1, "unsupported operand type(s) for +: 'ChatPromptTemplate' and 'int'"),
+                         (lambda: human + 1, "unsupported operand type(s) for +: 'HumanMessagePromptTemplate' and 'int'")]:
+        with pytest.raises(TypeError) as info:
+            bad()
+        assert str(info.value) == message
+
+
+def test_partial_fills_variables_with_values_or_functions():
+    prompt = PromptTemplate.from_template("{a} and {b}")
+    part = prompt.partial(a="A")
+    assert (part.input_variables, part.partial_variables, part.format(b="B")) == (["b"], {"a": "A"}, "A and B")
+    assert part.invoke("B") == mc.StringPromptValue("A and B")  # one variable left: the input is its value
+    assert part.format(a="X", b="B") == "X and B"  # what is given when formatting wins
+    assert (prompt.input_variables, prompt.partial_variables) == (["a", "b"], {})  # the original is unchanged
+    calls = iter(["call1", "call2"])
+    called = prompt.partial(a=lambda: next(calls))
+    assert (called.format(b=1), called.format(b=2)) == ("call1 and 1", "call2 and 2")
+    assert prompt.partial(zz=1).format(a=1, b=2) == "1 and 2"  # an unknown name is kept, unused
+    assert (PromptTemplate.from_template("{a}").partial(a="1") + PromptTemplate.from_template("{b}")).format(b=2) == "12"
+    chat = ChatPromptTemplate.from_messages([("system", "{a}"), ("human", "{b}"), MessagesPlaceholder("h")])
+    assert chat.partial(a="A").input_variables == ["b", "h"]
+    assert chat.partial(h=[("ai", "x")]).invoke({"a": 1, "b": 2}).to_messages() == [
+        SystemMessage("1"), HumanMessage("2"), AIMessage("x")]
+    assert (chat.partial(a="A") + ("human", "{z}")).input_variables == ["b", "h", "z"]
+    assert (chat.partial(a="A") + [("human", "{z}")]).partial_variables == {"a": "A"}
+
+
+def test_optional_messages_placeholder_may_be_left_out():
+    prompt = ChatPromptTemplate.from_messages([MessagesPlaceholder("h", optional=True), ("human", "{q}")])
+    assert prompt.input_variables == ["q"]
+    assert prompt.invoke("hi").to_messages() == [HumanMessage("hi")]
+    assert prompt.invoke({"q": 1, "h": [("ai", "x")]}).to_messages() == [AIMessage("x"), HumanMessage("1")]
+    assert MessagesPlaceholder("h", optional=True).format_messages() == []
+    assert repr(MessagesPlaceholder("h", optional=True)) == "MessagesPlaceholder(variable_name='h', optional=True)"
+    assert repr(MessagesPlaceholder("h")) == "MessagesPlaceholder(variable_name='h')"
+
+
+def test_a_partial_chat_prompt_of_message_templates_in_every_mode_and_its_events():
+    def make() -> Any:
+        return ChatPromptTemplate.from_messages([mc.SystemMessagePromptTemplate.from_template("s {a}"),
+                                                 mc.HumanMessagePromptTemplate.from_template("h {b}")]).partial(a="A")
+    value = ChatPromptValue([SystemMessage("s A"), HumanMessage("h B")])
+    assert every_mode(make, {"b": "B"}) == {"invoke": value, "stream": [value], "astream": [value],
+                                            "ainvoke": value, "stream_events_output": [value]}
+    expected = [  # as langchain_core 1.7.2
+        ("on_prompt_start", "ChatPromptTemplate", "R0", [], [], "{'input': {'b': 'B'}}"),
+        ("on_prompt_end", "ChatPromptTemplate", "R0", [], [], "{'output': " + repr(value) + "}"),
+    ]
+    assert events_both(make(), {"b": "B"}) == expected
+    assert trace(list(make().stream_events({"b": "B"}))) == expected
+
+
 def test_generic_fake_model_splits_on_each_whitespace_character():
     model = GenericFakeChatModel(messages=iter(["The sky  is\nblue."]))
     chunks = list(model.stream("x"))
@@ -842,6 +992,55 @@ def test_fake_list_models():
     assert got == ["a", "b"]
     llm = FakeListLLM(responses=["hello world"])
     assert list(llm.stream("x")) == ["hello world"] and llm.invoke("x") == "hello world"
+
+
+def test_fake_streaming_list_llm_streams_characters_after_invoking():
+    assert every_mode(lambda: mc.FakeStreamingListLLM(responses=["ab"]), "x") == {
+        "invoke": "ab", "stream": ["a", "b"], "astream": ["a", "b"], "ainvoke": "ab",
+        "stream_events_output": [{"generations": [[{"text": "ab", "generation_info": None, "type": "Generation"}]],
+                                  "llm_output": None}]}
+    llm = mc.FakeStreamingListLLM(responses=["ab", "cd"])
+    assert (list(llm.stream("x")), llm.invoke("x"), llm.invoke("x")) == (["a", "b"], "cd", "ab")
+    broken = mc.FakeStreamingListLLM(responses=["abc"], error_on_chunk_number=1)
+    assert broken.invoke("x") == "abc"  # as langchain_core: only streaming raises
+    got: List[str] = []
+    with pytest.raises(mc.FakeListLLMError, match="^FakeStreamingListLLM raised at chunk 1 as configured$"):
+        for c in broken.stream("x"):
+            got.append(c)
+
+    async def collect() -> None:
+        async for c in broken.astream("x"):
+            got.append(c)
+    with pytest.raises(mc.FakeListLLMError):
+        run(collect())
+    assert got == ["a", "a"]
+    assert list(mc.FakeStreamingListLLM(responses=[""]).stream("x")) == []
+
+
+def test_fake_streaming_list_llm_events_end_before_its_characters_stream():
+    def make() -> Any:
+        return PromptTemplate.from_template("{q}") | mc.FakeStreamingListLLM(responses=["ab"]) | StrOutputParser()
+    gen = "{'generations': [[{'text': 'ab', 'generation_info': None, 'type': 'Generation'}]], 'llm_output': None}"
+    expected = [  # as langchain_core 1.7.2: no on_llm_stream; the parser streams each character
+        ("on_chain_start", "RunnableSequence", "R0", [], [], "{'input': {'q': 'hi'}}"),
+        ("on_prompt_start", "PromptTemplate", "R1", ["R0"], ["seq:step:1"], "{'input': {'q': 'hi'}}"),
+        ("on_prompt_end", "PromptTemplate", "R1", ["R0"], ["seq:step:1"], "{'output': StringPromptValue(text='hi'), 'input': {'q': 'hi'}}"),
+        ("on_llm_start", "FakeStreamingListLLM", "R2", ["R0"], ["seq:step:2"], "{'input': {'prompts': ['hi']}}"),
+        ("on_llm_end", "FakeStreamingListLLM", "R2", ["R0"], ["seq:step:2"], "{'output': " + gen + ", 'input': {'prompts': ['hi']}}"),
+        ("on_parser_start", "StrOutputParser", "R3", ["R0"], ["seq:step:3"], "{}"),
+        ("on_parser_stream", "StrOutputParser", "R3", ["R0"], ["seq:step:3"], "{'chunk': 'a'}"),
+        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': 'a'}"),
+        ("on_parser_stream", "StrOutputParser", "R3", ["R0"], ["seq:step:3"], "{'chunk': 'b'}"),
+        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': 'b'}"),
+        ("on_parser_end", "StrOutputParser", "R3", ["R0"], ["seq:step:3"], "{'output': 'ab', 'input': 'ab'}"),
+        ("on_chain_end", "RunnableSequence", "R0", [], [], "{'output': 'ab'}"),
+    ]
+    assert events_both(make(), {"q": "hi"}) == expected
+    assert trace(list(make().stream_events({"q": "hi"}))) == expected
+    meta = trace(list(mc.FakeStreamingListLLM(responses=["ab"]).stream_events("x")), meta=True)
+    assert [(r[0], r[5], r[6]) for r in meta] == [
+        ("on_llm_start", "{'input': 'x'}", {"ls_provider": "fakestreaminglist", "ls_model_type": "llm"}),
+        ("on_llm_end", "{'output': " + gen + "}", {"ls_provider": "fakestreaminglist", "ls_model_type": "llm"})]
 
 
 def test_a_model_with_only_sync_stream_works_under_astream_off_the_loop():
@@ -1144,6 +1343,136 @@ def test_a_parallel_branch_of_json_snapshots_folds_to_its_last_snapshot():
     chunks = list(parallel.stream("x"))
     assert chunks[-1] == {"j": [10, 20, 30]} and isinstance(chunks[-1], AddableDict)
     assert mc._fold(iter(chunks)) == {"j": [10, 20, 30]}
+
+
+# -- list parsers --------------------------------------------------------------------------------
+
+def test_list_parsers_stream_each_item_once_the_next_begins():
+    # (parser, chunks, what langchain_core 1.7.2 yields before each chunk is read, and at the end)
+    cases = [
+        (mc.CommaSeparatedListOutputParser(), ["a", ", ", " b", ",c\nd", ""], [[], [["a"]], [], [["b"], ["c"]], [], [["d"]]]),
+        (mc.CommaSeparatedListOutputParser(), ["x\n", "\n", "y"], [[], [], [["x"]], [["y"]]]),
+        (mc.NumberedListOutputParser(), ["1. a\n2", ". b c\n", "3. d"], [[], [["a"]], [["b c"]], [["d"]]]),
+        (mc.NumberedListOutputParser(), ["1.\nfoo\n", "2. x"], [[], [["foo"]], [["x"]]]),
+        (mc.MarkdownListOutputParser(), ["- a\n", "  * b c\n-", " d"], [[], [["a"]], [["b c"]], [["d"]]]),
+    ]
+    for parser, chunks, expected in cases:
+        got: List[Any] = [[]]
+
+        def source() -> Iterator[str]:
+            for c in chunks:
+                yield c
+                got.append([])
+        for out in parser.transform(source()):
+            got[-1].append(out)
+        assert got == expected, (parser, chunks)
+
+
+def test_list_parsers_in_every_mode():
+    def make(parser: Any, text: str) -> Any:
+        return lambda: GenericFakeChatModel(messages=iter([text])) | parser
+    for parser, text in [(mc.CommaSeparatedListOutputParser(), "red, green, blue"),
+                         (mc.NumberedListOutputParser(), "1. red\n2. green\n3. blue"),
+                         (mc.MarkdownListOutputParser(), "- red\n- green\n- blue")]:
+        assert every_mode(make(parser, text), "x") == {
+            "invoke": ["red", "green", "blue"], "stream": [["red"], ["green"], ["blue"]],
+            "astream": [["red"], ["green"], ["blue"]], "ainvoke": ["red", "green", "blue"],
+            "stream_events_output": [["red", "green", "blue"]]}
+
+
+def test_list_parsers_read_as_csv_and_findall_however_the_text_is_split():
+    rng = random.Random(13)
+
+    def csv_items(text: str) -> List[str]:
+        import csv
+        import io
+        return [x for row in csv.reader(io.StringIO(text), skipinitialspace=True) for x in row]
+    for alphabet, parser, expected in [
+            ('ab ,"\n', mc.CommaSeparatedListOutputParser(), csv_items),
+            ("a1. \n2", mc.NumberedListOutputParser(), lambda t: re.findall(r"\d+\.\s([^\n]+)", t)),
+            ("a- *\n\t", mc.MarkdownListOutputParser(), lambda t: re.findall(r"^\s*[-*]\s([^\n]+)$", t, re.M))]:
+        for _ in range(3000):
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+            items = expected(text)
+            assert parser.parse(text) == items, text
+            for pieces in (list(text), _random_splits(text, rng) if len(text) > 1 else [text]):
+                assert [c[0] for c in parser.transform(iter(pieces))] == items, pieces
+
+
+def test_list_parser_work_grows_linearly_with_the_input():
+    import gc
+
+    def seconds(parser: Any, text: str) -> float:
+        pieces = [text[i:i + 4] for i in range(0, len(text), 4)]
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in parser.transform(iter(pieces)):
+                pass
+            best = min(best, time.perf_counter() - start)
+        return best
+    shapes = {  # one item that never ends, an item after a long line, deep indentation
+        "csv, one long item": (mc.CommaSeparatedListOutputParser(), lambda n: "a" * n),
+        "csv, open quotes": (mc.CommaSeparatedListOutputParser(), lambda n: '"' + "a," * (n // 2)),
+        "numbered, long line": (mc.NumberedListOutputParser(), lambda n: "1. a\n" + "1." * (n // 2)),
+        "markdown, long indent": (mc.MarkdownListOutputParser(), lambda n: "- a\n" + " " * n),
+    }
+    gc.disable()
+    try:
+        for name, (parser, text) in shapes.items():
+            small, large = seconds(parser, text(50_000)), seconds(parser, text(200_000))
+            assert large / small < 8, (name, small, large)  # linear is ~4, quadratic ~16
+    finally:
+        gc.enable()
+
+
+def test_events_of_model_then_comma_separated_list_parser():
+    msg = "AIMessageChunk(content='a, b', id='lc_run--ID', chunk_position='last')"
+    model_in = "{'messages': [[HumanMessage(content='x')]]}"
+    chain_ = GenericFakeChatModel(messages=iter(["a, b"])) | mc.CommaSeparatedListOutputParser()
+    expected = [  # as langchain_core 1.7.2
+        ("on_chain_start", "RunnableSequence", "R0", [], [], "{'input': 'x'}"),
+        ("on_chat_model_start", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'input': " + model_in + "}"),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content='a,', id='lc_run--ID')}"),
+        ("on_parser_start", "CommaSeparatedListOutputParser", "R2", ["R0"], ["seq:step:2"], "{}"),
+        ("on_parser_stream", "CommaSeparatedListOutputParser", "R2", ["R0"], ["seq:step:2"], "{'chunk': ['a']}"),
+        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': ['a']}"),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content=' ', id='lc_run--ID')}"),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content='b', id='lc_run--ID', chunk_position='last')}"),
+        ("on_chat_model_end", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'output': " + msg + ", 'input': " + model_in + "}"),
+        ("on_parser_stream", "CommaSeparatedListOutputParser", "R2", ["R0"], ["seq:step:2"], "{'chunk': ['b']}"),
+        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': ['b']}"),
+        ("on_parser_end", "CommaSeparatedListOutputParser", "R2", ["R0"], ["seq:step:2"], "{'output': ['a', 'b'], 'input': " + msg + "}"),
+        ("on_chain_end", "RunnableSequence", "R0", [], [], "{'output': ['a', 'b']}"),
+    ]
+    assert events_both(chain_, "x") == expected
+    chain_ = GenericFakeChatModel(messages=iter(["a, b"])) | mc.CommaSeparatedListOutputParser()
+    assert trace(list(chain_.stream_events("x"))) == expected
+
+
+def test_format_instructions_are_langchain_cores():
+    assert JsonOutputParser().get_format_instructions() == "Return a JSON object."
+    assert mc.CommaSeparatedListOutputParser().get_format_instructions() == (
+        "Your response should be a list of comma separated values, eg: `foo, bar, baz` or `foo,bar,baz`")
+    assert mc.NumberedListOutputParser().get_format_instructions() == (
+        "Your response should be a numbered list with each item on a new line. For example: \n\n1. foo\n\n2. bar\n\n3. baz")
+    assert mc.MarkdownListOutputParser().get_format_instructions() == (
+        "Your response should be a markdown list, eg: `- foo\n- bar\n- baz`")
+
+
+@pytest.mark.parametrize("text, expected", [  # each as langchain_core 1.7.2's parse_json_markdown
+    ('```json\n{"a": 1}\n```', {"a": 1}), ('{"a": 1', {"a": 1}), ('text ```{"a": [1, 2]}``` after', {"a": [1, 2]}),
+    ('  {"a": "b"}  ', {"a": "b"}), ("```\n[1, 2]\n```", [1, 2]), ('{"a": "x\ny"}', {"a": "x\ny"}),
+    ('```json\n{"a": 1}\n```\n```json\n{"b": 2}\n```', {"a": 1}),
+])
+def test_parse_json_markdown(text: str, expected: Any):
+    assert mc.parse_json_markdown(text) == expected
+
+
+def test_parse_json_markdown_raises_json_decode_error_where_there_is_no_json():
+    for text in ["", "nothing"]:
+        with pytest.raises(json.JSONDecodeError, match="^no JSON value found: line 1 column"):
+            mc.parse_json_markdown(text)
 
 
 # ---------------------------------------------------------------------------------------------
