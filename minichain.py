@@ -3783,7 +3783,7 @@ def _json_diff(old: Any, new: Any, path: str) -> List[Dict[str, Any]]:
 
 def _now() -> str:
     import datetime
-    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")  # as langchain_core writes it
 
 
 def _log_output(kind: str, output: Any) -> Any:
