@@ -7337,7 +7337,7 @@ class _LangServeStream:
         return []  # `metadata`, and events LangServe may add
 
     def finish(self) -> None:
-        if not self.done:
+        if not self.done:  # deviation: LangServe's client returns the chunks so far, silently
             raise IncompleteStreamError("the stream ended without its `end` event; the answer "
                                         "so far would be truncated", provider=self.provider)
 
@@ -7652,7 +7652,7 @@ async def _request_json(receive: Callable[[], Awaitable[Dict[str, Any]]], limit:
             return None
         body.append(message.get("body", b""))
         size += len(body[-1])
-        if size > limit:
+        if size > limit:  # deviation: LangServe reads a body of any size
             raise _BadRequest(413, f"the request body is over {limit} bytes")
         if not message.get("more_body"):
             break
@@ -7716,7 +7716,8 @@ async def _serve_json(runnable: Runnable[Any, Any], endpoint: str, request: Dict
             metadata = {"responses": [{"run_id": c["run_id"], "feedback_tokens": []} for c in configs],
                         "run_ids": [c["run_id"] for c in configs]}
     except Exception as exc:
-        if isinstance(exc, _MissingVariables):  # LangServe checks the input's schema first: 422
+        # deviation: LangServe finds a missing variable from the input's schema (pydantic's 422)
+        if isinstance(exc, _MissingVariables):
             await _send_json(send, 422, {"detail": str(exc.args[0] if exc.args else exc)})
             return
         body = b"Internal Server Error"

@@ -4312,8 +4312,11 @@ class Replay:
                 while len(body) < length:
                     body += conn.recv(65536)
                 self.requests.append((head.split(b"\r\n")[0].decode(), json.loads(body)))
-                name = self.answers.pop(0)
-                conn.sendall((LANGSERVE / f"{name}.headers.txt").read_bytes() + (LANGSERVE / f"{name}.raw").read_bytes())
+                conn.sendall(self.answer())
+
+    def answer(self) -> bytes:
+        name = self.answers.pop(0)
+        return (LANGSERVE / f"{name}.headers.txt").read_bytes() + (LANGSERVE / f"{name}.raw").read_bytes()
 
     def close(self) -> None:
         self.sock.close()
@@ -4449,3 +4452,106 @@ def _langserve_same(text: str) -> str:
     text = re.sub(r'"20[0-9]{2}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}\+00:00"', '"T"', text)
     text = re.sub(r'"__useragent":"[^"]*",("__langserve_version":"[^"]*",)?', "", text)
     return text
+
+
+def test_remote_runnable_closes_its_connection_and_the_remote_run_stops(served: str):
+    # the served app's /echo is instant; use a slow route on a server of its own
+    ticks: List[int] = []
+    stopped = threading.Event()
+
+    async def slow(x: Any) -> AsyncIterator[str]:
+        try:
+            for i in range(200):
+                ticks.append(i)
+                yield f"tick {i}"
+                await asyncio.sleep(0.01)
+        finally:
+            stopped.set()
+    spec = importlib.util.spec_from_file_location("remote_example", HERE / "examples" / "10_remote.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    url, stop = module.serve_asgi(mc.asgi_app({"/slow": RunnableLambda(slow)}))
+    try:
+        remote = mc.RemoteRunnable(f"{url}/slow")
+        for chunk in remote.stream(1):
+            break
+        assert stopped.wait(2) and len(ticks) < 50
+        stopped.clear()
+        ticks.clear()
+
+        async def leave() -> None:
+            chunks = remote.astream(1)
+            async for _ in chunks:
+                break
+            await chunks.aclose()  # type: ignore[attr-defined]
+        run(leave())
+        assert stopped.wait(2) and len(ticks) < 50
+    finally:
+        stop()
+
+
+def test_remote_runnable_times_out_and_refuses_a_cut_stream():
+    import socket
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # accepts, never answers
+    try:
+        remote = mc.RemoteRunnable("http://127.0.0.1:%d/joke" % silent.getsockname()[1], timeout=0.3)
+        with pytest.raises(mc.APITimeoutError, match=r"no answer from 127.0.0.1:\d+ within 0.3 s"):
+            remote.invoke(1)
+        with pytest.raises(mc.APITimeoutError):
+            run(alist(remote.astream(1)))
+    finally:
+        silent.close()
+    cut = (LANGSERVE / "joke_stream.raw").read_bytes()
+    cut = cut[:cut.index(b"event: end") - 4]  # every event but `end`, then the connection closes
+
+    class Cut(Replay):
+        def answer(self) -> bytes:
+            return (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+                    + re.sub(rb"(?m)^[0-9a-f]+\r\n", b"", cut))
+    server = Cut()
+    try:
+        got: List[str] = []
+        with pytest.raises(mc.IncompleteStreamError, match="the stream ended without its `end` event"):
+            for chunk in mc.RemoteRunnable(f"{server.url}/joke").stream({"topic": "x"}):
+                got.append(chunk)
+        assert got == ["Why", " ", "did", " ", "the", " ", "parrot", " ", "talk?"]
+    finally:
+        server.close()
+
+
+def test_asgi_app_keeps_configurable_and_serves_concurrent_requests_apart():
+    seen: List[Any] = []
+
+    def who(x: Any, config: dict) -> str:
+        seen.append(config.get("configurable"))
+        return f"{x} for {config['configurable'].get('user')}"
+    app = mc.asgi_app({"/who": RunnableLambda(who)})
+    body = b'{"input": "hi", "config": {"configurable": {"user": "ann"}, "tags": ["t"]}}'
+    assert json.loads(asgi_call(app, "POST", "/who/invoke", body)[2])["output"] == "hi for ann"
+
+    async def both_streams() -> List[List[dict]]:
+        async def one(value: str) -> List[dict]:
+            frames: List[bytes] = []
+            delivered = False
+
+            async def receive() -> dict:
+                nonlocal delivered
+                if not delivered:
+                    delivered = True
+                    return {"type": "http.request", "body": json.dumps({"input": value}).encode()}
+                await asyncio.sleep(3600)
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict) -> None:
+                frames.append(message.get("body", b""))
+            await app({"type": "http", "method": "POST", "path": "/who/stream_events", "headers": []}, receive, send)
+            text = b"".join(frames).decode()
+            return [json.loads(line[6:]) for line in text.split("\r\n") if line.startswith("data: ")]
+        return list(await asyncio.gather(*(one(v) for v in ["a", "b", "c"])))
+    for value, events in zip("abc", run(both_streams())):
+        assert [(e["event"], e["data"]) for e in events] == [
+            ("on_chain_start", {"input": value}), ("on_chain_stream", {"chunk": f"{value} for None"}),
+            ("on_chain_end", {"output": f"{value} for None"})]
+        assert len({e["run_id"] for e in events}) == 1
