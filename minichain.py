@@ -7321,8 +7321,8 @@ class _LangServeStream:
         if event == "data":
             try:
                 return [_load(json.loads(data))]
-            except ValueError as exc:
-                raise APIError(f"malformed event data {_short(data, 200)}: {exc}",
+            except (ValueError, RecursionError) as exc:  # not JSON, or nested past Python's stack
+                raise APIError(f"malformed event data {_short(data, 200)}: {exc!r}",
                                provider=self.provider) from None
         if event == "error":
             try:
@@ -7404,7 +7404,7 @@ class RemoteRunnable(Runnable[Any, Any]):
     def _output(self, data: bytes) -> Any:
         try:
             return _load(json.loads(data)["output"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise APIError(f"the answer is not LangServe's {{\"output\": ...}} JSON: "
                            f"{_short(data, 200)}", provider=self._provider()) from None
 
@@ -7658,7 +7658,10 @@ async def _request_json(receive: Callable[[], Awaitable[Dict[str, Any]]], limit:
             break
     try:
         request = json.loads(b"".join(body))
-    except ValueError:
+        for key in ("input", "inputs") if isinstance(request, dict) else ():
+            if key in request:
+                request[key] = _load(request[key])  # messages, documents: objects
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python's stack
         raise _BadRequest(422, ["Invalid JSON body"]) from None
     if not isinstance(request, dict):
         raise _BadRequest(422, [{"type": "model_type", "loc": [], "msg": "Input should be a "
@@ -7705,10 +7708,10 @@ async def _serve_json(runnable: Runnable[Any, Any], endpoint: str, request: Dict
     try:
         if endpoint == "invoke":
             config["run_id"] = str(uuid.uuid4())
-            output = await runnable.ainvoke(_load(request["input"]), config)
+            output = await runnable.ainvoke(request["input"], config)
             metadata: Dict[str, Any] = {"run_id": config["run_id"], "feedback_tokens": []}
         else:
-            inputs = _load(request["inputs"])
+            inputs = request["inputs"]
             configs = config if isinstance(config, list) else [dict(config) for _ in inputs]
             for c in configs:
                 c["run_id"] = str(uuid.uuid4())
@@ -7734,7 +7737,7 @@ async def _serve_stream(runnable: Runnable[Any, Any], endpoint: str, request: Di
     """An event stream, frame by frame as the run makes them; the run stops when the client
     disconnects (a task watches for it and cancels the stream)."""
     import uuid
-    value = _load(request["input"])
+    value = request["input"]
     filters = {k: request[k] for k in _FILTERS if request.get(k) is not None}
     if endpoint == "stream":
         config["run_id"] = str(uuid.uuid4())

@@ -4555,3 +4555,35 @@ def test_asgi_app_keeps_configurable_and_serves_concurrent_requests_apart():
             ("on_chain_start", {"input": value}), ("on_chain_stream", {"chunk": f"{value} for None"}),
             ("on_chain_end", {"output": f"{value} for None"})]
         assert len({e["run_id"] for e in events}) == 1
+
+
+@pytest.mark.parametrize("body", [b"5", b'"input"', b"[" * 100_000 + b"]" * 100_000,
+                                  b'{"input": ' + b"[" * 5_000 + b"]" * 5_000 + b"}"])
+def test_asgi_app_refuses_hostile_json_without_a_traceback(body: bytes):
+    app = mc.asgi_app({"/echo": RunnableLambda(lambda x: x)}, max_body_bytes=1 << 20)
+    for endpoint in ("invoke", "stream"):
+        status, _, got = asgi_call(app, "POST", f"/echo/{endpoint}", body)
+        assert status == 422 and json.loads(got)["detail"] in (["Invalid JSON body"], [
+            {"type": "model_type", "loc": [], "msg": "Input should be a valid dictionary or object to extract fields from"}])
+
+
+def test_remote_runnable_refuses_a_hostile_servers_json():
+    deep = b"[" * 100_000 + b"]" * 100_000
+
+    class Hostile(Replay):
+        def answer(self) -> bytes:
+            body = self.answers.pop(0).encode() if self.answers else b""
+            kind = b"text/event-stream" if body.startswith(b"event") else b"application/json"
+            return b"HTTP/1.1 200 OK\r\ncontent-type: " + kind + b"\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+    server = Hostile()
+    try:
+        remote = mc.RemoteRunnable(f"{server.url}/x")
+        server.answers += ['{"output": ' + deep.decode() + "}", "event: data\ndata: " + deep.decode() + "\n\n", '{"nope": 1}']
+        with pytest.raises(mc.APIError, match="the answer is not LangServe's"):
+            remote.invoke(1)
+        with pytest.raises(mc.APIError, match="malformed event data"):
+            list(remote.stream(1))
+        with pytest.raises(mc.APIError, match=r"""the answer is not LangServe's \{"output": \.\.\.\} JSON: b'\{"nope": 1\}'"""):
+            remote.invoke(1)
+    finally:
+        server.close()
