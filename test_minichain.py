@@ -50,7 +50,7 @@ def ids_out(text: str) -> str:
     return re.sub(r"id='[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}'", "id='DOC_ID'", text)
 
 
-def trace(events: List[dict], meta: bool = False) -> List[tuple]:
+def trace(events: List[Dict[str, Any]], meta: bool = False) -> List[Tuple[Any, ...]]:
     """Events as (event, name, run, parents, tags, data) with stable run labels."""
     labels: dict = {}
 
@@ -66,17 +66,17 @@ def trace(events: List[dict], meta: bool = False) -> List[tuple]:
     return rows
 
 
-def events_both(runnable: Any, value: Any, **kw: Any) -> List[tuple]:
+def events_both(runnable: Any, value: Any, **kw: Any) -> List[Tuple[Any, ...]]:
     """The trace of astream_events, after checking the sync stream_events gives the same."""
     async_events = trace(run(alist(runnable.astream_events(value, **kw))))
     return async_events
 
 
-def short(rows: List[tuple]) -> List[tuple]:
+def short(rows: List[Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
     return [(r[0], r[1]) for r in rows]
 
 
-def every_mode(make: Any, value: Any) -> dict:
+def every_mode(make: Any, value: Any) -> Dict[str, Any]:
     """Run a fresh runnable through every mode; return what each gave."""
     out = {"invoke": make().invoke(value), "stream": list(make().stream(value)),
            "astream": run(alist(make().astream(value))),
@@ -90,14 +90,14 @@ def every_mode(make: Any, value: Any) -> dict:
 # 1. Messages and documents
 # ---------------------------------------------------------------------------------------------
 
-def test_message_reprs_leave_out_empty_fields():
+def test_message_reprs_leave_out_empty_fields() -> None:
     assert repr(HumanMessage("hi")) == "HumanMessage(content='hi')"
     assert repr(AIMessageChunk("The", id="run-1")) == "AIMessageChunk(content='The', id='run-1')"
     assert repr(ToolMessage("r", tool_call_id="1")) == "ToolMessage(content='r', tool_call_id='1')"
     assert repr(Document("x", metadata={"a": 1})) == "Document(metadata={'a': 1}, page_content='x')"
 
 
-def test_chunks_add_content_metadata_usage_and_keep_the_id():
+def test_chunks_add_content_metadata_usage_and_keep_the_id() -> None:
     a = AIMessageChunk("a", id="lc_run--1", response_metadata={"model_name": "m"},
                        usage_metadata={"input_tokens": 1, "output_tokens": 2, "total_tokens": 3})
     b = AIMessageChunk("b", id="provider-9", response_metadata={"finish_reason": "stop"},
@@ -110,7 +110,7 @@ def test_chunks_add_content_metadata_usage_and_keep_the_id():
     assert (AIMessageChunk("x") + AIMessageChunk("y", chunk_position="last")).chunk_position == "last"
 
 
-def test_tool_call_chunks_merge_by_index_setting_id_and_name_once():
+def test_tool_call_chunks_merge_by_index_setting_id_and_name_once() -> None:
     pieces = [
         AIMessageChunk("", tool_call_chunks=[{"name": "get", "args": "", "id": "c1", "index": 0}]),
         AIMessageChunk("", tool_call_chunks=[{"name": None, "args": '{"ci', "id": None, "index": 0}]),
@@ -126,23 +126,23 @@ def test_tool_call_chunks_merge_by_index_setting_id_and_name_once():
         {"name": "other", "args": {}, "id": "c2", "type": "tool_call"}]
 
 
-def test_adding_a_whole_message_to_a_chunk_is_a_clear_error():
+def test_adding_a_whole_message_to_a_chunk_is_a_clear_error() -> None:
     with pytest.raises(TypeError, match="cannot add AIMessage to AIMessageChunk: only chunks add up"):
         AIMessageChunk("a") + AIMessage("b")
 
 
-def test_message_content_must_be_text_or_blocks():
+def test_message_content_must_be_text_or_blocks() -> None:
     with pytest.raises(TypeError, match="HumanMessage content must be a str or a list of content blocks, not int: 5"):
         HumanMessage(5)
 
 
-def test_addable_dict_merges_key_by_key_and_keeps_every_key():
+def test_addable_dict_merges_key_by_key_and_keeps_every_key() -> None:
     # deviation from langchain_core, which raises and restarts the fold, losing 't1'
     chunks = [AddableDict(j={}), AddableDict(s="t1"), AddableDict(j={"x": 1}), AddableDict(s=" t2")]
     assert mc._fold(chunks) == {"j": {"x": 1}, "s": "t1 t2"}
 
 
-def test_content_blocks_streamed_under_one_index_merge_as_in_langchain_core():
+def test_content_blocks_streamed_under_one_index_merge_as_in_langchain_core() -> None:
     pieces = [AIMessageChunk([{"type": "text", "text": "Hel", "index": 0}]),
               AIMessageChunk([{"type": "text", "text": "lo", "index": 0}]),
               AIMessageChunk([{"type": "tool_use", "id": "t1", "name": "f", "input": "", "index": 1}]),
@@ -172,16 +172,16 @@ def test_content_blocks_streamed_under_one_index_merge_as_in_langchain_core():
      mc.HumanMessageChunk([{"type": "text", "text": "b", "index": 0}]),
      "HumanMessageChunk(content=[{'type': 'text', 'text': 'ab', 'index': 0}])"),
 ])
-def test_message_chunks_of_every_kind_add_like_langchain_core(a: Any, b: Any, expected: str):
+def test_message_chunks_of_every_kind_add_like_langchain_core(a: Any, b: Any, expected: str) -> None:
     assert repr(a + b) == expected
 
 
-def test_a_chat_message_shows_its_role_in_a_prompt_string():
+def test_a_chat_message_shows_its_role_in_a_prompt_string() -> None:
     value = ChatPromptValue([mc.ChatMessage("ok", role="critic"), HumanMessage("h")])
     assert value.to_string() == "critic: ok\nHuman: h"  # as langchain_core's get_buffer_string
 
 
-def test_adding_mismatched_message_chunks_raises_langchain_cores_errors():
+def test_adding_mismatched_message_chunks_raises_langchain_cores_errors() -> None:
     with pytest.raises(TypeError, match='^unsupported operand type\\(s\\) for \\+: "HumanMessageChunk" and '
                        '"HumanMessage"; only message chunks add up \\(make the whole message a chunk first: '
                        'HumanMessageChunk\\(message.content\\)\\)$'):
@@ -197,7 +197,7 @@ def test_adding_mismatched_message_chunks_raises_langchain_cores_errors():
         mc.ChatMessageChunk("a", role="r") + mc.ChatMessageChunk("b", role="q")
 
 
-def test_merge_content_is_what_chunks_add_with():
+def test_merge_content_is_what_chunks_add_with() -> None:
     assert mc.merge_content("a", "b", "c") == "abc"
     assert mc.merge_content("a") == "a"
     assert mc.merge_content([{"type": "text", "text": "a", "index": 0}], [{"type": "text", "text": "b", "index": 0}],
@@ -214,24 +214,24 @@ def test_merge_content_is_what_chunks_add_with():
 # 2-3. Config, runs, events, the fold
 # ---------------------------------------------------------------------------------------------
 
-def test_fold_adds_and_keeps_the_newest_where_values_do_not_add():
+def test_fold_adds_and_keeps_the_newest_where_values_do_not_add() -> None:
     assert mc._fold(["a", "b"]) == "ab"
     assert mc._fold([{"a": 1}, {"b": 2}]) == {"b": 2}
     assert mc._fold([]) is mc._MISSING
 
 
-def test_run_ids_are_uuid7_strings():
+def test_run_ids_are_uuid7_strings() -> None:
     rid = mc._uuid7()
     assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", rid)
     assert mc._uuid7() > rid or mc._uuid7()[:8] == rid[:8]  # time-ordered
 
 
-def test_unknown_config_keys_are_named():
+def test_unknown_config_keys_are_named() -> None:
     with pytest.raises(TypeError, match=r"unknown config key \['tag'\]; a config takes \['run_name'"):
         RunnableLambda(str).invoke("x", {"tag": ["a"]})
 
 
-def test_tags_given_as_a_string_are_an_error_not_split_into_letters():
+def test_tags_given_as_a_string_are_an_error_not_split_into_letters() -> None:
     with pytest.raises(TypeError, match=r"config tags must be a list of str, not the str 'abc'; write tags=\['abc'\]"):
         RunnableLambda(str).invoke("x", {"tags": "abc"})
 
@@ -240,7 +240,7 @@ def test_tags_given_as_a_string_are_an_error_not_split_into_letters():
 # 4. The Runnable protocol
 # ---------------------------------------------------------------------------------------------
 
-def test_every_method_on_one_runnable():
+def test_every_method_on_one_runnable() -> None:
     double = RunnableLambda(lambda x: x * 2)
     assert double.invoke(2) == 4
     assert run(double.ainvoke(2)) == 4
@@ -254,7 +254,7 @@ def test_every_method_on_one_runnable():
     assert double.with_config(run_name="dbl").get_name() == "RunnableLambda"  # as langchain_core
 
 
-def test_batch_return_exceptions_puts_the_exception_in_its_slot():
+def test_batch_return_exceptions_puts_the_exception_in_its_slot() -> None:
     def check(x: int) -> int:
         if x == 3:
             raise ValueError("three")
@@ -268,7 +268,7 @@ def test_batch_return_exceptions_puts_the_exception_in_its_slot():
     assert type(aout[0]) is ValueError and aout[1] == 40
 
 
-def test_batch_honours_max_concurrency_measured():
+def test_batch_honours_max_concurrency_measured() -> None:
     active, peak, lock = [0], [0], threading.Lock()
 
     def slow(x: int) -> int:
@@ -293,17 +293,17 @@ def test_batch_honours_max_concurrency_measured():
     assert apeak[0] == 3
 
 
-def test_config_reaches_a_function_that_asks_for_it():
+def test_config_reaches_a_function_that_asks_for_it() -> None:
     seen = []
 
-    def f(x: str, config: dict) -> str:
+    def f(x: str, config: Dict[str, Any]) -> str:
         seen.append((config.get("tags"), config.get("metadata"), config.get("configurable")))
         return x
     RunnableLambda(f).invoke("a", {"tags": ["t"], "metadata": {"m": 1}, "configurable": {"k": 2}})
     assert seen == [(["t"], {"m": 1}, {"k": 2})]
 
 
-def test_with_config_twice_merges_tags_and_metadata():
+def test_with_config_twice_merges_tags_and_metadata() -> None:
     seen = []
     r = RunnableLambda(lambda x: x).with_config(tags=["a"], metadata={"x": 1})
     r = r.with_config(tags=["b"], metadata={"y": 2})
@@ -311,7 +311,7 @@ def test_with_config_twice_merges_tags_and_metadata():
     assert seen[0]["tags"] == ["a", "b", "z"] and seen[0]["metadata"] == {"x": 1, "y": 2}
 
 
-def test_async_only_step_called_synchronously_says_to_use_the_async_method():
+def test_async_only_step_called_synchronously_says_to_use_the_async_method() -> None:
     async def f(x: int) -> int:
         return x
     with pytest.raises(TypeError, match=r"RunnableLambda\(f\) is async-only and cannot run in invoke/stream\(\); use ainvoke/astream\(\)"):
@@ -322,7 +322,7 @@ def test_async_only_step_called_synchronously_says_to_use_the_async_method():
 # 5. Composition
 # ---------------------------------------------------------------------------------------------
 
-def test_pipe_coerces_functions_dicts_and_generators():
+def test_pipe_coerces_functions_dicts_and_generators() -> None:
     def gen(chunks: Iterator[str]) -> Iterator[str]:
         for c in chunks:
             yield c.upper()
@@ -332,27 +332,27 @@ def test_pipe_coerces_functions_dicts_and_generators():
     assert ({"x": RunnablePassthrough()} | RunnableLambda(lambda d: d["x"])).invoke(3) == 3
 
 
-def test_nested_sequences_flatten_but_bound_ones_do_not():
+def test_nested_sequences_flatten_but_bound_ones_do_not() -> None:
     a, b, c = (RunnableLambda(lambda x: x) for _ in range(3))
     assert len(((a | b) | c).steps) == 3
     assert len(((a | b).with_config(tags=["t"]) | c).steps) == 2
 
 
-def test_pipe_with_a_non_runnable_names_its_type():
+def test_pipe_with_a_non_runnable_names_its_type() -> None:
     with pytest.raises(TypeError, match=r"cannot use int as a step of a chain: 5; a step must be a Runnable, a callable, or a dict of them"):
         RunnableLambda(lambda x: x) | 5
     with pytest.raises(TypeError, match=r"cannot use str as a step of a chain: 'oops'"):
         "oops" | RunnableLambda(lambda x: x)
 
 
-def test_generator_function_with_no_parameter_is_rejected():
+def test_generator_function_with_no_parameter_is_rejected() -> None:
     def gen() -> Iterator[int]:
         yield 1
     with pytest.raises(TypeError, match=r"generator function gen\(\) must take one argument, the iterator of input chunks: def gen\(chunks\): \.\.\."):
         RunnableGenerator(gen)
 
 
-def test_chunks_flow_one_at_a_time_through_every_streaming_step():
+def test_chunks_flow_one_at_a_time_through_every_streaming_step() -> None:
     log = []
 
     def step2(chunks: Iterator[str]) -> Iterator[str]:
@@ -395,25 +395,25 @@ async def _extract_country_names_streaming(input_stream: AsyncIterator[Any]) -> 
                 seen.add(name)
 
 
-def test_a_plain_function_breaks_streaming_exactly_there():
+def test_a_plain_function_breaks_streaming_exactly_there() -> None:
     chain_ = _countries_model() | JsonOutputParser() | _extract_country_names
     assert list(chain_.stream("x")) == [["France", "Spain", "Japan"]]
     assert run(alist((_countries_model() | JsonOutputParser() | _extract_country_names).astream("x"))) == [
         ["France", "Spain", "Japan"]]
 
 
-def test_an_async_generator_streams_names_one_by_one():
+def test_an_async_generator_streams_names_one_by_one() -> None:
     chain_ = _countries_model() | JsonOutputParser() | _extract_country_names_streaming
     assert run(alist(chain_.astream("x"))) == ["France", "Spain", "Japan"]
 
 
-def test_an_async_generator_in_a_sync_stream_says_to_use_astream():
+def test_an_async_generator_in_a_sync_stream_says_to_use_astream() -> None:
     chain_ = _countries_model() | JsonOutputParser() | _extract_country_names_streaming
     with pytest.raises(TypeError, match=r"RunnableGenerator\(_extract_country_names_streaming\) is async-only"):
         list(chain_.stream("x"))
 
 
-def test_a_sync_generator_step_also_runs_under_astream():
+def test_a_sync_generator_step_also_runs_under_astream() -> None:
     def upper(chunks: Iterator[str]) -> Iterator[str]:
         for c in chunks:
             yield c.upper()
@@ -421,7 +421,7 @@ def test_a_sync_generator_step_also_runs_under_astream():
     assert run(alist(chain_.astream("x"))) == ["A", " ", "B"]
 
 
-def test_lambda_kinds_fold_their_input():
+def test_lambda_kinds_fold_their_input() -> None:
     def gen(x: str) -> Iterator[str]:
         for ch in x:
             yield ch + "."
@@ -439,14 +439,14 @@ def test_lambda_kinds_fold_their_input():
     assert received == ["a b c"]
 
 
-def test_a_lambda_returning_a_runnable_runs_it_on_the_same_input():
+def test_a_lambda_returning_a_runnable_runs_it_on_the_same_input() -> None:
     def route(x: str) -> Any:
         return RunnableLambda(lambda s: s + ".") if x.startswith("x") else RunnableLambda(str.upper)
     assert RunnableLambda(route).invoke("xy") == "xy."
     assert list(RunnableLambda(route).stream("ab")) == ["AB"]
 
 
-def test_parallel_streams_one_key_chunks_and_adds_them_up():
+def test_parallel_streams_one_key_chunks_and_adds_them_up() -> None:
     def slow_words(x: str) -> Iterator[str]:
         for w in ["a1", " ", "a2"]:
             yield w
@@ -459,7 +459,7 @@ def test_parallel_streams_one_key_chunks_and_adds_them_up():
     assert par.get_name() == "RunnableParallel<a,n>"
 
 
-def test_passthrough_and_assign():
+def test_passthrough_and_assign() -> None:
     assert list(RunnablePassthrough().stream(5)) == [5]
     calls = []
     p = RunnablePassthrough(calls.append)
@@ -475,12 +475,12 @@ def iter_words(text: str) -> str:
     return text
 
 
-def test_assign_needs_a_dict():
+def test_assign_needs_a_dict() -> None:
     with pytest.raises(TypeError, match=r"RunnableAssign<n> needs a dict input to add keys to, got str: 'x'"):
         RunnablePassthrough.assign(n=len).invoke("x")
 
 
-def test_chain_decorator_names_the_lambda():
+def test_chain_decorator_names_the_lambda() -> None:
     @chain
     def shout(x: str) -> str:
         return x.upper()
@@ -488,7 +488,7 @@ def test_chain_decorator_names_the_lambda():
     assert shout.invoke("a") == "A"
 
 
-def test_break_out_of_stream_runs_every_upstream_finally():
+def test_break_out_of_stream_runs_every_upstream_finally() -> None:
     closed = []
 
     def source(chunks: Iterator[str]) -> Iterator[str]:
@@ -511,7 +511,7 @@ def test_break_out_of_stream_runs_every_upstream_finally():
     assert closed == ["middle", "source"]
 
 
-def test_aclose_of_astream_runs_every_upstream_finally_before_returning():
+def test_aclose_of_astream_runs_every_upstream_finally_before_returning() -> None:
     closed = []
 
     async def source(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -537,10 +537,10 @@ def test_aclose_of_astream_runs_every_upstream_finally_before_returning():
     assert run(main()) == ["A0", "middle", "source"]
 
 
-def test_nested_calls_inherit_config_through_the_context():
+def test_nested_calls_inherit_config_through_the_context() -> None:
     seen = []
 
-    def inner(x: str, config: dict) -> str:
+    def inner(x: str, config: Dict[str, Any]) -> str:
         seen.append(config.get("configurable"))
         return x
     outer = RunnableLambda(lambda x: RunnableLambda(inner).invoke(x))
@@ -549,10 +549,10 @@ def test_nested_calls_inherit_config_through_the_context():
     assert seen == [{"user": "ann"}, {"user": "bob"}]
 
 
-def both_event_apis(make: Any, value: Any, **kw: Any) -> List[tuple]:
+def both_event_apis(make: Any, value: Any, **kw: Any) -> List[Tuple[Any, ...]]:
     """The trace of astream_events on a fresh runnable, checked equal to stream_events'."""
-    def traced(events: Iterator[dict]) -> List[tuple]:
-        got: List[dict] = []
+    def traced(events: Iterator[dict]) -> List[Tuple[Any, ...]]:
+        got: List[Dict[str, Any]] = []
         try:
             for e in events:
                 got.append(e)
@@ -560,8 +560,8 @@ def both_event_apis(make: Any, value: Any, **kw: Any) -> List[tuple]:
             return trace(got) + [("raised", repr(exc))]
         return trace(got)
 
-    async def collect() -> List[dict]:
-        got: List[dict] = []
+    async def collect() -> List[Dict[str, Any]]:
+        got: List[Dict[str, Any]] = []
         try:
             async for e in make().astream_events(value, **kw):
                 got.append(e)
@@ -577,7 +577,7 @@ def _boom(x: Any) -> Any:
     raise ValueError("boom")
 
 
-def test_bind_and_call_time_arguments_reach_the_function_or_model_only():
+def test_bind_and_call_time_arguments_reach_the_function_or_model_only() -> None:
     echo = RunnableLambda(lambda x, **kw: (x, kw))
     assert echo.bind(a=1).invoke(1) == (1, {"a": 1})
     assert echo.bind(a=1).invoke(1, None, a=2) == (1, {"a": 2})  # the call's win
@@ -601,8 +601,8 @@ def test_bind_and_call_time_arguments_reach_the_function_or_model_only():
     assert mc.FakeListLLM(responses=["x y"]).invoke("p", stop=["y"]) == "x y"
 
 
-def test_server_models_send_stop_in_each_providers_field():
-    def body(model: Any) -> dict:  # what `_stream` sends for `model.stream(..., stop=["END"])`
+def test_server_models_send_stop_in_each_providers_field() -> None:
+    def body(model: Any) -> Dict[str, Any]:  # what `_stream` sends for `model.stream(..., stop=["END"])`
         called = model._called({"stop": ["END"]})
         return json.loads(called._request([HumanMessage("hi")], **called.kwargs).body)
     assert body(ChatOpenAI(model="m", base_url="http://x/v1"))["stop"] == ["END"]
@@ -611,7 +611,7 @@ def test_server_models_send_stop_in_each_providers_field():
     assert anthropic["stop_sequences"] == ["END"] and "stop" not in anthropic
 
 
-def test_with_fallbacks_matches_langchain_core_in_every_mode():
+def test_with_fallbacks_matches_langchain_core_in_every_mode() -> None:
     make = lambda: RunnableLambda(_boom).with_fallbacks([RunnableLambda(lambda x: "ok")])
     assert every_mode(make, 1) == {"invoke": "ok", "stream": ["ok"], "astream": ["ok"],
                                    "ainvoke": "ok", "stream_events_output": ["ok"]}
@@ -634,7 +634,7 @@ def test_with_fallbacks_matches_langchain_core_in_every_mode():
         RunnableLambda(_boom).with_fallbacks([key_error]).invoke(1)
 
 
-def test_with_fallbacks_streams_fall_back_only_before_the_first_chunk():
+def test_with_fallbacks_streams_fall_back_only_before_the_first_chunk() -> None:
     def broken_late(x: Any) -> Iterator[str]:
         yield "a"
         raise ValueError("midstream")
@@ -661,11 +661,11 @@ def test_with_fallbacks_streams_fall_back_only_before_the_first_chunk():
         ("on_chain_end", "RunnableWithFallbacks")]
 
 
-def test_with_fallbacks_exception_key_hands_the_last_error_on():
-    def first_backup(d: dict) -> Any:
+def test_with_fallbacks_exception_key_hands_the_last_error_on() -> None:
+    def first_backup(d: Dict[str, Any]) -> Any:
         raise KeyError("fb1")
 
-    def handled(d: dict) -> str:
+    def handled(d: Dict[str, Any]) -> str:
         return f"handled {d['exc']!r} for {d['q']}"
     chain_ = RunnableLambda(_boom).with_fallbacks([first_backup, handled], exception_key="exc")
     assert chain_.invoke({"q": 1}) == "handled KeyError('fb1') for 1"
@@ -685,10 +685,10 @@ def _flaky(fails: int) -> Runnable:
                                             wait_exponential_jitter=False)
 
 
-def test_with_retry_retries_invoke_each_attempt_a_tagged_child_run():
+def test_with_retry_retries_invoke_each_attempt_a_tagged_child_run() -> None:
     assert _flaky(2).invoke(1) == "ok after 3" and run(_flaky(2).ainvoke(1)) == "ok after 3"
     assert _flaky(2).batch([1]) == ["ok after 3"] and run(_flaky(2).abatch([1])) == ["ok after 3"]
-    seen: List[dict] = []
+    seen: List[Dict[str, Any]] = []
     assert _flaky(2).invoke(1, {"callbacks": [seen.append]}) == "ok after 3"
     assert [(e["event"], e["name"], e["tags"]) for e in seen] == [
         ("on_chain_start", "flaky", []), ("on_chain_start", "flaky", []),
@@ -700,7 +700,7 @@ def test_with_retry_retries_invoke_each_attempt_a_tagged_child_run():
         RunnableLambda(lambda x: {}["k"]).with_retry(retry_if_exception_type=(ValueError,)).invoke(1)
 
 
-def test_with_retry_streams_once_as_langchain_core():
+def test_with_retry_streams_once_as_langchain_core() -> None:
     # langchain_core's retry wraps invoke only: streaming and events run the runnable once
     with pytest.raises(ValueError, match="fail 1"):
         list(_flaky(2).stream(1))
@@ -708,7 +708,7 @@ def test_with_retry_streams_once_as_langchain_core():
         ("on_chain_start", "flaky", "R0", [], [], "{'input': 1}"), ("raised", "ValueError('fail 1')")]
 
 
-def test_with_retry_waits_exponentially_with_jitter(monkeypatch: Any):
+def test_with_retry_waits_exponentially_with_jitter(monkeypatch: Any) -> None:
     waits: List[float] = []
     monkeypatch.setattr(mc.time, "sleep", waits.append)
     flaky = _flaky(2)
@@ -718,7 +718,7 @@ def test_with_retry_waits_exponentially_with_jitter(monkeypatch: Any):
         RunnableLambda(lambda x: x).with_retry(stop_after_attempt=0)
 
 
-def test_runnable_branch_matches_langchain_core():
+def test_runnable_branch_matches_langchain_core() -> None:
     make = lambda: RunnableBranch((lambda x: x > 0, RunnableLambda(lambda x: "pos")), RunnableLambda(lambda x: "neg"))
     assert every_mode(make, -1) == {"invoke": "neg", "stream": ["neg"], "astream": ["neg"],
                                     "ainvoke": "neg", "stream_events_output": ["neg"]}
@@ -731,7 +731,7 @@ def test_runnable_branch_matches_langchain_core():
         ("on_chain_stream", "RunnableBranch", "R0", [], [], "{'chunk': 'pos'}"),
         ("on_chain_end", "RunnableLambda", "R2", ["R0"], ["branch:1"], "{'output': 'pos', 'input': 1}"),
         ("on_chain_end", "RunnableBranch", "R0", [], [], "{'output': 'pos'}")]
-    seen: List[dict] = []
+    seen: List[Dict[str, Any]] = []
     make().invoke(-1, {"callbacks": [seen.append]})  # invoked, the branch shows its input
     assert [(e["event"], e["tags"], e["data"]) for e in seen][3] == ("on_chain_start", ["branch:default"], {"input": -1})
 
@@ -746,12 +746,12 @@ def test_runnable_branch_matches_langchain_core():
     (((bool, str, 3), str), "RunnableBranch branch 1 must be a (condition, runnable) pair, not a tuple of 3"),
     (((bool, str), (bool, str)), "RunnableBranch's last argument is the default: a runnable, function or dict"),
 ])
-def test_runnable_branch_refuses_bad_arguments(args: tuple, error: str):
+def test_runnable_branch_refuses_bad_arguments(args: Tuple[Any, ...], error: str) -> None:
     with pytest.raises((TypeError, ValueError), match=re.escape(error)):
         RunnableBranch(*args)
 
 
-def test_assign_and_pick_on_any_runnable():
+def test_assign_and_pick_on_any_runnable() -> None:
     make = lambda: RunnableLambda(lambda x: {"a": x}).assign(b=lambda d: d["a"] * 2)
     assert every_mode(make, 1) == {"invoke": {"a": 1, "b": 2}, "stream": [{"a": 1}, {"b": 2}],
                                    "astream": [{"a": 1}, {"b": 2}], "ainvoke": {"a": 1, "b": 2},
@@ -766,7 +766,7 @@ def test_assign_and_pick_on_any_runnable():
         RunnablePick("a").invoke(3)
 
 
-def test_recursion_limit_stops_functions_that_return_runnables():
+def test_recursion_limit_stops_functions_that_return_runnables() -> None:
     @chain
     def countdown(x: int) -> Any:
         return countdown if x else "done"
@@ -795,7 +795,7 @@ class _AsyncUpper(Runnable):
         return input.upper() + "!"
 
 
-def test_a_runnable_that_only_implements_invoke_gets_the_rest():
+def test_a_runnable_that_only_implements_invoke_gets_the_rest() -> None:
     assert every_mode(_Upper, "a") == {"invoke": "A", "stream": ["A"], "astream": ["A"],
                                        "ainvoke": "A", "stream_events_output": []}
     assert _Upper().batch(["a", "b"]) == ["A", "B"] and list(_Upper().transform(iter(["a", "b"]))) == ["AB"]
@@ -809,7 +809,7 @@ def test_a_runnable_that_only_implements_invoke_gets_the_rest():
         _AsyncUpper().invoke("a")
 
 
-def test_runnable_config_constructs_a_dict_and_ensure_config_fills_defaults():
+def test_runnable_config_constructs_a_dict_and_ensure_config_fills_defaults() -> None:
     assert mc.RunnableConfig(tags=["a"]) == {"tags": ["a"]} and type(mc.RunnableConfig()) is dict
     assert mc.ensure_config() == {"tags": [], "metadata": {}, "callbacks": None,
                                   "recursion_limit": 25, "configurable": {}}
@@ -821,7 +821,7 @@ def test_runnable_config_constructs_a_dict_and_ensure_config_fills_defaults():
 # 6-7. Prompts and models
 # ---------------------------------------------------------------------------------------------
 
-def test_prompt_templates_make_prompt_values():
+def test_prompt_templates_make_prompt_values() -> None:
     assert PromptTemplate.from_template("Q: {x}").invoke({"x": 1}) == mc.StringPromptValue("Q: 1")
     prompt = ChatPromptTemplate.from_messages([
         ("system", "You like {topic}."), MessagesPlaceholder("history"), ("human", "{q}"),
@@ -836,7 +836,7 @@ def test_prompt_templates_make_prompt_values():
         HumanMessage("tell me about cats")]
 
 
-def test_missing_prompt_variable_names_it_and_the_expected_ones():
+def test_missing_prompt_variable_names_it_and_the_expected_ones() -> None:
     prompt = ChatPromptTemplate.from_messages([("system", "{a}"), ("human", "{q} {r}")])
     with pytest.raises(KeyError) as info:
         prompt.invoke({"a": 1})
@@ -845,12 +845,12 @@ def test_missing_prompt_variable_names_it_and_the_expected_ones():
                                "(or write '{{q}}' for a literal brace)")
 
 
-def test_unknown_message_role_is_named():
+def test_unknown_message_role_is_named() -> None:
     with pytest.raises(ValueError, match=r"unknown message role 'robot'; use one of \['ai', 'assistant', 'human', 'system', 'user'\]"):
         ChatPromptTemplate.from_messages([("robot", "hi")])
 
 
-def test_message_prompt_templates_format_and_join_chat_prompts():
+def test_message_prompt_templates_format_and_join_chat_prompts() -> None:
     system = mc.SystemMessagePromptTemplate.from_template("sys {a}")
     human = mc.HumanMessagePromptTemplate.from_template("hi {name}")
     assert (human.input_variables, human.format(name="bob"), human.format_messages(name="bob", extra=1)) == (
@@ -864,7 +864,7 @@ def test_message_prompt_templates_format_and_join_chat_prompts():
         human.format()
 
 
-def test_adding_prompt_parts_makes_one_prompt_as_langchain_core():
+def test_adding_prompt_parts_makes_one_prompt_as_langchain_core() -> None:
     chat = ChatPromptTemplate.from_messages([("system", "s {a}")])
     human = mc.HumanMessagePromptTemplate.from_template("hi {name}")
     system = mc.SystemMessagePromptTemplate.from_template("s")
@@ -902,7 +902,7 @@ def test_adding_prompt_parts_makes_one_prompt_as_langchain_core():
         assert str(info.value) == message
 
 
-def test_partial_fills_variables_with_values_or_functions():
+def test_partial_fills_variables_with_values_or_functions() -> None:
     prompt = PromptTemplate.from_template("{a} and {b}")
     part = prompt.partial(a="A")
     assert (part.input_variables, part.partial_variables, part.format(b="B")) == (["b"], {"a": "A"}, "A and B")
@@ -922,7 +922,7 @@ def test_partial_fills_variables_with_values_or_functions():
     assert (chat.partial(a="A") + [("human", "{z}")]).partial_variables == {"a": "A"}
 
 
-def test_optional_messages_placeholder_may_be_left_out():
+def test_optional_messages_placeholder_may_be_left_out() -> None:
     prompt = ChatPromptTemplate.from_messages([MessagesPlaceholder("h", optional=True), ("human", "{q}")])
     assert prompt.input_variables == ["q"]
     assert prompt.invoke("hi").to_messages() == [HumanMessage("hi")]
@@ -932,7 +932,7 @@ def test_optional_messages_placeholder_may_be_left_out():
     assert repr(MessagesPlaceholder("h")) == "MessagesPlaceholder(variable_name='h')"
 
 
-def test_a_partial_chat_prompt_of_message_templates_in_every_mode_and_its_events():
+def test_a_partial_chat_prompt_of_message_templates_in_every_mode_and_its_events() -> None:
     def make() -> Any:
         return ChatPromptTemplate.from_messages([mc.SystemMessagePromptTemplate.from_template("s {a}"),
                                                  mc.HumanMessagePromptTemplate.from_template("h {b}")]).partial(a="A")
@@ -947,7 +947,7 @@ def test_a_partial_chat_prompt_of_message_templates_in_every_mode_and_its_events
     assert trace(list(make().stream_events({"b": "B"}))) == expected
 
 
-def test_generic_fake_model_splits_on_each_whitespace_character():
+def test_generic_fake_model_splits_on_each_whitespace_character() -> None:
     model = GenericFakeChatModel(messages=iter(["The sky  is\nblue."]))
     chunks = list(model.stream("x"))
     assert [c.content for c in chunks] == ["The", " ", "sky", " ", "", " ", "is", "\n", "blue."]
@@ -955,7 +955,7 @@ def test_generic_fake_model_splits_on_each_whitespace_character():
     assert [c.chunk_position for c in chunks][-2:] == [None, "last"]
 
 
-def test_model_invoke_returns_a_whole_message_and_takes_any_input():
+def test_model_invoke_returns_a_whole_message_and_takes_any_input() -> None:
     model = GenericFakeChatModel(messages=iter(["a b", "c", "d"]))
     out = model.invoke([("system", "s"), ("human", "h")])
     assert type(out) is AIMessage and out.content == "a b" and out.id.startswith("lc_run--")
@@ -965,7 +965,7 @@ def test_model_invoke_returns_a_whole_message_and_takes_any_input():
         GenericFakeChatModel(messages=iter(["a"])).invoke(3)
 
 
-def test_generic_fake_model_with_additional_kwargs_appends_the_last_chunk():
+def test_generic_fake_model_with_additional_kwargs_appends_the_last_chunk() -> None:
     msg = AIMessage("", additional_kwargs={"function_call": {"name": "f", "arguments": "a,b"}})
     chunks = list(GenericFakeChatModel(messages=iter([msg])).stream("x"))
     assert [c.additional_kwargs for c in chunks] == [
@@ -974,12 +974,12 @@ def test_generic_fake_model_with_additional_kwargs_appends_the_last_chunk():
     assert chunks[-1].chunk_position == "last"
 
 
-def test_empty_fake_answer_raises_no_generation_chunks():
+def test_empty_fake_answer_raises_no_generation_chunks() -> None:
     with pytest.raises(ValueError, match="No generation chunks were returned"):
         list(GenericFakeChatModel(messages=iter([""])).stream("x"))
 
 
-def test_fake_list_models():
+def test_fake_list_models() -> None:
     model = FakeListChatModel(responses=["ab c", "z"])
     assert [c.content for c in model.stream("x")] == ["a", "b", " ", "c"]
     assert model.invoke("x").content == "z"
@@ -994,7 +994,7 @@ def test_fake_list_models():
     assert list(llm.stream("x")) == ["hello world"] and llm.invoke("x") == "hello world"
 
 
-def test_fake_streaming_list_llm_streams_characters_after_invoking():
+def test_fake_streaming_list_llm_streams_characters_after_invoking() -> None:
     assert every_mode(lambda: mc.FakeStreamingListLLM(responses=["ab"]), "x") == {
         "invoke": "ab", "stream": ["a", "b"], "astream": ["a", "b"], "ainvoke": "ab",
         "stream_events_output": [{"generations": [[{"text": "ab", "generation_info": None, "type": "Generation"}]],
@@ -1017,7 +1017,7 @@ def test_fake_streaming_list_llm_streams_characters_after_invoking():
     assert list(mc.FakeStreamingListLLM(responses=[""]).stream("x")) == []
 
 
-def test_fake_streaming_list_llm_events_end_before_its_characters_stream():
+def test_fake_streaming_list_llm_events_end_before_its_characters_stream() -> None:
     def make() -> Any:
         return PromptTemplate.from_template("{q}") | mc.FakeStreamingListLLM(responses=["ab"]) | StrOutputParser()
     gen = "{'generations': [[{'text': 'ab', 'generation_info': None, 'type': 'Generation'}]], 'llm_output': None}"
@@ -1043,11 +1043,11 @@ def test_fake_streaming_list_llm_events_end_before_its_characters_stream():
         ("on_llm_end", "{'output': " + gen + "}", {"ls_provider": "fakestreaminglist", "ls_model_type": "llm"})]
 
 
-def test_a_model_with_only_sync_stream_works_under_astream_off_the_loop():
+def test_a_model_with_only_sync_stream_works_under_astream_off_the_loop() -> None:
     threads = []
 
     class Words(mc.BaseChatModel):
-        def _stream(self, messages: list, **kwargs: Any) -> Iterator[AIMessageChunk]:
+        def _stream(self, messages: List[Any], **kwargs: Any) -> Iterator[AIMessageChunk]:
             threads.append(threading.current_thread())
             for w in messages[-1].text.split():
                 yield AIMessageChunk(w)
@@ -1057,7 +1057,7 @@ def test_a_model_with_only_sync_stream_works_under_astream_off_the_loop():
     assert threads[0] is not threading.main_thread()
 
 
-def test_fake_model_sleep_shows_latency():
+def test_fake_model_sleep_shows_latency() -> None:
     model = GenericFakeChatModel(messages=iter(["a b c"]), sleep=0.02)
     start = time.monotonic()
     first = next(iter(model.stream("x")))
@@ -1066,7 +1066,7 @@ def test_fake_model_sleep_shows_latency():
 
 @pytest.mark.parametrize("template", [
     "{context[0].__init__.__globals__[os].environ[OPENAI_API_KEY]}", "{doc.metadata}", "{x:>{w.real}}"])
-def test_template_fields_are_plain_names(template: str):
+def test_template_fields_are_plain_names(template: str) -> None:
     field = re.search(r"\{([^{}]*[.\[][^{}]*)\}", template)
     name = re.split(r"[.\[]", field.group(1) if field else "")[0].lstrip("x:>{")
     for build in (PromptTemplate.from_template, lambda t: ChatPromptTemplate.from_messages([("human", t)])):
@@ -1080,13 +1080,13 @@ def test_template_fields_are_plain_names(template: str):
 # 8. Parsers
 # ---------------------------------------------------------------------------------------------
 
-def test_str_output_parser_streams_text():
+def test_str_output_parser_streams_text() -> None:
     chain_ = ChatPromptTemplate.from_template("joke about {topic}") | \
         GenericFakeChatModel(messages=iter(["Why did the parrot"])) | StrOutputParser()
     assert list(chain_.stream({"topic": "parrot"})) == ["Why", " ", "did", " ", "the", " ", "parrot"]
 
 
-def test_json_parser_streams_partial_objects_like_the_guide():
+def test_json_parser_streams_partial_objects_like_the_guide() -> None:
     text = '{"name": "France", "pop": 674, "tags": ["a", "b"]}'
     out = list(JsonOutputParser().transform(iter(text)))
     assert out == [
@@ -1100,7 +1100,7 @@ def test_json_parser_streams_partial_objects_like_the_guide():
     assert len({id(x) for x in out}) == len(out)  # each snapshot is its own object
 
 
-def test_json_parser_trailing_whitespace_in_a_string_shows_once_more_text_follows():
+def test_json_parser_trailing_whitespace_in_a_string_shows_once_more_text_follows() -> None:
     # langchain_core strips the text before parsing, so 'hello ' shows as 'hello' until 'w'
     out = list(JsonOutputParser().transform(iter(['{"a": "hello', " ", "w", '"}'])))
     assert out == [{"a": "hello"}, {"a": "hello w"}]
@@ -1119,11 +1119,11 @@ PARTIAL_TABLE = [
 
 
 @pytest.mark.parametrize("text,expected", PARTIAL_TABLE)
-def test_parse_partial_json_matches_langchain_core(text: str, expected: Any):
+def test_parse_partial_json_matches_langchain_core(text: str, expected: Any) -> None:
     assert mc.parse_partial_json(text) == expected
 
 
-def test_parse_partial_json_raises_where_nothing_can_be_shown():
+def test_parse_partial_json_raises_where_nothing_can_be_shown() -> None:
     for text in ["", "hello", '{"a": x}']:
         with pytest.raises(json.JSONDecodeError):
             mc.parse_partial_json(text)
@@ -1131,13 +1131,13 @@ def test_parse_partial_json_raises_where_nothing_can_be_shown():
     assert mc.parse_partial_json('{"a": 1} "}" [] trailing') == {"a": 1}
 
 
-def test_json_parser_finds_a_fenced_block_after_prose():
+def test_json_parser_finds_a_fenced_block_after_prose() -> None:
     text = 'Sure! Here it is:\n```json\n{"a": [1, 2]}\n```'
     assert list(JsonOutputParser().transform(iter([text[:20], text[20:30], text[30:]])))[-1] == {"a": [1, 2]}
     assert JsonOutputParser().invoke(text) == {"a": [1, 2]}
 
 
-def test_invalid_json_raises_with_the_text_and_the_position():
+def test_invalid_json_raises_with_the_text_and_the_position() -> None:
     with pytest.raises(OutputParserException) as info:
         JsonOutputParser().invoke('{"a": 1,\n "b": oops}')
     assert str(info.value) == ('Invalid json output: {"a": 1,\n "b": oops}\n(unexpected \'o\' '
@@ -1152,7 +1152,7 @@ def _random_splits(text: str, rng: random.Random) -> List[str]:
     return [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
 
 
-def test_any_split_gives_the_same_final_results():
+def test_any_split_gives_the_same_final_results() -> None:
     rng = random.Random(7)
     doc = {"name": "Fr\u00e9 \"q\" \\ \u2028", "n": [1, -2.5, 3e2, True, None, False],
            "nested": {"a": [{"b": "c d "}], "e": ""}, "emoji": "\U0001F600"}
@@ -1169,14 +1169,14 @@ def test_any_split_gives_the_same_final_results():
         assert whole[-1] == doc == JsonOutputParser().invoke(text)
 
 
-def test_json_snapshots_are_not_changed_by_later_chunks():
+def test_json_snapshots_are_not_changed_by_later_chunks() -> None:
     out = list(JsonOutputParser().transform(iter(['{"a": [1', ', 2', "]", ', "b": {"c"', ': 3}}'])))
     assert out == [{"a": [1]}, {"a": [1, 2]}, {"a": [1, 2], "b": {}}, {"a": [1, 2], "b": {"c": 3}}]
 
 
 # -- cost: every shape is linear, counted as work done, not timed --------------------------------
 
-def _json_shapes(n: int) -> dict:
+def _json_shapes(n: int) -> Dict[str, Any]:
     """Chunk lists that were quadratic before (or could be): `n` sets the size."""
     prose = ("The model ignored the format and wrote prose instead. " * (n // 50 + 1))[:n]
     flat = "[" + ", ".join(str(i % 100) for i in range(n // 3)) + "]"
@@ -1238,7 +1238,7 @@ def _json_work(pieces: List[str], diff: bool) -> int:
 
 @pytest.mark.parametrize("diff", [False, True], ids=["snapshots", "diff"])
 @pytest.mark.parametrize("shape", list(_json_shapes(100)))
-def test_json_parser_work_grows_linearly_with_the_input(shape: str, diff: bool):
+def test_json_parser_work_grows_linearly_with_the_input(shape: str, diff: bool) -> None:
     small, large = (_json_work(_json_shapes(n)[shape], diff) for n in (12_000, 24_000))
     assert large / small < 2.3, (small, large)  # quadratic would be ~4
 
@@ -1250,7 +1250,7 @@ def _apply_patches(patches: List[Any]) -> Any:
     return state
 
 
-def test_json_diff_mode_holds_ops_past_a_budget_linear_in_the_input():
+def test_json_diff_mode_holds_ops_past_a_budget_linear_in_the_input() -> None:
     def shown(pieces: List[str], final: Any) -> List[int]:
         patches = list(JsonOutputParser(diff=True).transform(iter(pieces)))
         assert _apply_patches(patches) == final
@@ -1268,7 +1268,7 @@ def test_json_diff_mode_holds_ops_past_a_budget_linear_in_the_input():
     assert shown(['{"s": "'] + ["a"] * 400, {"s": "a" * 400})[-3:] == [377, 399, 400]
 
 
-def test_json_snapshots_copy_only_the_open_path_and_share_finished_members():
+def test_json_snapshots_copy_only_the_open_path_and_share_finished_members() -> None:
     out = list(JsonOutputParser().transform(iter(['{"a": [1, {"b": 2}], "c": [', "3", ", 4"])))
     assert out == [{"a": [1, {"b": 2}], "c": []}, {"a": [1, {"b": 2}], "c": [3]},
                    {"a": [1, {"b": 2}], "c": [3, 4]}]
@@ -1283,7 +1283,7 @@ def _depth(value: Any) -> int:
     return depth
 
 
-def test_json_parser_has_no_depth_limit_in_either_mode():
+def test_json_parser_has_no_depth_limit_in_either_mode() -> None:
     depth = 20_000
     text = "[" * depth + "1" + "]" * depth
     assert _depth(JsonOutputParser().invoke(text)) == depth
@@ -1298,7 +1298,7 @@ def test_json_parser_has_no_depth_limit_in_either_mode():
 
 
 @pytest.mark.skipif(not hasattr(sys, "set_int_max_str_digits"), reason="this Python has no int digit limit")
-def test_an_integer_too_long_for_python_is_an_output_parser_exception():
+def test_an_integer_too_long_for_python_is_an_output_parser_exception() -> None:
     text = '{"n": ' + "7" * 5000 + "}"
     # the limit came to 3.11, and to 3.9.14 / 3.10.7 as a backport whose message lacks "digits"
     message = (r"the JSON number '7777+\.\.\. is too long to convert to an int: Exceeds the limit "
@@ -1311,12 +1311,12 @@ def test_an_integer_too_long_for_python_is_an_output_parser_exception():
     assert JsonOutputParser().invoke('{"n": 0.' + "7" * 5000 + "}") == {"n": 0.7777777777777778}
 
 
-def test_a_number_longer_than_4300_characters_shows_its_value_when_it_ends():
+def test_a_number_longer_than_4300_characters_shows_its_value_when_it_ends() -> None:
     out = list(JsonOutputParser().transform(iter(["[1e-", "0" * 4400, "5", "5", "]"])))
     assert out == [[1], [1e-55]]  # deviation: langchain_core also shows [1e-05] between them
 
 
-def test_stream_and_invoke_agree_when_a_step_folds_json_snapshots():
+def test_stream_and_invoke_agree_when_a_step_folds_json_snapshots() -> None:
     def make() -> Any:
         return GenericFakeChatModel(messages=iter(["[10, 20, 30]"])) | JsonOutputParser() | sum
     got = every_mode(make, "x")
@@ -1333,7 +1333,7 @@ def test_stream_and_invoke_agree_when_a_step_folds_json_snapshots():
     assert list(kinds) == [["replace", "add", "add"]]  # patches are deltas: they still add up
 
 
-def test_a_parallel_branch_of_json_snapshots_folds_to_its_last_snapshot():
+def test_a_parallel_branch_of_json_snapshots_folds_to_its_last_snapshot() -> None:
     def make() -> Any:
         parsed = GenericFakeChatModel(messages=iter(["[10, 20, 30]"])) | JsonOutputParser()
         return RunnableParallel(j=parsed, q=RunnablePassthrough()) | (lambda d: (sum(d["j"]), d["q"]))
@@ -1347,7 +1347,7 @@ def test_a_parallel_branch_of_json_snapshots_folds_to_its_last_snapshot():
 
 # -- list parsers --------------------------------------------------------------------------------
 
-def test_list_parsers_stream_each_item_once_the_next_begins():
+def test_list_parsers_stream_each_item_once_the_next_begins() -> None:
     # (parser, chunks, what langchain_core 1.7.2 yields before each chunk is read, and at the end)
     cases = [
         (mc.CommaSeparatedListOutputParser(), ["a", ", ", " b", ",c\nd", ""], [[], [["a"]], [], [["b"], ["c"]], [], [["d"]]]),
@@ -1368,7 +1368,7 @@ def test_list_parsers_stream_each_item_once_the_next_begins():
         assert got == expected, (parser, chunks)
 
 
-def test_list_parsers_in_every_mode():
+def test_list_parsers_in_every_mode() -> None:
     def make(parser: Any, text: str) -> Any:
         return lambda: GenericFakeChatModel(messages=iter([text])) | parser
     for parser, text in [(mc.CommaSeparatedListOutputParser(), "red, green, blue"),
@@ -1380,7 +1380,7 @@ def test_list_parsers_in_every_mode():
             "stream_events_output": [["red", "green", "blue"]]}
 
 
-def test_list_parsers_read_as_csv_and_findall_however_the_text_is_split():
+def test_list_parsers_read_as_csv_and_findall_however_the_text_is_split() -> None:
     rng = random.Random(13)
 
     def csv_items(text: str) -> List[str]:
@@ -1423,7 +1423,7 @@ def _lines_run(call: Any) -> int:
     (mc.NumberedListOutputParser(), lambda n: "1. a\n" + "1." * (n // 2)),
     (mc.MarkdownListOutputParser(), lambda n: "- a\n" + " " * n),
 ], ids=["csv, one long item", "csv, open quotes", "numbered, long line", "markdown, long indent"])
-def test_list_parser_work_grows_linearly_with_the_input(parser: Any, text: Any):
+def test_list_parser_work_grows_linearly_with_the_input(parser: Any, text: Any) -> None:
     def work(n: int) -> int:
         pieces = [text(n)[i:i + 4] for i in range(0, n, 4)]
         return _lines_run(lambda: list(parser.transform(iter(pieces))))
@@ -1431,7 +1431,7 @@ def test_list_parser_work_grows_linearly_with_the_input(parser: Any, text: Any):
     assert large / small < 2.3, (small, large)  # quadratic would be ~4
 
 
-def test_events_of_model_then_comma_separated_list_parser():
+def test_events_of_model_then_comma_separated_list_parser() -> None:
     msg = "AIMessageChunk(content='a, b', id='lc_run--ID', chunk_position='last')"
     model_in = "{'messages': [[HumanMessage(content='x')]]}"
     chain_ = GenericFakeChatModel(messages=iter(["a, b"])) | mc.CommaSeparatedListOutputParser()
@@ -1455,7 +1455,7 @@ def test_events_of_model_then_comma_separated_list_parser():
     assert trace(list(chain_.stream_events("x"))) == expected
 
 
-def test_format_instructions_are_langchain_cores():
+def test_format_instructions_are_langchain_cores() -> None:
     assert JsonOutputParser().get_format_instructions() == "Return a JSON object."
     assert mc.CommaSeparatedListOutputParser().get_format_instructions() == (
         "Your response should be a list of comma separated values, eg: `foo, bar, baz` or `foo,bar,baz`")
@@ -1470,11 +1470,11 @@ def test_format_instructions_are_langchain_cores():
     ('  {"a": "b"}  ', {"a": "b"}), ("```\n[1, 2]\n```", [1, 2]), ('{"a": "x\ny"}', {"a": "x\ny"}),
     ('```json\n{"a": 1}\n```\n```json\n{"b": 2}\n```', {"a": 1}),
 ])
-def test_parse_json_markdown(text: str, expected: Any):
+def test_parse_json_markdown(text: str, expected: Any) -> None:
     assert mc.parse_json_markdown(text) == expected
 
 
-def test_parse_json_markdown_raises_json_decode_error_where_there_is_no_json():
+def test_parse_json_markdown_raises_json_decode_error_where_there_is_no_json() -> None:
     for text in ["", "nothing"]:
         with pytest.raises(json.JSONDecodeError, match="^no JSON value found: line 1 column"):
             mc.parse_json_markdown(text)
@@ -1484,7 +1484,7 @@ def test_parse_json_markdown_raises_json_decode_error_where_there_is_no_json():
 # 9-10. Retrieval and tools
 # ---------------------------------------------------------------------------------------------
 
-def test_retriever_streams_its_documents_as_one_chunk():
+def test_retriever_streams_its_documents_as_one_chunk() -> None:
     store = InMemoryVectorStore.from_texts(
         ["harrison worked at kensho", "harrison likes spicy food"], embedding=LexicalEmbeddings(),
         ids=["w", "s"])
@@ -1494,7 +1494,7 @@ def test_retriever_streams_its_documents_as_one_chunk():
         Document("harrison likes spicy food", id="s")]
 
 
-def test_vector_store_ids_and_copies_are_langchain_cores():
+def test_vector_store_ids_and_copies_are_langchain_cores() -> None:
     store = InMemoryVectorStore(LexicalEmbeddings())
     given = Document("kensho", metadata={"m": 1})
     ids = store.add_documents([given]) + store.add_texts(["spicy"])
@@ -1509,7 +1509,7 @@ def test_vector_store_ids_and_copies_are_langchain_cores():
     assert store.as_retriever(tags=["docs"]).tags == ["docs"]
 
 
-def test_tools_take_strings_dicts_and_tool_calls():
+def test_tools_take_strings_dicts_and_tool_calls() -> None:
     @tool
     def multiply(a: int, b: int = 2) -> int:
         """Multiply two numbers."""
@@ -1527,7 +1527,7 @@ def test_tools_take_strings_dicts_and_tool_calls():
     assert multiply.args == {"a": {"type": "integer"}, "b": {"type": "integer", "default": 2}}
 
 
-def test_tool_called_with_wrong_arguments_says_what_it_takes():
+def test_tool_called_with_wrong_arguments_says_what_it_takes() -> None:
     @tool
     def multiply(a: int, b: int) -> int:
         """Multiply two numbers."""
@@ -1538,7 +1538,7 @@ def test_tool_called_with_wrong_arguments_says_what_it_takes():
         multiply.invoke("x")
 
 
-def test_tool_errors_can_be_handled_into_output():
+def test_tool_errors_can_be_handled_into_output() -> None:
     @tool
     def fails(x: str) -> str:
         """Always fails."""
@@ -1557,7 +1557,7 @@ CHAT_META = {"ls_provider": "genericfakechatmodel", "ls_model_type": "chat",
              "ls_integration": "langchain_chat_model"}
 
 
-def test_events_of_a_chat_model_alone():
+def test_events_of_a_chat_model_alone() -> None:
     rows = trace(run(alist(GenericFakeChatModel(messages=iter(["hello world"])).astream_events("hello"))), meta=True)
     assert rows == [
         ("on_chat_model_start", "GenericFakeChatModel", "R0", [], [], "{'input': 'hello'}", CHAT_META),
@@ -1573,7 +1573,7 @@ def _json_chain() -> Any:
     return model | JsonOutputParser()
 
 
-def test_events_of_model_then_json_parser():
+def test_events_of_model_then_json_parser() -> None:
     msg = "AIMessageChunk(content='{\"countries\": [{\"name\": \"France\", \"population\": 67413000}]}', id='lc_run--ID', chunk_position='last')"
     final = "{'countries': [{'name': 'France', 'population': 67413000}]}"
     model_in = "{'messages': [[HumanMessage(content='x')]]}"
@@ -1610,7 +1610,7 @@ def _named_chain(tags: Any = None) -> Any:
     return chain_.with_config({"tags": tags}) if tags else chain_
 
 
-def test_filter_by_name():
+def test_filter_by_name() -> None:
     # deviation: langchain_core also shows the chain's input in the first kept event
     assert events_both(_named_chain(), "x", include_names=["my_parser"]) == [
         ("on_parser_start", "my_parser", "R0", ["R1"], ["seq:step:2"], "{}"),
@@ -1621,7 +1621,7 @@ def test_filter_by_name():
     ]
 
 
-def test_filter_by_type():
+def test_filter_by_type() -> None:
     assert short(events_both(_named_chain(), "x", include_types=["chat_model"])) == [
         ("on_chat_model_start", "model"), ("on_chat_model_stream", "model"),
         ("on_chat_model_stream", "model"), ("on_chat_model_stream", "model"),
@@ -1630,7 +1630,7 @@ def test_filter_by_type():
     assert {r[1] for r in both} == {"model", "my_parser"}
 
 
-def test_filter_by_tags_and_exclusions():
+def test_filter_by_tags_and_exclusions() -> None:
     rows = events_both(_named_chain(["my_chain"]), "x", include_tags=["my_chain"])
     assert short(rows) == [
         ("on_chain_start", "RunnableSequence"), ("on_chat_model_start", "model"),
@@ -1649,14 +1649,14 @@ def test_filter_by_tags_and_exclusions():
     assert events_both(_named_chain(), "x", include_names=["nope"]) == []
 
 
-def test_filters_given_a_string_or_an_unknown_version_are_errors():
+def test_filters_given_a_string_or_an_unknown_version_are_errors() -> None:
     with pytest.raises(TypeError, match=r"include_names must be a list of strings, not the str 'model'; write include_names=\['model'\]"):
         RunnableLambda(str).astream_events("x", include_names="model")
     with pytest.raises(ValueError, match=r"unknown event version 'v1'; minichain streams the v2 event schema only"):
         RunnableLambda(str).stream_events("x", version="v1")
 
 
-def test_events_of_a_chain_broken_by_a_non_streaming_function():
+def test_events_of_a_chain_broken_by_a_non_streaming_function() -> None:
     model = GenericFakeChatModel(messages=iter(['{"countries": [{"name": "France"}, {"name": "Spain"}]}']))
     rows = events_both(model | JsonOutputParser() | _extract_country_names, "x")
     assert short(rows)[:7] == [
@@ -1683,7 +1683,7 @@ def _reverse_word() -> Any:
     return RunnableLambda(reverse_word)
 
 
-def test_bad_tool_and_correct_tool_both_report_the_nested_run():
+def test_bad_tool_and_correct_tool_both_report_the_nested_run() -> None:
     reverse_word = _reverse_word()
 
     @tool
@@ -1704,7 +1704,7 @@ def test_bad_tool_and_correct_tool_both_report_the_nested_run():
         ]
 
 
-def test_reverse_and_double_as_lambda_and_as_chain():
+def test_reverse_and_double_as_lambda_and_as_chain() -> None:
     reverse_word = _reverse_word()
 
     async def reverse_and_double(word: str) -> str:
@@ -1723,7 +1723,7 @@ def test_reverse_and_double_as_lambda_and_as_chain():
 RETRIEVER_TAGS = ["map:key:context", "InMemoryVectorStore", "LexicalEmbeddings"]  # as langchain_core
 
 
-def test_events_of_the_retrieval_chain():
+def test_events_of_the_retrieval_chain() -> None:
     store = InMemoryVectorStore.from_texts(["harrison worked at kensho"], embedding=LexicalEmbeddings(), ids=["k"])
     retriever = store.as_retriever()
     prompt = ChatPromptTemplate.from_template("Context: {context}\nQ: {question}")
@@ -1744,7 +1744,7 @@ def test_events_of_the_retrieval_chain():
     assert [r[0] for r in rows].count("on_prompt_end") == 1
 
 
-def test_sync_stream_events_gives_the_same_sequence_as_astream_events():
+def test_sync_stream_events_gives_the_same_sequence_as_astream_events() -> None:
     def make() -> Any:
         prompt = ChatPromptTemplate.from_messages([("system", "s"), ("human", "{topic}")])
         model = GenericFakeChatModel(messages=iter(["ha ha"]))
@@ -1766,7 +1766,7 @@ def test_sync_stream_events_gives_the_same_sequence_as_astream_events():
                            {"k": 1, **CHAT_META})
 
 
-def test_events_are_live_from_inside_a_sync_and_an_async_function():
+def test_events_are_live_from_inside_a_sync_and_an_async_function() -> None:
     for use_async in (False, True):
         model = GenericFakeChatModel(messages=iter(["a b c"]), sleep=0.05)
         returned = []
@@ -1798,7 +1798,7 @@ def test_events_are_live_from_inside_a_sync_and_an_async_function():
         assert tokens[0][1] < returned[-1] - 0.05
 
 
-def test_custom_events_are_parented_to_the_dispatching_run():
+def test_custom_events_are_parented_to_the_dispatching_run() -> None:
     @chain
     async def slow_thing(some_input: str) -> str:
         await mc.adispatch_custom_event("progress_event", {"message": "Finished step 1 of 3"})
@@ -1821,21 +1821,21 @@ def test_custom_events_are_parented_to_the_dispatching_run():
         mc.dispatch_custom_event("e", 1)
 
 
-def test_callbacks_get_the_same_events_from_every_method():
+def test_callbacks_get_the_same_events_from_every_method() -> None:
     def make() -> Any:
         return GenericFakeChatModel(messages=iter(["a b"])) | StrOutputParser()
     reference = trace(list(make().stream_events("x")))
 
     class Recorder:
         def __init__(self) -> None:
-            self.events: List[dict] = []
+            self.events: List[Dict[str, Any]] = []
 
-        def on_chain_start(self, event: dict) -> None:
+        def on_chain_start(self, event: Dict[str, Any]) -> None:
             self.events.append(event)
 
-        def on_chat_model_stream(self, event: dict) -> None:
+        def on_chat_model_stream(self, event: Dict[str, Any]) -> None:
             self.events.append(event)
-    got: List[dict] = []
+    got: List[Dict[str, Any]] = []
     list(make().stream("x", {"callbacks": [got.append]}))
     assert trace(got) == reference
     got = []
@@ -1845,7 +1845,7 @@ def test_callbacks_get_the_same_events_from_every_method():
     list(make().stream("x", {"callbacks": [rec]}))
     assert short(trace(rec.events)) == [("on_chain_start", "RunnableSequence")] + \
         [("on_chat_model_stream", "GenericFakeChatModel")] * 3
-    invoked: List[dict] = []
+    invoked: List[Dict[str, Any]] = []
     assert make().invoke("x", {"callbacks": [invoked.append]}) == "a b"
     # invoke runs the steps one after another: the model streams tokens, the parser does not
     assert short(trace(invoked)) == [
@@ -1854,16 +1854,16 @@ def test_callbacks_get_the_same_events_from_every_method():
         ("on_chat_model_stream", "GenericFakeChatModel"), ("on_chat_model_end", "GenericFakeChatModel"),
         ("on_parser_start", "StrOutputParser"), ("on_parser_end", "StrOutputParser"),
         ("on_chain_end", "RunnableSequence")]
-    batched: List[dict] = []
+    batched: List[Dict[str, Any]] = []
     make_two = GenericFakeChatModel(messages=iter(["a", "b"]))
     assert [m.content for m in make_two.batch(["x", "y"], {"callbacks": [batched.append]})] in (["a", "b"], ["b", "a"])
     assert [e["event"] for e in batched].count("on_chat_model_end") == 2
-    abatched: List[dict] = []
+    abatched: List[Dict[str, Any]] = []
     run(GenericFakeChatModel(messages=iter(["a", "b"])).abatch(["x", "y"], {"callbacks": [abatched.append]}))
     assert [e["event"] for e in abatched].count("on_chat_model_start") == 2
 
 
-def test_no_event_work_when_no_one_listens(monkeypatch: Any):
+def test_no_event_work_when_no_one_listens(monkeypatch: Any) -> None:
     made = []
     real_init = mc.Run.__init__
 
@@ -1877,7 +1877,7 @@ def test_no_event_work_when_no_one_listens(monkeypatch: Any):
     assert made == []
 
 
-def test_an_exception_mid_stream_reaches_the_consumer_after_earlier_events():
+def test_an_exception_mid_stream_reaches_the_consumer_after_earlier_events() -> None:
     def boom(chunks: Iterator[str]) -> Iterator[str]:
         for c in chunks:
             if c == "c":
@@ -1909,7 +1909,7 @@ def _sync(aiter: AsyncIterator[Any]) -> Iterator[Any]:
         yield item
 
 
-def test_tool_errors_are_the_only_error_events():
+def test_tool_errors_are_the_only_error_events() -> None:
     @tool
     def fails(x: str) -> str:
         """Always fails."""
@@ -1925,8 +1925,8 @@ def test_tool_errors_are_the_only_error_events():
     assert repr(nested[0]["data"]) == "{'error': ValueError('bad'), 'input': None, 'tool_call_id': None}"
 
 
-def _events_or_error(events: Iterator[dict]) -> List[dict]:
-    seen: List[dict] = []
+def _events_or_error(events: Iterator[dict]) -> List[Dict[str, Any]]:
+    seen: List[Dict[str, Any]] = []
     try:
         for e in events:
             seen.append(e)
@@ -1948,7 +1948,7 @@ def _forever_step(closed: List[bool]) -> Any:
     return forever
 
 
-def test_closing_astream_events_stops_the_run_with_no_pending_task():
+def test_closing_astream_events_stops_the_run_with_no_pending_task() -> None:
     closed: List[bool] = []
     forever = _forever_step(closed)
 
@@ -1962,7 +1962,7 @@ def test_closing_astream_events_stops_the_run_with_no_pending_task():
     assert run(main()) == 1 and closed == [True]
 
 
-def test_closing_stream_events_stops_the_worker_and_closes_every_step():
+def test_closing_stream_events_stops_the_worker_and_closes_every_step() -> None:
     closed = []
 
     def forever(chunks: Iterator[str]) -> Iterator[str]:
@@ -2007,12 +2007,12 @@ def _make_nested_seq() -> Any:
 
 
 @pytest.mark.parametrize("make", [_make_json_chain, _make_broken_chain, _make_tool_chain, _make_nested_seq])
-def test_sync_and_async_event_streams_agree(make: Any):
+def test_sync_and_async_event_streams_agree(make: Any) -> None:
     assert trace(list(make().stream_events("x")), meta=True) == \
         trace(run(alist(make().astream_events("x"))), meta=True)
 
 
-def test_positional_tags_are_local_and_user_tags_inherited():
+def test_positional_tags_are_local_and_user_tags_inherited() -> None:
     rows = trace(list(_make_nested_seq().stream_events("x", include_types=["chain"])))
     starts = {(r[1], tuple(r[4])) for r in rows if r[0] == "on_chain_start"}
     assert starts == {("RunnableParallel<a>", ("user_tag",)),
@@ -2025,13 +2025,13 @@ def test_positional_tags_are_local_and_user_tags_inherited():
         ["aa", "zz"], ["seq:step:1", "aa", "zz"], ["seq:step:2", "aa", "zz", "model-own", "b-own"]]
 
 
-def test_call_time_run_name_names_the_root_only():
+def test_call_time_run_name_names_the_root_only() -> None:
     rows = trace(list((RunnableLambda(lambda x: x) | RunnableLambda(lambda x: x)).stream_events(
         1, {"run_name": "ROOT"})))
     assert [r[1] for r in rows if r[0].endswith("start")] == ["ROOT", "RunnableLambda", "RunnableLambda"]
 
 
-def test_llm_events_with_and_without_streaming():
+def test_llm_events_with_and_without_streaming() -> None:
     class Letters(mc.BaseLLM):
         def _stream(self, prompt: str, **kwargs: Any) -> Iterator[str]:
             yield from prompt[:2]
@@ -2047,7 +2047,7 @@ def test_llm_events_with_and_without_streaming():
     assert short(plain) == [("on_llm_start", "FakeListLLM"), ("on_llm_end", "FakeListLLM")]
 
 
-def test_cancelling_the_consumer_task_closes_the_run_without_warnings(caplog: Any):
+def test_cancelling_the_consumer_task_closes_the_run_without_warnings(caplog: Any) -> None:
     closed: List[bool] = []
     forever = _forever_step(closed)
 
@@ -2101,13 +2101,13 @@ def _tap_steps(seen: List[str], closed: List[str]) -> List[Any]:
 
 
 @pytest.mark.parametrize("kind", ["sync step", "async step"])
-def test_breaking_out_of_astream_events_stops_the_run_at_its_next_chunk(kind: str):
+def test_breaking_out_of_astream_events_stops_the_run_at_its_next_chunk(kind: str) -> None:
     seen: List[str] = []
     closed: List[str] = []
     step = _tap_steps(seen, closed)[kind == "async step"]
     chain_ = GenericFakeChatModel(messages=iter(["one two three four five"])) | StrOutputParser() | step
 
-    async def main() -> List[tuple]:
+    async def main() -> List[Tuple[Any, ...]]:
         events = chain_.astream_events("x")
         got = []
         async for e in events:
@@ -2122,7 +2122,7 @@ def test_breaking_out_of_astream_events_stops_the_run_at_its_next_chunk(kind: st
     assert seen == ["one"]  # as langchain_core: the run went no further than the consumer
 
 
-def test_astream_events_keeps_the_run_no_more_than_one_step_ahead():
+def test_astream_events_keeps_the_run_no_more_than_one_step_ahead() -> None:
     produced: List[str] = []  # every event, as the run emits it
     text = " ".join(["w"] * 500)
     chain_ = GenericFakeChatModel(messages=iter([text])) | StrOutputParser() | RunnableLambda(len)
@@ -2141,7 +2141,7 @@ def test_astream_events_keeps_the_run_no_more_than_one_step_ahead():
     assert max(ahead) <= 3  # the events of one step: a model chunk and its parser chunk
 
 
-def test_stream_events_keeps_the_run_within_its_window():
+def test_stream_events_keeps_the_run_within_its_window() -> None:
     produced: List[str] = []
     text = " ".join(["w"] * 500)
     chain_ = GenericFakeChatModel(messages=iter([text])) | StrOutputParser() | RunnableLambda(len)
@@ -2153,7 +2153,7 @@ def test_stream_events_keeps_the_run_within_its_window():
     assert 1 + len(rest) == len(produced) == 2008
 
 
-def test_the_first_event_arrives_before_the_model_has_produced_anything():
+def test_the_first_event_arrives_before_the_model_has_produced_anything() -> None:
     made: List[int] = []
 
     class Counting(GenericFakeChatModel):
@@ -2179,7 +2179,7 @@ def test_the_first_event_arrives_before_the_model_has_produced_anything():
     assert run(main()) == 0
 
 
-def test_a_long_answer_is_folded_for_the_end_event_at_a_string_per_chunk():
+def test_a_long_answer_is_folded_for_the_end_event_at_a_string_per_chunk() -> None:
     import tracemalloc
     chunks = [AIMessageChunk(f"w{i % 10}", id="lc_run--1") for i in range(20_000)]
     tracemalloc.start()
@@ -2192,7 +2192,7 @@ def test_a_long_answer_is_folded_for_the_end_event_at_a_string_per_chunk():
     assert fold.value() == AIMessageChunk.join(chunks)
 
 
-def test_a_step_that_cancels_its_own_task_gets_the_cancellation_where_it_waits():
+def test_a_step_that_cancels_its_own_task_gets_the_cancellation_where_it_waits() -> None:
     # what asyncio.timeout and TaskGroup do: cancel the current task, catch it at the await
     async def step(x: str) -> str:
         asyncio.get_running_loop().call_later(0.02, asyncio.current_task().cancel)  # type: ignore[union-attr]
@@ -2205,13 +2205,13 @@ def test_a_step_that_cancels_its_own_task_gets_the_cancellation_where_it_waits()
             return "timed out"
         return x
 
-    async def main() -> List[tuple]:
+    async def main() -> List[Tuple[Any, ...]]:
         return [(e["event"], e["data"]) async for e in RunnableLambda(step).astream_events("x")]
     assert run(main()) == [("on_chain_start", {"input": "x"}), ("on_chain_stream", {"chunk": "timed out"}),
                            ("on_chain_end", {"output": "timed out"})]
 
 
-def test_cancelling_the_consumer_cancels_and_awaits_what_a_step_waits_on():
+def test_cancelling_the_consumer_cancels_and_awaits_what_a_step_waits_on() -> None:
     log: List[str] = []
 
     async def slow() -> None:
@@ -2271,7 +2271,7 @@ def test_cancelling_a_sync_step_waiting_on_a_stalled_async_upstream_returns_at_o
     assert sorted(closed) == ["source", "step"]
 
 
-def test_breaking_out_of_stream_events_does_not_wait_for_a_silent_server(server: "Server"):
+def test_breaking_out_of_stream_events_does_not_wait_for_a_silent_server(server: "Server") -> None:
     first = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"tok"},"finish_reason":null}]}\n\n'
     server.replies.append(Reply([first, first], silence=2.0))
     events = ChatOpenAI(base_url=server.url + "/v1").stream_events("hi")
@@ -2282,7 +2282,7 @@ def test_breaking_out_of_stream_events_does_not_wait_for_a_silent_server(server:
     assert server.disconnected.wait(5)
 
 
-def test_a_listened_step_closed_on_its_first_chunk_closes_its_upstream():
+def test_a_listened_step_closed_on_its_first_chunk_closes_its_upstream() -> None:
     closed: List[str] = []
 
     async def source(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -2308,7 +2308,7 @@ def test_a_listened_step_closed_on_its_first_chunk_closes_its_upstream():
     run(main())
 
 
-def test_a_failing_parallel_branch_stops_its_siblings():
+def test_a_failing_parallel_branch_stops_its_siblings() -> None:
     after: List[str] = []
 
     async def failing(x: str) -> str:
@@ -2349,7 +2349,7 @@ def test_a_failing_parallel_branch_stops_its_siblings():
     assert len(chunks_after) <= 1  # the running sibling stopped at its next chunk
 
 
-def test_a_failing_batch_input_stops_the_others():
+def test_a_failing_batch_input_stops_the_others() -> None:
     started: List[int] = []
 
     def work(x: int) -> int:
@@ -2380,7 +2380,7 @@ def test_a_failing_batch_input_stops_the_others():
     assert ran_on == []  # cancelled: no side effects after the error
 
 
-def test_custom_events_from_an_async_step_wait_for_the_consumer():
+def test_custom_events_from_an_async_step_wait_for_the_consumer() -> None:
     produced: List[int] = []
 
     async def chatty(x: int) -> int:
@@ -2401,7 +2401,7 @@ def test_custom_events_from_an_async_step_wait_for_the_consumer():
     assert run(main()) <= 11  # not 1,000: the step waited at each event
 
 
-def test_failing_siblings_leave_no_unretrieved_task_errors(caplog: Any):
+def test_failing_siblings_leave_no_unretrieved_task_errors(caplog: Any) -> None:
     async def fails(x: int) -> int:
         await asyncio.sleep(0.01)
         raise Boom(f"input {x}")
@@ -2415,11 +2415,11 @@ def test_failing_siblings_leave_no_unretrieved_task_errors(caplog: Any):
     assert caplog.records == []
 
 
-def test_a_listener_that_calls_a_runnable_does_not_hear_that_call():
+def test_a_listener_that_calls_a_runnable_does_not_hear_that_call() -> None:
     heard: List[str] = []
     echo = RunnableLambda(lambda x: x)
 
-    def listener(event: dict) -> None:
+    def listener(event: Dict[str, Any]) -> None:
         heard.append(event["event"])
         echo.invoke(1)  # a run of its own, not reported back here
     assert (RunnableLambda(lambda x: x + 1) | RunnableLambda(lambda x: x * 2)).invoke(
@@ -2432,7 +2432,7 @@ class _Recorder(mc.BaseCallbackHandler):
     """Records every handler call: method, positional args, and the ids and tags it got."""
 
     def __init__(self) -> None:
-        self.calls: List[tuple] = []
+        self.calls: List[Tuple[Any, ...]] = []
         self.labels: dict = {}
 
     def __getattr__(self, name: str) -> Any:
@@ -2452,7 +2452,7 @@ def _joke_chain() -> Any:
     return ChatPromptTemplate.from_template("say {x}") | GenericFakeChatModel(messages=iter(["hello world"])) | StrOutputParser()
 
 
-def test_callback_handlers_get_langchain_cores_calls_when_streaming():
+def test_callback_handlers_get_langchain_cores_calls_when_streaming() -> None:
     h = _Recorder()
     assert "".join(_joke_chain().stream({"x": "hi"}, {"callbacks": [h]})) == "hello world"
     assert h.calls == [
@@ -2471,8 +2471,8 @@ def test_callback_handlers_get_langchain_cores_calls_when_streaming():
     assert ids_out(repr(h.calls[9][5]["inputs"])) == "AIMessageChunk(content='hello world', id='lc_run--ID', chunk_position='last')"
 
 
-def test_callback_handlers_tokens_chunks_and_results():
-    tokens: List[tuple] = []
+def test_callback_handlers_tokens_chunks_and_results() -> None:
+    tokens: List[Tuple[Any, ...]] = []
 
     class Tokens(mc.BaseCallbackHandler):
         def on_llm_new_token(self, token: str, *, chunk: Any, **kwargs: Any) -> None:
@@ -2488,7 +2488,7 @@ def test_callback_handlers_tokens_chunks_and_results():
     assert tokens == [("end", "abc", "Generation")]
 
 
-def test_callback_handlers_for_tools_retrievers_custom_events_and_errors():
+def test_callback_handlers_for_tools_retrievers_custom_events_and_errors() -> None:
     @tool
     def add(a: int, b: int) -> int:
         """Add two ints."""
@@ -2520,7 +2520,7 @@ def test_callback_handlers_for_tools_retrievers_custom_events_and_errors():
         ("on_chain_start", "_boom", "R0", [], [], "{'input': 1}"), ("raised", "ValueError('boom')")]
 
 
-def test_callback_handler_flags_async_handlers_and_stdout_handlers(capsys: Any):
+def test_callback_handler_flags_async_handlers_and_stdout_handlers(capsys: Any) -> None:
     class NoChains(_Recorder):
         ignore_chain = True
     h = NoChains()
@@ -2546,8 +2546,8 @@ def test_callback_handler_flags_async_handlers_and_stdout_handlers(capsys: Any):
     assert capsys.readouterr().out == "hello world"
 
 
-def test_with_listeners_gets_run_trees_at_start_end_and_error():
-    seen: List[tuple] = []
+def test_with_listeners_gets_run_trees_at_start_end_and_error() -> None:
+    seen: List[Tuple[Any, ...]] = []
     def note(kind: str) -> Any:
         return lambda r: seen.append((kind, r.name, r.run_type, r.inputs, r.outputs, r.error,
                                       [c.name for c in r.child_runs], r.end_time is not None))
@@ -2569,15 +2569,15 @@ def test_with_listeners_gets_run_trees_at_start_end_and_error():
     assert RunnableLambda(lambda x: x).with_listeners(on_end=lambda r: seen.append(r.outputs)).batch([1, 2]) == [1, 2]
 
 
-def test_async_listeners_are_awaited_in_order_and_refused_in_sync_runs():
+def test_async_listeners_are_awaited_in_order_and_refused_in_sync_runs() -> None:
     heard: List[str] = []
 
-    async def listener(event: dict) -> None:
+    async def listener(event: Dict[str, Any]) -> None:
         await asyncio.sleep(0)
         heard.append(f"{event['event']}:{event['name']}")
 
     class Handler:
-        async def on_chain_end(self, event: dict) -> None:
+        async def on_chain_end(self, event: Dict[str, Any]) -> None:
             heard.append("end by method")
     seq = RunnableLambda(lambda x: x + 1, name="inc") | RunnableLambda(lambda x: x * 2, name="dbl")
     assert run(seq.ainvoke(1, {"callbacks": [listener]})) == 4
@@ -2602,7 +2602,7 @@ def _dispatching() -> Any:
     return RunnableLambda(lambda x: x) | RunnableLambda(f).with_config(tags=["t"], metadata={"m": 1})
 
 
-def test_custom_events_carry_the_runs_inherited_tags_and_metadata():
+def test_custom_events_carry_the_runs_inherited_tags_and_metadata() -> None:
     events = list(_dispatching().stream_events(1, {"tags": ["call"], "metadata": {"c": 2}}))
     f_start = [e for e in events if e["event"] == "on_chain_start" and e["name"] == "f"][0]
     custom = [e for e in events if e["event"] == "on_custom_event"][0]
@@ -2612,7 +2612,7 @@ def test_custom_events_carry_the_runs_inherited_tags_and_metadata():
         ["call", "t"], {"c": 2, "m": 1}, f_start["run_id"], {"x": 1})
 
 
-def test_a_child_started_with_stream_shows_its_input_at_its_end():
+def test_a_child_started_with_stream_shows_its_input_at_its_end() -> None:
     inner = RunnableLambda(lambda s: s.upper())
 
     @chain
@@ -2629,13 +2629,13 @@ def test_a_child_started_with_stream_shows_its_input_at_its_end():
                              ("on_chain_end", "RunnableLambda", {"output": "AB", "input": "ab"})]
 
 
-def test_run_ids_given_as_uuid_are_strings_in_events_and_name_one_batch_run():
+def test_run_ids_given_as_uuid_are_strings_in_events_and_name_one_batch_run() -> None:
     given = uuid.uuid4()
     events = list((RunnableLambda(lambda x: x) | RunnableLambda(lambda x: x)).stream_events(1, {"run_id": given}))
     assert events[0]["run_id"] == str(given) and events[1]["parent_ids"] == [str(given)]
     starts: List[str] = []
 
-    def listen(e: dict) -> None:
+    def listen(e: Dict[str, Any]) -> None:
         if e["event"] == "on_chain_start":
             starts.append(e["run_id"])
     with pytest.warns(RuntimeWarning, match="Provided run_id be used only for the first element of the batch."):
@@ -2643,7 +2643,7 @@ def test_run_ids_given_as_uuid_are_strings_in_events_and_name_one_batch_run():
     assert starts.count(str(given)) == 1 and len(set(starts)) == 3
 
 
-def test_each_event_kind_keeps_langchain_cores_key_order():
+def test_each_event_kind_keeps_langchain_cores_key_order() -> None:
     prompt = ChatPromptTemplate.from_template("{q}")
     events = list((prompt | GenericFakeChatModel(messages=iter(["a"])) | StrOutputParser()).stream_events({"q": "x"}))
     order = {(e["event"]): list(e) for e in events}
@@ -2658,7 +2658,7 @@ def test_each_event_kind_keeps_langchain_cores_key_order():
     assert list(root[1]) == stream  # the root model's chunks are watched like any root's
 
 
-def test_callbacks_a_tool_passes_on_by_hand_make_it_the_parent():
+def test_callbacks_a_tool_passes_on_by_hand_make_it_the_parent() -> None:
     reverse_word = RunnableLambda(lambda w: w[::-1], name="reverse_word")
 
     @tool
@@ -2672,7 +2672,7 @@ def test_callbacks_a_tool_passes_on_by_hand_make_it_the_parent():
                     ("on_chain_end", "RunnableLambda", 1), ("on_tool_end", "nested_tool", 0)]
 
 
-def test_fake_list_chat_model_batches_in_input_order():
+def test_fake_list_chat_model_batches_in_input_order() -> None:
     model = FakeListChatModel(responses=["a", "b", "c"])
     for _ in range(20):
         assert [m.content for m in model.batch(["x", "y", "z"])] == ["a", "b", "c"]
@@ -2689,7 +2689,7 @@ def _log_ops(patches: List[Any]) -> List[Any]:
     return re.sub(r"'[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}'", "ID", text)
 
 
-def test_astream_log_patches_match_langchain_core():
+def test_astream_log_patches_match_langchain_core() -> None:
     chain_ = ChatPromptTemplate.from_template("hi {x}") | GenericFakeChatModel(messages=iter(["a b"])) | StrOutputParser()
     patches = run(alist(chain_.astream_log({"x": 1})))
     entry = ("{'id': ID, 'name': '%s', 'type': '%s', 'tags': ['seq:step:%d'], 'metadata': %s, "
@@ -2728,7 +2728,7 @@ def test_astream_log_patches_match_langchain_core():
     assert _log_ops(patches) == rendered
 
 
-def test_astream_log_accumulates_filters_and_names_repeats():
+def test_astream_log_accumulates_filters_and_names_repeats() -> None:
     chain_ = GenericFakeChatModel(messages=iter(["a b"])) | StrOutputParser()
     logs = run(alist(chain_.astream_log("x", diff=False, include_types=["parser"],
                                         with_streamed_output_list=False)))
@@ -2750,7 +2750,7 @@ def test_astream_log_accumulates_filters_and_names_repeats():
     assert RunLambda is f
 
 
-def test_astream_log_of_a_parallel_root_diffs_the_output():
+def test_astream_log_of_a_parallel_root_diffs_the_output() -> None:
     par = RunnableParallel(a=RunnableLambda(lambda x: x + "1"))
     patches = run(alist(par.astream_log("x", include_names=[])))
     assert [p.ops for p in patches[1:]] == [
@@ -2786,7 +2786,7 @@ class Server:
         import collections
         import http.server
         self.replies: Any = collections.deque()
-        self.requests: List[dict] = []
+        self.requests: List[Dict[str, Any]] = []
         self.disconnected = threading.Event()
         owner = self
 
@@ -2891,7 +2891,7 @@ def _decode(decoder: Any, reader: Any, pieces: List[bytes]) -> AIMessageChunk:
     return mc._fold(chunks)
 
 
-def test_sse_decoding_is_the_same_at_every_split_point():
+def test_sse_decoding_is_the_same_at_every_split_point() -> None:
     expected = _decode_openai([OPENAI_EXAMPLE])
     _check_openai_example(expected)
     for cut in range(1, len(OPENAI_EXAMPLE)):
@@ -2905,7 +2905,7 @@ def test_sse_decoding_is_the_same_at_every_split_point():
 
 @pytest.mark.parametrize("name", ["llamacpp-server_chat_stream_usage", "llamacpp-python_chat_stream_usage",
                                   "llamacpp-python_chat_stream_toolcall"])
-def test_captured_streams_decode_the_same_at_dense_split_points(name: str):
+def test_captured_streams_decode_the_same_at_dense_split_points(name: str) -> None:
     data = (FIXTURES / f"{name}.sse").read_bytes()
     whole = _decode_openai([data])
     for cut in range(1, len(data), 13):
@@ -2922,7 +2922,7 @@ def test_captured_streams_decode_the_same_at_dense_split_points(name: str):
         assert whole.response_metadata == {"finish_reason": "length", "model_name": "smollm2-135m"}
 
 
-def test_openai_replays_a_captured_stream_sync_and_async(server: Server):
+def test_openai_replays_a_captured_stream_sync_and_async(server: Server) -> None:
     raw = (FIXTURES / "llamacpp-server_chat_stream_usage.raw").read_bytes()
     expected = _decode_openai([(FIXTURES / "llamacpp-server_chat_stream_usage.sse").read_bytes()])
     for _ in range(2):
@@ -2942,7 +2942,7 @@ def test_openai_replays_a_captured_stream_sync_and_async(server: Server):
                                "stream": True, "stream_options": {"include_usage": True}}
 
 
-def test_openai_tool_call_stream_through_the_server_in_small_pieces(server: Server):
+def test_openai_tool_call_stream_through_the_server_in_small_pieces(server: Server) -> None:
     pieces = [OPENAI_EXAMPLE[i:i + 37] for i in range(0, len(OPENAI_EXAMPLE), 37)]
     server.replies.extend([Reply(pieces), Reply(pieces)])
 
@@ -2962,7 +2962,7 @@ def test_openai_tool_call_stream_through_the_server_in_small_pieces(server: Serv
     assert "Authorization" not in server.requests[0]["headers"]
 
 
-def test_messages_map_to_each_api():
+def test_messages_map_to_each_api() -> None:
     history = [SystemMessage("be brief"), HumanMessage("weather?"),
                AIMessage("", tool_calls=[{"name": "get_weather", "args": {"city": "Paris"}, "id": "c1"}]),
                ToolMessage("sunny", tool_call_id="c1", name="get_weather"), HumanMessage("thanks")]
@@ -2994,7 +2994,7 @@ OLLAMA_EXAMPLE = (
     (mc._NDJSONDecoder, mc._OllamaStream, OLLAMA_EXAMPLE),
     (mc._SSEDecoder, mc._AnthropicStream, None),
 ], ids=["ollama", "anthropic"])
-def test_ollama_and_anthropic_decode_the_same_at_every_split_point(decoder: Any, reader: Any, data: Any):
+def test_ollama_and_anthropic_decode_the_same_at_every_split_point(decoder: Any, reader: Any, data: Any) -> None:
     data = data or ANTHROPIC_EXAMPLE
     whole = _decode(decoder(), reader(), [data])
     assert whole.content in ("The sky \u00e9", "Checking Paris.")
@@ -3002,7 +3002,7 @@ def test_ollama_and_anthropic_decode_the_same_at_every_split_point(decoder: Any,
         assert _decode(decoder(), reader(), split_at(data, cut)) == whole
 
 
-def test_ollama_streams_ndjson_sync_and_async(server: Server):
+def test_ollama_streams_ndjson_sync_and_async(server: Server) -> None:
     pieces = [OLLAMA_EXAMPLE[i:i + 29] for i in range(0, len(OLLAMA_EXAMPLE), 29)]
     server.replies.extend([Reply(pieces), Reply(pieces)])
     model = ChatOllama(model="llama3.2", base_url=server.url, temperature=0, keep_alive="5m")
@@ -3018,7 +3018,7 @@ def test_ollama_streams_ndjson_sync_and_async(server: Server):
                                           "stream": True, "keep_alive": "5m", "options": {"temperature": 0}}
 
 
-def test_ollama_mid_stream_error_line_raises(server: Server):
+def test_ollama_mid_stream_error_line_raises(server: Server) -> None:
     server.replies.append(Reply([OLLAMA_EXAMPLE.split(b"\n")[0] + b"\n", b'{"error":"model ran out of memory"}\n']))
     got = []
     with pytest.raises(mc.APIError, match=r"Ollama reported an error mid-stream: model ran out of memory"):
@@ -3044,7 +3044,7 @@ ANTHROPIC_EXAMPLE = (
     b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
 
 
-def test_anthropic_streams_text_tool_input_and_usage(server: Server):
+def test_anthropic_streams_text_tool_input_and_usage(server: Server) -> None:
     pieces = [ANTHROPIC_EXAMPLE[i:i + 51] for i in range(0, len(ANTHROPIC_EXAMPLE), 51)]
     server.replies.extend([Reply(pieces), Reply(pieces)])
     model = ChatAnthropic(model="claude-sonnet-4-5", api_key="k", base_url=server.url).bind_tools(
@@ -3065,7 +3065,7 @@ def test_anthropic_streams_text_tool_input_and_usage(server: Server):
                                "tool_choice": {"type": "any"}}
 
 
-def test_anthropic_error_event_mid_stream_raises(server: Server):
+def test_anthropic_error_event_mid_stream_raises(server: Server) -> None:
     error = b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
     head = b"\n\n".join(ANTHROPIC_EXAMPLE.split(b"\n\n")[:4]) + b"\n\n"
     server.replies.append(Reply([head, error]))
@@ -3079,7 +3079,7 @@ def test_anthropic_error_event_mid_stream_raises(server: Server):
     ("llamacpp-server_error_context_overflow_stream", 400, "exceed_context_size_error",
      "request (3031 tokens) exceeds the available context size (2048 tokens), try increasing it"),
 ])
-def test_http_errors_carry_status_message_and_type(server: Server, fixture: str, status: int, kind: str, message: str):
+def test_http_errors_carry_status_message_and_type(server: Server, fixture: str, status: int, kind: str, message: str) -> None:
     body = (FIXTURES / f"{fixture}.body.json").read_bytes()
     server.replies.extend([Reply(body, status=status, chunked=False, headers={"Content-Type": "application/json"})] * 2)
     model = ChatOpenAI(base_url=server.url + "/v1", max_retries=0)
@@ -3091,7 +3091,7 @@ def test_http_errors_carry_status_message_and_type(server: Server, fixture: str,
         assert str(info.value).startswith(f"OpenAI returned HTTP {status} ({kind}): {message}")
 
 
-def test_rate_limits_and_server_errors_are_retried_before_streaming(server: Server):
+def test_rate_limits_and_server_errors_are_retried_before_streaming(server: Server) -> None:
     ok = Reply(OPENAI_EXAMPLE)
     limited = Reply(b'{"error":{"message":"slow down","type":"rate_limit_error"}}', status=429,
                     chunked=False, headers={"retry-after": "0"})
@@ -3113,7 +3113,7 @@ def test_rate_limits_and_server_errors_are_retried_before_streaming(server: Serv
         ChatOpenAI(base_url=server.url + "/v1", max_retries=0).invoke("hi")
 
 
-def test_a_failure_after_streaming_began_is_never_retried(server: Server):
+def test_a_failure_after_streaming_began_is_never_retried(server: Server) -> None:
     head = OPENAI_EXAMPLE.split(b"\n\n")[1] + b"\n\n"
     server.replies.extend([Reply([head, b'data: {"error": {"message": "boom", "type": "server_error"}}\n\n']), Reply(OPENAI_EXAMPLE)])
     got = []
@@ -3130,7 +3130,7 @@ def test_a_failure_after_streaming_began_is_never_retried(server: Server):
     (b'data: {"object": "error", "message": "bad model", "type": "BadRequestError", "code": 400}\n\n', r"\(BadRequestError\): bad model"),
     (b'error: {"code": 400, "message": "context overflow"}\n\ndata: [DONE]\n\n', r"\(400\): context overflow"),
 ])
-def test_truncated_malformed_and_error_streams_raise(server: Server, body: bytes, match: str):
+def test_truncated_malformed_and_error_streams_raise(server: Server, body: bytes, match: str) -> None:
     server.replies.extend([Reply(body), Reply(body)])
     model = ChatOpenAI(base_url=server.url + "/v1")
     with pytest.raises(mc.APIError, match=match):
@@ -3139,14 +3139,14 @@ def test_truncated_malformed_and_error_streams_raise(server: Server, body: bytes
         run(alist(model.astream("hi")))
 
 
-def test_missing_done_is_fine_once_the_model_finished(server: Server):
+def test_missing_done_is_fine_once_the_model_finished(server: Server) -> None:
     body = OPENAI_EXAMPLE.replace(b"data: [DONE]\n\n", b"")
     server.replies.extend([Reply(body), Reply(body)])
     for chunks in both(ChatOpenAI(base_url=server.url + "/v1")):
         _check_openai_example(mc._fold(chunks))
 
 
-def test_timeouts_are_configurable_and_reported(server: Server):
+def test_timeouts_are_configurable_and_reported(server: Server) -> None:
     server.replies.extend([Reply([b"", OPENAI_EXAMPLE], delay=1.0)] * 2)
     model = ChatOpenAI(base_url=server.url + "/v1", timeout=(1.0, 0.2))
     with pytest.raises(mc.APITimeoutError, match=r"OpenAI: no (answer|data) from 127.0.0.1:\d+ within 0.2 s"):
@@ -3194,7 +3194,7 @@ def test_closing_the_stream_early_closes_the_connection(server: Server):
     assert server.disconnected.wait(5)
 
 
-def test_server_models_report_the_same_events_as_the_fakes(server: Server):
+def test_server_models_report_the_same_events_as_the_fakes(server: Server) -> None:
     server.replies.append(Reply(OPENAI_EXAMPLE))
     model = ChatOpenAI(model="gpt-4o-mini", base_url=server.url + "/v1")
     rows = trace(list((model | StrOutputParser()).stream_events("hi")), meta=True)
@@ -3205,7 +3205,7 @@ def test_server_models_report_the_same_events_as_the_fakes(server: Server):
     assert rows[-1][5] == repr({"output": "Let me check \u00e9 \u2028."})
 
 
-def test_keys_and_urls_come_from_the_environment(monkeypatch: Any):
+def test_keys_and_urls_come_from_the_environment(monkeypatch: Any) -> None:
     monkeypatch.setenv("OPENAI_BASE_URL", "http://example.test:1234/v1")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
     monkeypatch.setenv("OLLAMA_HOST", "0.0.0.0:11434")
@@ -3232,7 +3232,7 @@ def test_keys_and_urls_come_from_the_environment(monkeypatch: Any):
     (lambda: ChatPromptTemplate.from_template("{q}") | FakeListChatModel(responses=['{"a": [1, 2]}'])
      | JsonOutputParser(), {"q": "x"}, {"a": [1, 2]}),
 ])
-def test_invoke_equals_the_fold_of_stream_in_every_mode(make: Any, value: Any, expected: Any):
+def test_invoke_equals_the_fold_of_stream_in_every_mode(make: Any, value: Any, expected: Any) -> None:
     out = every_mode(make, value)
     assert out["invoke"] == out["ainvoke"] == expected
     assert mc._fold(out["stream"]) == mc._fold(out["astream"]) == expected
@@ -3244,7 +3244,7 @@ SERVER_ENV = ("OPENAI_BASE_URL", "OPENAI_API_KEY", "OLLAMA_HOST", "ANTHROPIC_API
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
-def test_examples_print_what_they_promise(path: Path):
+def test_examples_print_what_they_promise(path: Path) -> None:
     expected = (path.with_suffix(".out")).read_text()
     env = {k: v for k, v in os.environ.items() if k not in SERVER_ENV}
     env["PYTHONPATH"] = str(HERE)
@@ -3260,7 +3260,7 @@ def _readme_blocks() -> List[Any]:
 
 
 @pytest.mark.parametrize("block", _readme_blocks())
-def test_readme_examples_print_what_they_show(block: str):
+def test_readme_examples_print_what_they_show(block: str) -> None:
     code = "\n".join(l for l in block.splitlines() if not l.startswith("# "))
     expected = [l[2:] for l in block.splitlines() if l.startswith("# ")]
     env = {**os.environ, "PYTHONPATH": str(HERE)}
@@ -3270,7 +3270,7 @@ def test_readme_examples_print_what_they_show(block: str):
     assert [l.rstrip() for l in got.stdout.splitlines()] == expected
 
 
-def test_every_public_name_has_a_doctest():
+def test_every_public_name_has_a_doctest() -> None:
     aliases = {"RunnableConfig"}  # a type alias (Dict[str, Any]); documented where defined
     missing = [name for name in mc.__all__
                if name not in aliases and ">>>" not in (getattr(mc, name).__doc__ or "")]
@@ -3299,7 +3299,7 @@ print(sorted(m for m in sys.modules if m.split(".")[0] not in sys.stdlib_module_
 """
 
 
-def test_a_vendored_copy_runs_with_nothing_installed(tmp_path: Path):
+def test_a_vendored_copy_runs_with_nothing_installed(tmp_path: Path) -> None:
     (tmp_path / "minichain.py").write_bytes((HERE / "minichain.py").read_bytes())
     (tmp_path / "app.py").write_text(VENDORED_APP)
     got = subprocess.run([sys.executable, "-I", "-S", "-W", "error", str(tmp_path / "app.py")],
@@ -3309,7 +3309,7 @@ def test_a_vendored_copy_runs_with_nothing_installed(tmp_path: Path):
         "a| |parrot| |joke", "['on_parser_start', 'on_parser_stream', 'on_parser_end']", "['minichain']"]
 
 
-def test_a_vendored_copy_runs_under_python_s_with_no_path_set_up(tmp_path: Path):
+def test_a_vendored_copy_runs_under_python_s_with_no_path_set_up(tmp_path: Path) -> None:
     (tmp_path / "minichain.py").write_bytes((HERE / "minichain.py").read_bytes())
     (tmp_path / "app.py").write_text(VENDORED_APP.replace("sys.path.insert(0,", "(None,"))
     got = subprocess.run([sys.executable, "-S", "-W", "error", str(tmp_path / "app.py")],
@@ -3320,7 +3320,7 @@ def test_a_vendored_copy_runs_under_python_s_with_no_path_set_up(tmp_path: Path)
     assert "No module named 'minichain'" in isolated.stderr  # what the README warns about
 
 
-def test_the_doctests_pass_with_plain_doctest_and_include_the_tour():
+def test_the_doctests_pass_with_plain_doctest_and_include_the_tour() -> None:
     assert ">>> chain = prompt | model | StrOutputParser()" in (mc.__doc__ or "")
     got = subprocess.run([sys.executable, "-m", "doctest", "minichain.py"], capture_output=True,
                          text=True, timeout=120, cwd=HERE,
@@ -3328,7 +3328,7 @@ def test_the_doctests_pass_with_plain_doctest_and_include_the_tour():
     assert got.returncode == 0, got.stdout + got.stderr
 
 
-def test_importing_loads_no_module_that_only_some_users_need():
+def test_importing_loads_no_module_that_only_some_users_need() -> None:
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import minichain; "
             "print([m for m in ('asyncio', 'http.client', 'ssl', 'inspect', 'json', "
             "'concurrent.futures', 'urllib.parse', 'socket', 'queue') if m in sys.modules])")
@@ -3405,7 +3405,7 @@ METHODS = {
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("where", FAILING)
-def test_an_exception_anywhere_reaches_every_method_unchanged(where: str, method: str):
+def test_an_exception_anywhere_reaches_every_method_unchanged(where: str, method: str) -> None:
     with pytest.raises(Boom) as info:
         METHODS[method](FAILING[where](), "a b c d")
     assert info.value is RAISED[-1] or info.value in RAISED
@@ -3413,7 +3413,7 @@ def test_an_exception_anywhere_reaches_every_method_unchanged(where: str, method
 
 
 @pytest.mark.parametrize("where", FAILING)
-def test_batch_returns_each_exception_in_its_place(where: str):
+def test_batch_returns_each_exception_in_its_place(where: str) -> None:
     ok = RunnableLambda(lambda x: x)
     for out in (FAILING[where]().batch(["a b c d", "x"], return_exceptions=True),
                 run(FAILING[where]().abatch(["a b c d"], return_exceptions=True))):
@@ -3422,11 +3422,11 @@ def test_batch_returns_each_exception_in_its_place(where: str):
 
 
 @pytest.mark.parametrize("where", ["first chunk", "middle", "after the last chunk"])
-def test_every_event_emitted_before_a_failure_is_delivered(where: str):
+def test_every_event_emitted_before_a_failure_is_delivered(where: str) -> None:
     for events_of in (lambda r, cfg: r.stream_events("a b c d", cfg),
                       lambda r, cfg: _sync(r.astream_events("a b c d", cfg))):
-        emitted: List[dict] = []
-        delivered: List[dict] = []
+        emitted: List[Dict[str, Any]] = []
+        delivered: List[Dict[str, Any]] = []
         with pytest.raises(Boom):
             for e in events_of(FAILING[where](), {"callbacks": [emitted.append]}):
                 delivered.append(e)
@@ -3434,7 +3434,7 @@ def test_every_event_emitted_before_a_failure_is_delivered(where: str):
         assert not [e for e in delivered if e["event"] == "on_chain_end" and not e["parent_ids"]]
 
 
-def test_a_failing_branch_stops_and_closes_the_others():
+def test_a_failing_branch_stops_and_closes_the_others() -> None:
     closed: List[str] = []
 
     def slow(chunks: Iterator[str]) -> Iterator[str]:
@@ -3489,7 +3489,7 @@ def _tracked_pipeline(closed: List[str]) -> Any:
     return step, astep
 
 
-def test_stopping_after_any_chunk_closes_every_step():
+def test_stopping_after_any_chunk_closes_every_step() -> None:
     for stop_after in range(0, 12):
         closed: List[str] = []
         step, astep = _tracked_pipeline(closed)
@@ -3517,15 +3517,15 @@ def test_stopping_after_any_chunk_closes_every_step():
         assert sorted(closed) in ([], ["one", "two"]) and (stop_after < 3 or closed), stop_after
 
 
-def test_a_thousand_concurrent_event_streams_get_only_their_own_events():
+def test_a_thousand_concurrent_event_streams_get_only_their_own_events() -> None:
     import itertools
     chain_ = ChatPromptTemplate.from_template("{topic}") | \
         GenericFakeChatModel(messages=itertools.repeat("x y")) | StrOutputParser()
 
-    async def one(i: int) -> List[dict]:
+    async def one(i: int) -> List[Dict[str, Any]]:
         return [e async for e in chain_.astream_events({"topic": f"t{i}"})]
 
-    async def main() -> List[List[dict]]:
+    async def main() -> List[List[Dict[str, Any]]]:
         return await asyncio.gather(*(one(i) for i in range(1000)))
     results = run(main())
     for i, events in enumerate(results):
@@ -3538,10 +3538,10 @@ def test_a_thousand_concurrent_event_streams_get_only_their_own_events():
     assert len({e["run_id"] for events in results for e in events}) == 4000
 
 
-def test_batch_threads_keep_each_inputs_context():
+def test_batch_threads_keep_each_inputs_context() -> None:
     seen = []
 
-    def inner(x: str, config: dict) -> str:
+    def inner(x: str, config: Dict[str, Any]) -> str:
         seen.append((x, config.get("tags"), config.get("metadata")))
         return x
     outer = RunnableLambda(lambda x: RunnableLambda(inner).invoke(x))
@@ -3550,8 +3550,8 @@ def test_batch_threads_keep_each_inputs_context():
     assert sorted(seen) == [(f"x{i}", [f"t{i}"], {"i": i}) for i in range(8)]
 
 
-def test_a_listener_that_raises_is_logged_and_the_run_goes_on(caplog: Any):
-    def broken(event: dict) -> None:
+def test_a_listener_that_raises_is_logged_and_the_run_goes_on(caplog: Any) -> None:
+    def broken(event: Dict[str, Any]) -> None:
         raise RuntimeError("listener bug")
     with caplog.at_level("WARNING", logger="minichain"):
         assert RunnableLambda(str.upper).invoke("a", {"callbacks": [broken]}) == "A"
@@ -3562,7 +3562,7 @@ def test_a_listener_that_raises_is_logged_and_the_run_goes_on(caplog: Any):
     class Strict:
         raise_error = True
 
-        def on_chain_start(self, event: dict) -> None:
+        def on_chain_start(self, event: Dict[str, Any]) -> None:
             raise RuntimeError("strict listener")
     with pytest.raises(RuntimeError, match="strict listener"):
         RunnableLambda(str.upper).invoke("a", {"callbacks": [Strict()]})
@@ -3582,7 +3582,7 @@ def _random_chunk(rng: random.Random) -> AIMessageChunk:
                           chunk_position=rng.choice([None, None, "last"]), **kwargs)
 
 
-def test_chunk_addition_is_associative_and_join_agrees():
+def test_chunk_addition_is_associative_and_join_agrees() -> None:
     rng = random.Random(11)
     for _ in range(500):
         a, b, c = (_random_chunk(rng) for _ in range(3))
@@ -3614,7 +3614,7 @@ INVOKE_KINDS = {
 
 
 @pytest.mark.parametrize("kind", INVOKE_KINDS)
-def test_invoke_equals_the_fold_of_stream_for_every_kind(kind: str):
+def test_invoke_equals_the_fold_of_stream_for_every_kind(kind: str) -> None:
     make = INVOKE_KINDS[kind]
     value = "a b"
     whole = make().invoke(value)
@@ -3628,7 +3628,7 @@ def test_invoke_equals_the_fold_of_stream_for_every_kind(kind: str):
         assert run(make().ainvoke(value)) == whole
 
 
-def test_memory_stays_flat_when_no_one_listens():
+def test_memory_stays_flat_when_no_one_listens() -> None:
     import tracemalloc
 
     class Counting(mc.BaseChatModel):
@@ -3636,7 +3636,7 @@ def test_memory_stays_flat_when_no_one_listens():
             super().__init__()
             self.n = n
 
-        def _stream(self, messages: list, **kwargs: Any) -> Iterator[AIMessageChunk]:
+        def _stream(self, messages: List[Any], **kwargs: Any) -> Iterator[AIMessageChunk]:
             for _ in range(self.n):
                 yield AIMessageChunk("tok ")
 
@@ -3652,7 +3652,7 @@ def test_memory_stays_flat_when_no_one_listens():
     assert large < small * 1.5 + 50_000, (small, large)
 
 
-def test_extra_prompt_keys_are_ignored_and_a_misspelt_one_shows_in_the_error():
+def test_extra_prompt_keys_are_ignored_and_a_misspelt_one_shows_in_the_error() -> None:
     prompt = PromptTemplate.from_template("Q: {question}")
     assert prompt.invoke({"question": "why?", "context": "passed along"}).to_string() == "Q: why?"
     with pytest.raises(KeyError, match=r"missing variable 'question'; the template expects \['question'\] and got \['questoin'\]"):
@@ -3663,7 +3663,7 @@ def test_extra_prompt_keys_are_ignored_and_a_misspelt_one_shows_in_the_error():
     ("sk-secret\n", r"the Authorization header has a newline \(\\n\) at its end; strip it \(a key read from a file often ends with one: key.strip\(\)\)"),
     ("sk-secret\r\nX-Injected: yes", r"the Authorization header has a carriage return \(\\r\) inside it"),
 ])
-def test_header_values_with_control_characters_are_refused_before_connecting(server: "Server", key: str, message: str):
+def test_header_values_with_control_characters_are_refused_before_connecting(server: "Server", key: str, message: str) -> None:
     model = ChatOpenAI(api_key=key, base_url=server.url + "/v1")
     for call in (lambda: model.invoke("hi"), lambda: run(model.ainvoke("hi"))):
         with pytest.raises(ValueError, match="^OpenAI: " + message) as caught:
@@ -3740,7 +3740,7 @@ def _both_raise(model: Any, error: Any, match: str) -> None:
         run(alist(model.astream("hi")))
 
 
-def test_every_transport_failure_is_an_api_error_with_its_cause():
+def test_every_transport_failure_is_an_api_error_with_its_cause() -> None:
     def reset_mid_stream(conn: Any) -> None:
         conn.sendall(SSE_HEAD + ONE_TOKEN)
         time.sleep(0.05)
@@ -3762,7 +3762,7 @@ def test_every_transport_failure_is_an_api_error_with_its_cause():
             raw.close()
 
 
-def test_a_connection_closed_before_the_answer_is_retried_the_same_by_both_transports():
+def test_a_connection_closed_before_the_answer_is_retried_the_same_by_both_transports() -> None:
     raw = RawServer(lambda conn: None)  # reads the request, closes without a word
     try:
         _both_raise(ChatOpenAI(base_url=raw.url + "/v1", max_retries=1), mc.APIConnectionError,
@@ -3772,7 +3772,7 @@ def test_a_connection_closed_before_the_answer_is_retried_the_same_by_both_trans
         raw.close()
 
 
-def test_name_and_certificate_failures_are_not_retried(monkeypatch: Any):
+def test_name_and_certificate_failures_are_not_retried(monkeypatch: Any) -> None:
     import socket
     import ssl
     calls: List[str] = []
@@ -3791,7 +3791,7 @@ def test_name_and_certificate_failures_are_not_retried(monkeypatch: Any):
         mc._retry_after(error, 0, req)
 
 
-def test_what_a_server_sends_is_capped(server: "Server"):
+def test_what_a_server_sends_is_capped(server: "Server") -> None:
     import tracemalloc
     line = b"data: " + b"x" * (4 * 2 ** 20)  # 4 MiB with no line end
     server.replies.extend([Reply([line], chunked=False)] * 2)
@@ -3816,12 +3816,12 @@ def test_what_a_server_sends_is_capped(server: "Server"):
         ChatOllama(base_url=server.url, max_event_bytes=1024, max_retries=0).invoke("hi")
 
 
-def test_read_sse_reports_a_cut_event():
+def test_read_sse_reports_a_cut_event() -> None:
     with pytest.raises(mc.IncompleteStreamError, match="the stream ended in the middle of an event"):
         list(mc.read_sse([b'event: data\ndata: "a"\n\nevent: data\ndata: "b']))
 
 
-def test_ipv6_hosts_are_bracketed_and_ollama_defaults_its_port(monkeypatch: Any):
+def test_ipv6_hosts_are_bracketed_and_ollama_defaults_its_port(monkeypatch: Any) -> None:
     raw = RawServer(lambda conn: conn.sendall(SSE_HEAD + ONE_TOKEN + b"data: [DONE]\n\n"), host="::1")
     try:
         model = ChatOpenAI(base_url=raw.url + "/v1", max_retries=0)
@@ -3846,7 +3846,7 @@ def test_ipv6_hosts_are_bracketed_and_ollama_defaults_its_port(monkeypatch: Any)
     (lambda: RunnableLambda(str).batch([1], {"max_concurrency": 0}), r"config max_concurrency must be an int >= 1, not 0"),
     (lambda: ChatOpenAI(base_url="http://x/v1", max_retries=None), r"ChatOpenAI: max_retries must be an int >= 0, not None"),
 ])
-def test_bad_arguments_fail_at_the_call_that_received_them(call: Any, message: str):
+def test_bad_arguments_fail_at_the_call_that_received_them(call: Any, message: str) -> None:
     with pytest.raises(TypeError, match="^" + message):
         call()
 
@@ -3855,7 +3855,7 @@ def test_bad_arguments_fail_at_the_call_that_received_them(call: Any, message: s
 # 13. Server-sent events out, and the served example page
 # ---------------------------------------------------------------------------------------------
 
-def test_to_sse_frames_only_run_events_and_every_data_line_parses():
+def test_to_sse_frames_only_run_events_and_every_data_line_parses() -> None:
     forged = {"event": 'data\ndata: "FORGED"\n\nevent: end', "data": 1}
     chunks = [forged, "a\ud800b", float("inf"), {"n": float("nan")}, "last"]
     body = b"".join(mc.to_sse(iter(chunks)))
@@ -3878,7 +3878,7 @@ def _serve_module() -> Any:
     return module
 
 
-def test_sse_round_trips_events_chunks_and_errors():
+def test_sse_round_trips_events_chunks_and_errors() -> None:
     chain_ = GenericFakeChatModel(messages=iter(["a b"])) | StrOutputParser()
     events = list(chain_.stream_events("x"))
     data = b"".join(mc.to_sse(iter(events)))
@@ -3901,7 +3901,7 @@ def test_sse_round_trips_events_chunks_and_errors():
                     {"type": "ChatPromptValue", "messages": [{"type": "HumanMessage", "content": "h"}]}]
 
 
-def test_the_served_endpoint_streams_the_chains_events_in_order():
+def test_the_served_endpoint_streams_the_chains_events_in_order() -> None:
     import http.client
     serve = _serve_module()
     server = serve.serve(0, lambda: serve.make_chain(delay=0))
@@ -3930,7 +3930,7 @@ def test_the_served_endpoint_streams_the_chains_events_in_order():
     assert text == serve.ANSWER and snapshots[0] == {} and snapshots[-1] == json.loads(serve.ANSWER)
 
 
-def test_closing_the_page_stops_the_run_on_the_server():
+def test_closing_the_page_stops_the_run_on_the_server() -> None:
     serve = _serve_module()
     closed = threading.Event()
 
@@ -3964,7 +3964,7 @@ def _chromium() -> Any:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-def test_the_page_shows_the_streamed_answer_in_a_real_browser(tmp_path: Path):
+def test_the_page_shows_the_streamed_answer_in_a_real_browser(tmp_path: Path) -> None:
     browser = _chromium()
     if browser is None:
         if os.environ.get("CI"):
@@ -3990,7 +3990,7 @@ def test_the_page_shows_the_streamed_answer_in_a_real_browser(tmp_path: Path):
     assert shown and json.loads(shown.group(1)) == json.loads(serve.ANSWER)
 
 
-def test_json_diff_mode_patches_rebuild_every_snapshot():
+def test_json_diff_mode_patches_rebuild_every_snapshot() -> None:
     import copy
     rng = random.Random(5)
     doc = {"name": "Fr\u00e9", "n": [1, -2.5, {"x": [True, None]}], "e": {}, "s": "a b "}
@@ -4010,12 +4010,12 @@ def test_json_diff_mode_patches_rebuild_every_snapshot():
         [{"op": "add", "path": "/a", "value": "x\u00e9"}]]
 
 
-def test_a_parallel_step_needs_a_branch():
+def test_a_parallel_step_needs_a_branch() -> None:
     with pytest.raises(ValueError, match=r"a RunnableParallel needs at least one branch, e.g. RunnableParallel\(answer=model\)"):
         RunnableParallel({})
 
 
-def test_callbacks_bound_to_a_step_still_fire_inside_a_listened_run():
+def test_callbacks_bound_to_a_step_still_fire_inside_a_listened_run() -> None:
     bound: List[str] = []
     model = GenericFakeChatModel(messages=iter(["a b"])).with_config(callbacks=[lambda e: bound.append(e["event"])])
     rows = short(trace(list((RunnableLambda(lambda x: x) | model).stream_events("x"))))
@@ -4027,12 +4027,12 @@ def test_callbacks_bound_to_a_step_still_fire_inside_a_listened_run():
     assert sorted(both) == ["bound", "bound", "call", "call"]
 
 
-def test_a_sync_step_still_running_when_the_event_consumer_leaves_is_stopped():
+def test_a_sync_step_still_running_when_the_event_consumer_leaves_is_stopped() -> None:
     closed = threading.Event()
     model = GenericFakeChatModel(messages=iter(["a b c d e f g h i j k l m n o p"]), sleep=0.02)
 
     class Tracked(mc.BaseChatModel):
-        def _stream(self, messages: list, **kwargs: Any) -> Iterator[AIMessageChunk]:
+        def _stream(self, messages: List[Any], **kwargs: Any) -> Iterator[AIMessageChunk]:
             try:
                 yield from model._stream(messages)
             finally:
@@ -4059,12 +4059,12 @@ def test_a_sync_step_still_running_when_the_event_consumer_leaves_is_stopped():
 def asgi_call(app: Any, method: str, path: str, body: bytes = b"",
               headers: Sequence[Tuple[bytes, bytes]] = ()) -> Tuple[int, Dict[bytes, bytes], bytes]:
     """One request to an ASGI app, in process: (status, headers, body)."""
-    sent: List[dict] = []
+    sent: List[Dict[str, Any]] = []
 
     async def main() -> None:
         delivered = False
 
-        async def receive() -> dict:
+        async def receive() -> Dict[str, Any]:
             nonlocal delivered
             if not delivered:
                 delivered = True
@@ -4072,7 +4072,7 @@ def asgi_call(app: Any, method: str, path: str, body: bytes = b"",
             await asyncio.sleep(3600)  # the client stays
             return {"type": "http.disconnect"}
 
-        async def send(message: dict) -> None:
+        async def send(message: Dict[str, Any]) -> None:
             sent.append(message)
         await app({"type": "http", "method": method, "path": path, "headers": list(headers)},
                   receive, send)
@@ -4101,7 +4101,7 @@ def _ids(text: str) -> str:
     return re.sub(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "ID", text)
 
 
-def test_asgi_app_answers_invoke_batch_and_streams_in_langserves_format():
+def test_asgi_app_answers_invoke_batch_and_streams_in_langserves_format() -> None:
     app = _served_app()
     status, headers, body = asgi_call(app, "POST", "/joke/invoke", b'{"input": {"topic": "parrots"}}')
     assert (status, headers[b"content-type"]) == (200, b"application/json")
@@ -4123,7 +4123,7 @@ def test_asgi_app_answers_invoke_batch_and_streams_in_langserves_format():
                           '"invalid_tool_calls":[],"usage_metadata":null,"tool_call_chunks":[],"chunk_position":"last"}')
 
 
-def test_asgi_app_streams_events_and_logs_named_after_the_path():
+def test_asgi_app_streams_events_and_logs_named_after_the_path() -> None:
     app = _served_app()
     _, _, body = asgi_call(app, "POST", "/joke/stream_events",
                            b'{"input": {"topic": "x"}, "config": {"tags": ["dropped"], "run_name": "dropped"},'
@@ -4154,7 +4154,7 @@ def test_asgi_app_streams_events_and_logs_named_after_the_path():
     ("POST", "/joke/invoke", b'{"input": "' + b"x" * 10_000 + b'"}', 413, "the request body is over 10000 bytes"),
     ("POST", "/joke/invoke", b'{"input": {"topik": 1}}', 422, "ChatPromptTemplate is missing variable 'topic'; the template expects ['topic'] and got ['topik']; pass {'topic': ...} (or write '{{topic}}' for a literal brace)"),
 ])
-def test_asgi_app_refuses_bad_requests_with_json_errors(method: str, path: str, body: bytes, status: int, detail: Any):
+def test_asgi_app_refuses_bad_requests_with_json_errors(method: str, path: str, body: bytes, status: int, detail: Any) -> None:
     got_status, headers, got = asgi_call(_served_app(), method, path, body)
     assert (got_status, json.loads(got)) == (status, {"detail": detail})
     assert headers[b"content-type"] == b"application/json"
@@ -4162,7 +4162,7 @@ def test_asgi_app_refuses_bad_requests_with_json_errors(method: str, path: str, 
         assert headers[b"allow"] == b"POST"
 
 
-def test_asgi_app_keeps_a_failing_runs_error_text_on_the_server():
+def test_asgi_app_keeps_a_failing_runs_error_text_on_the_server() -> None:
     app = _served_app()
     assert asgi_call(app, "POST", "/fail/invoke", b'{"input": 1}')[::2] == (500, b"Internal Server Error")
     assert asgi_call(app, "POST", "/fail/batch", b'{"inputs": [1]}')[::2] == (500, b"Internal Server Error")
@@ -4173,7 +4173,7 @@ def test_asgi_app_keeps_a_failing_runs_error_text_on_the_server():
                                    'event: data\r\ndata: "b"\r\n\r\n') + error.decode()
 
 
-def test_asgi_app_stops_the_run_when_the_client_disconnects():
+def test_asgi_app_stops_the_run_when_the_client_disconnects() -> None:
     ticks: List[int] = []
     closed = threading.Event()
 
@@ -4192,7 +4192,7 @@ def test_asgi_app_stops_the_run_when_the_client_disconnects():
         gone = asyncio.Event()
         delivered = False
 
-        async def receive() -> dict:
+        async def receive() -> Dict[str, Any]:
             nonlocal delivered
             if not delivered:
                 delivered = True
@@ -4200,7 +4200,7 @@ def test_asgi_app_stops_the_run_when_the_client_disconnects():
             await gone.wait()
             return {"type": "http.disconnect"}
 
-        async def send(message: dict) -> None:
+        async def send(message: Dict[str, Any]) -> None:
             frames.append(message.get("body", b""))
             if len(frames) == 4:  # start, metadata, two ticks: the client leaves
                 gone.set()
@@ -4220,7 +4220,7 @@ def served() -> Iterator[str]:
     stop()
 
 
-def test_remote_runnable_calls_a_served_chain_in_every_mode(served: str):
+def test_remote_runnable_calls_a_served_chain_in_every_mode(served: str) -> None:
     def make() -> Any:
         return mc.RemoteRunnable(f"{served}/joke")
     tokens = ["Why", " ", "did", " ", "the", " ", "parrot", " ", "talk?"]
@@ -4238,7 +4238,7 @@ def test_remote_runnable_calls_a_served_chain_in_every_mode(served: str):
     assert echoed == {"m": [HumanMessage("x")], "d": mc.Document("p", id="1")}
 
 
-def test_remote_runnable_events_and_logs(served: str):
+def test_remote_runnable_events_and_logs(served: str) -> None:
     remote = mc.RemoteRunnable(f"{served}/joke")
     server_events = list(remote.stream_events({"topic": "x"}, include_types=["chain"]))
     assert [(e["event"], e["name"]) for e in server_events][::len(server_events) - 1] == [
@@ -4263,7 +4263,7 @@ def test_remote_runnable_events_and_logs(served: str):
     assert "'output': AIMessageChunk(content='hello world'" in remote_rows[1][5]
 
 
-def test_remote_runnable_errors_are_api_errors(served: str):
+def test_remote_runnable_errors_are_api_errors(served: str) -> None:
     with pytest.raises(mc.APIError, match=r"the server at http://127.0.0.1:\d+/fail returned HTTP 500: Internal Server Error"):
         mc.RemoteRunnable(f"{served}/fail").invoke(1)
     got: List[str] = []
@@ -4293,7 +4293,7 @@ class Replay:
         self.sock.listen(8)
         self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
         self.answers: List[str] = []
-        self.requests: List[Tuple[str, dict]] = []
+        self.requests: List[Tuple[str, Dict[str, Any]]] = []
         self.thread = threading.Thread(target=self.serve, daemon=True)
         self.thread.start()
 
@@ -4329,7 +4329,7 @@ def replay() -> Iterator[Replay]:
     r.close()
 
 
-def test_remote_runnable_reads_langserves_captured_answers(replay: Replay):
+def test_remote_runnable_reads_langserves_captured_answers(replay: Replay) -> None:
     joke = mc.RemoteRunnable(f"{replay.url}/joke")
     tokens = ["Why", " ", "did", " ", "the", " ", "parrot", " ", "talk?"]
     replay.answers += ["joke_invoke", "joke_invoke", "joke_stream", "joke_stream", "joke_batch", "joke_batch"]
@@ -4352,7 +4352,7 @@ def test_remote_runnable_reads_langserves_captured_answers(replay: Replay):
     assert run(final()) == "Why did the parrot talk?"
 
 
-def test_remote_runnable_decodes_langserves_messages_and_documents(replay: Replay):
+def test_remote_runnable_decodes_langserves_messages_and_documents(replay: Replay) -> None:
     replay.answers += ["chat_invoke", "chat_stream", "docs_invoke", "docs_stream", "echo_invoke_unicode"]
     chat = mc.RemoteRunnable(f"{replay.url}/chat")
     assert ids_out(repr(chat.invoke("hi"))) == "AIMessage(content='hello world', id='lc_run--ID-0')"
@@ -4366,7 +4366,7 @@ def test_remote_runnable_decodes_langserves_messages_and_documents(replay: Repla
     assert mc.RemoteRunnable(f"{replay.url}/echo").invoke("x") == echoed  # plain values as they are
 
 
-def test_remote_runnable_raises_langserves_errors(replay: Replay):
+def test_remote_runnable_raises_langserves_errors(replay: Replay) -> None:
     replay.answers += ["fail_invoke", "fail_stream", "fail_mid_stream", "fail_mid_stream", "joke_invoke_err_missing_input"]
     fail = mc.RemoteRunnable(f"{replay.url}/fail")
     with pytest.raises(mc.APIError, match=r"/fail returned HTTP 500: Internal Server Error") as caught:
@@ -4391,7 +4391,7 @@ def test_remote_runnable_raises_langserves_errors(replay: Replay):
         mc.RemoteRunnable(f"{replay.url}/joke").invoke(1)
 
 
-def test_remote_runnable_sends_what_langserves_client_sends(replay: Replay):
+def test_remote_runnable_sends_what_langserves_client_sends(replay: Replay) -> None:
     replay.answers += ["joke_invoke", "joke_stream", "joke_batch", "joke_stream_events", "joke_stream_log"]
     joke = mc.RemoteRunnable(f"{replay.url}/joke")
     joke.invoke({"topic": "parrots"})
@@ -4454,7 +4454,7 @@ def _langserve_same(text: str) -> str:
     return text
 
 
-def test_remote_runnable_closes_its_connection_and_the_remote_run_stops(served: str):
+def test_remote_runnable_closes_its_connection_and_the_remote_run_stops(served: str) -> None:
     # the served app's /echo is instant; use a slow route on a server of its own
     ticks: List[int] = []
     stopped = threading.Event()
@@ -4490,7 +4490,7 @@ def test_remote_runnable_closes_its_connection_and_the_remote_run_stops(served: 
         stop()
 
 
-def test_remote_runnable_times_out_and_refuses_a_cut_stream():
+def test_remote_runnable_times_out_and_refuses_a_cut_stream() -> None:
     import socket
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
@@ -4524,19 +4524,19 @@ def test_remote_runnable_times_out_and_refuses_a_cut_stream():
 def test_asgi_app_keeps_configurable_and_serves_concurrent_requests_apart():
     seen: List[Any] = []
 
-    def who(x: Any, config: dict) -> str:
+    def who(x: Any, config: Dict[str, Any]) -> str:
         seen.append(config.get("configurable"))
         return f"{x} for {config['configurable'].get('user')}"
     app = mc.asgi_app({"/who": RunnableLambda(who)})
     body = b'{"input": "hi", "config": {"configurable": {"user": "ann"}, "tags": ["t"]}}'
     assert json.loads(asgi_call(app, "POST", "/who/invoke", body)[2])["output"] == "hi for ann"
 
-    async def both_streams() -> List[List[dict]]:
-        async def one(value: str) -> List[dict]:
+    async def both_streams() -> List[List[Dict[str, Any]]]:
+        async def one(value: str) -> List[Dict[str, Any]]:
             frames: List[bytes] = []
             delivered = False
 
-            async def receive() -> dict:
+            async def receive() -> Dict[str, Any]:
                 nonlocal delivered
                 if not delivered:
                     delivered = True
@@ -4544,7 +4544,7 @@ def test_asgi_app_keeps_configurable_and_serves_concurrent_requests_apart():
                 await asyncio.sleep(3600)
                 return {"type": "http.disconnect"}
 
-            async def send(message: dict) -> None:
+            async def send(message: Dict[str, Any]) -> None:
                 frames.append(message.get("body", b""))
             await app({"type": "http", "method": "POST", "path": "/who/stream_events", "headers": []}, receive, send)
             text = b"".join(frames).decode()
@@ -4559,7 +4559,7 @@ def test_asgi_app_keeps_configurable_and_serves_concurrent_requests_apart():
 
 @pytest.mark.parametrize("body", [b"5", b'"input"', b"[" * 100_000 + b"]" * 100_000,
                                   b'{"input": ' + b"[" * 5_000 + b"]" * 5_000 + b"}"])
-def test_asgi_app_refuses_hostile_json_without_a_traceback(body: bytes):
+def test_asgi_app_refuses_hostile_json_without_a_traceback(body: bytes) -> None:
     app = mc.asgi_app({"/echo": RunnableLambda(lambda x: x)}, max_body_bytes=1 << 20)
     for endpoint in ("invoke", "stream"):
         status, _, got = asgi_call(app, "POST", f"/echo/{endpoint}", body)
@@ -4567,7 +4567,7 @@ def test_asgi_app_refuses_hostile_json_without_a_traceback(body: bytes):
             {"type": "model_type", "loc": [], "msg": "Input should be a valid dictionary or object to extract fields from"}])
 
 
-def test_remote_runnable_refuses_a_hostile_servers_json():
+def test_remote_runnable_refuses_a_hostile_servers_json() -> None:
     deep = b"[" * 100_000 + b"]" * 100_000
 
     class Hostile(Replay):
