@@ -2693,7 +2693,7 @@ class RunnableSequence(Runnable[Input, Output]):
     ('HELLO WORLD', 2)
     """
 
-    def __init__(self, *steps: Any, name: Optional[str] = None) -> None:
+    def __init__(self: "RunnableSequence[Any, Any]", *steps: Any, name: Optional[str] = None) -> None:
         flat: List[Runnable[Any, Any]] = []
         for step in steps:
             runnable = coerce_to_runnable(step)
@@ -2863,7 +2863,7 @@ class RunnableParallel(Runnable[Input, Dict[str, Any]]):
     ({'orig': 'hello', 'n': 5}, [{'orig': 'hello'}, {'n': 5}])
     """
 
-    def __init__(self, steps: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> None:
+    def __init__(self: "RunnableParallel[Any]", steps: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> None:
         merged = {**(steps or {}), **kwargs}
         if not merged:
             raise ValueError("a RunnableParallel needs at least one branch, e.g. "
@@ -2955,7 +2955,8 @@ class RunnableLambda(Runnable[Input, Output]):
 
     _user_code = True
 
-    def __init__(self, func: Callable[..., Any], afunc: Optional[Callable[..., Any]] = None,
+    def __init__(self: "RunnableLambda[Any, Any]", func: Callable[..., Any],
+                 afunc: Optional[Callable[..., Any]] = None,
                  name: Optional[str] = None) -> None:
         if not callable(func):
             raise TypeError(f"RunnableLambda needs a function, got {type(func).__name__}: "
@@ -3058,7 +3059,8 @@ class RunnableGenerator(Runnable[Input, Output]):
 
     _user_code = True
 
-    def __init__(self, transform: Callable[..., Any], atransform: Optional[Callable[..., Any]] = None,
+    def __init__(self: "RunnableGenerator[Any, Any]", transform: Callable[..., Any],
+                 atransform: Optional[Callable[..., Any]] = None,
                  name: Optional[str] = None) -> None:
         for fn in (transform, atransform):
             if fn is None:
@@ -3107,7 +3109,7 @@ class RunnablePassthrough(Runnable[Input, Input]):
     {'question': 'why?'}
     """
 
-    def __init__(self, func: Optional[Callable[[Any], Any]] = None) -> None:
+    def __init__(self: "RunnablePassthrough[Any]", func: Optional[Callable[[Any], Any]] = None) -> None:
         self.func = func
 
     def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
@@ -3248,7 +3250,7 @@ class RunnableWithFallbacks(Runnable[Input, Output]):
 
     input_in_start = True
 
-    def __init__(self, runnable: Any, fallbacks: Sequence[Any], *,
+    def __init__(self: "RunnableWithFallbacks[Any, Any]", runnable: Any, fallbacks: Sequence[Any], *,
                  exceptions_to_handle: Tuple[Type[BaseException], ...] = (Exception,),
                  exception_key: Optional[str] = None) -> None:
         self.runnable = coerce_to_runnable(runnable)
@@ -3440,7 +3442,7 @@ class RunnableBranch(Runnable[Input, Output]):
 
     input_in_start = True
 
-    def __init__(self, *branches: Any) -> None:
+    def __init__(self: "RunnableBranch[Any, Any]", *branches: Any) -> None:
         if len(branches) < 2:
             raise ValueError(f"RunnableBranch needs at least one (condition, runnable) pair and "
                              f"a default, got {len(branches)} argument{'s' * (len(branches) != 1)}: "
@@ -4081,6 +4083,13 @@ class BaseChatModel(Runnable[Any, AIMessage]):
 
     def _invoked(self, output: Any) -> Any:
         return output.to_message() if isinstance(output, AIMessageChunk) else output
+
+    if TYPE_CHECKING:  # streams yield chunks; invoke returns the whole AIMessage
+        def stream(self, input: Any, config: Optional[RunnableConfig] = None,
+                   **kwargs: Any) -> Iterator[AIMessageChunk]: ...
+
+        def astream(self, input: Any, config: Optional[RunnableConfig] = None,
+                    **kwargs: Any) -> AsyncIterator[AIMessageChunk]: ...
 
     def _event_input(self, value: Any, end: bool) -> Any:
         return {"messages": [_to_messages(value)]}
@@ -5420,7 +5429,7 @@ class MarkdownListOutputParser(_ListParser):
 # where a chain's input stream is folded. Templates use `{name}`; `{{` and `}}` are braces.
 # ==============================================================================================
 
-class _Prompt(Runnable[Dict[str, Any], PromptValue]):
+class _Prompt(Runnable[Any, PromptValue]):
     """What both prompt templates share: variable checking, partial values, the prompt run type."""
 
     run_type = "prompt"
