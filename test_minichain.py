@@ -66,10 +66,34 @@ def trace(events: List[Dict[str, Any]], meta: bool = False) -> List[Tuple[Any, .
     return rows
 
 
-def events_both(runnable: Any, value: Any, **kw: Any) -> List[Tuple[Any, ...]]:
-    """The trace of astream_events, after checking the sync stream_events gives the same."""
-    async_events = trace(run(alist(runnable.astream_events(value, **kw))))
-    return async_events
+def events_both(make: Any, value: Any, **kw: Any) -> List[Tuple[Any, ...]]:
+    """The trace of astream_events, checked equal to the sync stream_events' trace. `make`
+    is a runnable that can run twice, or a function making a fresh one (fakes answer once).
+    A run that raises ends the trace with ("raised", repr of the error)."""
+    if isinstance(make, mc.Runnable):
+        runnable = make
+        make = lambda: runnable  # noqa: E731
+
+    def traced(events: Iterator[Dict[str, Any]]) -> List[Tuple[Any, ...]]:
+        got: List[Dict[str, Any]] = []
+        try:
+            for e in events:
+                got.append(e)
+        except Exception as exc:
+            return trace(got) + [("raised", repr(exc))]
+        return trace(got)
+
+    async def collect() -> List[Tuple[Any, ...]]:
+        got: List[Dict[str, Any]] = []
+        try:
+            async for e in make().astream_events(value, **kw):
+                got.append(e)
+        except Exception as exc:
+            return trace(got) + [("raised", repr(exc))]
+        return trace(got)
+    rows: List[Tuple[Any, ...]] = run(collect())
+    assert traced(make().stream_events(value, **kw)) == rows
+    return rows
 
 
 def short(rows: List[Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
@@ -552,30 +576,6 @@ def test_nested_calls_inherit_config_through_the_context() -> None:
     assert seen == [{"user": "ann"}, {"user": "bob"}]
 
 
-def both_event_apis(make: Any, value: Any, **kw: Any) -> List[Tuple[Any, ...]]:
-    """The trace of astream_events on a fresh runnable, checked equal to stream_events'."""
-    def traced(events: Iterator[Dict[str, Any]]) -> List[Tuple[Any, ...]]:
-        got: List[Dict[str, Any]] = []
-        try:
-            for e in events:
-                got.append(e)
-        except Exception as exc:
-            return trace(got) + [("raised", repr(exc))]
-        return trace(got)
-
-    async def collect() -> List[Tuple[Any, ...]]:
-        got: List[Dict[str, Any]] = []
-        try:
-            async for e in make().astream_events(value, **kw):
-                got.append(e)
-        except Exception as exc:
-            return trace(got) + [("raised", repr(exc))]
-        return trace(got)
-    rows = run(collect())
-    assert traced(make().stream_events(value, **kw)) == rows
-    return cast(List[Tuple[Any, ...]], rows)
-
-
 def _boom(x: Any) -> Any:
     raise ValueError("boom")
 
@@ -620,7 +620,7 @@ def test_with_fallbacks_matches_langchain_core_in_every_mode() -> None:
     assert every_mode(make, 1) == {"invoke": "ok", "stream": ["ok"], "astream": ["ok"],
                                    "ainvoke": "ok", "stream_events_output": ["ok"]}
     assert make().get_name() == "RunnableWithFallbacks"
-    assert both_event_apis(make, 1) == [
+    assert events_both(make, 1) == [
         ("on_chain_start", "RunnableWithFallbacks", "R0", [], [], "{'input': 1}"),
         ("on_chain_start", "_boom", "R1", ["R0"], [], "{}"),
         ("on_chain_start", "RunnableLambda", "R2", ["R0"], [], "{}"),
@@ -631,7 +631,7 @@ def test_with_fallbacks_matches_langchain_core_in_every_mode() -> None:
     # an error it does not handle, or the last fallback's, raises the first error
     def unhandled() -> Any:
         return RunnableLambda(_boom).with_fallbacks([lambda x: 1], exceptions_to_handle=(KeyError,))
-    assert both_event_apis(unhandled, 1)[-1] == ("raised", "ValueError('boom')")
+    assert events_both(unhandled, 1)[-1] == ("raised", "ValueError('boom')")
 
     def key_error(x: Any) -> Any:
         raise KeyError("k2")
@@ -659,7 +659,7 @@ def test_with_fallbacks_streams_fall_back_only_before_the_first_chunk() -> None:
     def early() -> Any:
         return RunnableLambda(broken_early).with_fallbacks([RunnableLambda(backup)])
     assert list(early().stream(1)) == ["F1", "F2"]
-    assert short(both_event_apis(early, 1)) == [
+    assert short(events_both(early, 1)) == [
         ("on_chain_start", "RunnableWithFallbacks"), ("on_chain_start", "broken_early"),
         ("on_chain_start", "backup"), ("on_chain_stream", "backup"),
         ("on_chain_stream", "RunnableWithFallbacks"), ("on_chain_stream", "backup"),
@@ -710,7 +710,7 @@ def test_with_retry_streams_once_as_langchain_core() -> None:
     # langchain_core's retry wraps invoke only: streaming and events run the runnable once
     with pytest.raises(ValueError, match="fail 1"):
         list(_flaky(2).stream(1))
-    assert both_event_apis(lambda: _flaky(2), 1) == [
+    assert events_both(lambda: _flaky(2), 1) == [
         ("on_chain_start", "flaky", "R0", [], [], "{'input': 1}"), ("raised", "ValueError('fail 1')")]
 
 
@@ -729,7 +729,7 @@ def test_runnable_branch_matches_langchain_core() -> None:
         return RunnableBranch((lambda x: x > 0, RunnableLambda(lambda x: "pos")), RunnableLambda(lambda x: "neg"))
     assert every_mode(make, -1) == {"invoke": "neg", "stream": ["neg"], "astream": ["neg"],
                                     "ainvoke": "neg", "stream_events_output": ["neg"]}
-    assert both_event_apis(make, 1) == [
+    assert events_both(make, 1) == [
         ("on_chain_start", "RunnableBranch", "R0", [], [], "{'input': 1}"),
         ("on_chain_start", "RunnableLambda", "R1", ["R0"], ["condition:1"], "{'input': 1}"),
         ("on_chain_end", "RunnableLambda", "R1", ["R0"], ["condition:1"], "{'output': True, 'input': 1}"),
@@ -768,7 +768,7 @@ def test_assign_and_pick_on_any_runnable() -> None:
     assert every_mode(lambda: make().pick(["b"]), 1)["astream"] == [{"b": 2}]
     assert make().pick(["a", "b"]).invoke(1) == {"a": 1, "b": 2}
     assert make().pick("zzz").invoke(1) is None
-    assert short(both_event_apis(lambda: make().pick(["a"]), 1))[5:7] == [
+    assert short(events_both(lambda: make().pick(["a"]), 1))[5:7] == [
         ("on_chain_start", "RunnablePick<a>"), ("on_chain_stream", "RunnablePick<a>")]
     with pytest.raises(TypeError, match="RunnablePick<a> needs dict input, got int: 3"):
         RunnablePick("a").invoke(3)  # type: ignore[arg-type]
@@ -808,7 +808,7 @@ def test_a_runnable_that_only_implements_invoke_gets_the_rest() -> None:
                                        "ainvoke": "A", "stream_events_output": []}
     assert _Upper().batch(["a", "b"]) == ["A", "B"] and list(_Upper().transform(iter(["a", "b"]))) == ["AB"]
     # as in langchain_core, it reports no run of its own: inside a chain only its output shows
-    assert short(both_event_apis(lambda: RunnableLambda(lambda x: x) | _Upper(), "a")) == [
+    assert short(events_both(lambda: RunnableLambda(lambda x: x) | _Upper(), "a")) == [
         ("on_chain_start", "RunnableSequence"), ("on_chain_start", "RunnableLambda"),
         ("on_chain_stream", "RunnableLambda"), ("on_chain_end", "RunnableLambda"),
         ("on_chain_stream", "RunnableSequence"), ("on_chain_end", "RunnableSequence")]
@@ -952,7 +952,7 @@ def test_a_partial_chat_prompt_of_message_templates_in_every_mode_and_its_events
         ("on_prompt_start", "ChatPromptTemplate", "R0", [], [], "{'input': {'b': 'B'}}"),
         ("on_prompt_end", "ChatPromptTemplate", "R0", [], [], "{'output': " + repr(value) + "}"),
     ]
-    assert events_both(make(), {"b": "B"}) == expected
+    assert events_both(make, {"b": "B"}) == expected
     assert trace(list(make().stream_events({"b": "B"}))) == expected
 
 
@@ -1044,7 +1044,7 @@ def test_fake_streaming_list_llm_events_end_before_its_characters_stream() -> No
         ("on_parser_end", "StrOutputParser", "R3", ["R0"], ["seq:step:3"], "{'output': 'ab', 'input': 'ab'}"),
         ("on_chain_end", "RunnableSequence", "R0", [], [], "{'output': 'ab'}"),
     ]
-    assert events_both(make(), {"q": "hi"}) == expected
+    assert events_both(make, {"q": "hi"}) == expected
     assert trace(list(make().stream_events({"q": "hi"}))) == expected
     meta = trace(list(mc.FakeStreamingListLLM(responses=["ab"]).stream_events("x")), meta=True)
     assert [(r[0], r[5], r[6]) for r in meta] == [
@@ -1443,7 +1443,8 @@ def test_list_parser_work_grows_linearly_with_the_input(parser: Any, text: Any) 
 def test_events_of_model_then_comma_separated_list_parser() -> None:
     msg = "AIMessageChunk(content='a, b', id='lc_run--ID', chunk_position='last')"
     model_in = "{'messages': [[HumanMessage(content='x')]]}"
-    chain_ = GenericFakeChatModel(messages=iter(["a, b"])) | mc.CommaSeparatedListOutputParser()
+    def chain_() -> Any:
+        return GenericFakeChatModel(messages=iter(["a, b"])) | mc.CommaSeparatedListOutputParser()
     expected = [  # as langchain_core 1.7.2
         ("on_chain_start", "RunnableSequence", "R0", [], [], "{'input': 'x'}"),
         ("on_chat_model_start", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'input': " + model_in + "}"),
@@ -1460,8 +1461,6 @@ def test_events_of_model_then_comma_separated_list_parser() -> None:
         ("on_chain_end", "RunnableSequence", "R0", [], [], "{'output': ['a', 'b']}"),
     ]
     assert events_both(chain_, "x") == expected
-    chain_ = GenericFakeChatModel(messages=iter(["a, b"])) | mc.CommaSeparatedListOutputParser()
-    assert trace(list(chain_.stream_events("x"))) == expected
 
 
 def test_format_instructions_are_langchain_cores() -> None:
@@ -1586,7 +1585,7 @@ def test_events_of_model_then_json_parser() -> None:
     msg = "AIMessageChunk(content='{\"countries\": [{\"name\": \"France\", \"population\": 67413000}]}', id='lc_run--ID', chunk_position='last')"
     final = "{'countries': [{'name': 'France', 'population': 67413000}]}"
     model_in = "{'messages': [[HumanMessage(content='x')]]}"
-    assert events_both(_json_chain(), "x") == [
+    assert events_both(_json_chain, "x") == [
         ("on_chain_start", "RunnableSequence", "R0", [], [], "{'input': 'x'}"),
         ("on_chat_model_start", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'input': " + model_in + "}"),
         ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content='{\"countries\":', id='lc_run--ID')}"),
@@ -1621,7 +1620,7 @@ def _named_chain(tags: Any = None) -> Any:
 
 def test_filter_by_name() -> None:
     # deviation: langchain_core also shows the chain's input in the first kept event
-    assert events_both(_named_chain(), "x", include_names=["my_parser"]) == [
+    assert events_both(_named_chain, "x", include_names=["my_parser"]) == [
         ("on_parser_start", "my_parser", "R0", ["R1"], ["seq:step:2"], "{}"),
         ("on_parser_stream", "my_parser", "R0", ["R1"], ["seq:step:2"], "{'chunk': {}}"),
         ("on_parser_stream", "my_parser", "R0", ["R1"], ["seq:step:2"], "{'chunk': {'a': 1}}"),
@@ -1631,16 +1630,16 @@ def test_filter_by_name() -> None:
 
 
 def test_filter_by_type() -> None:
-    assert short(events_both(_named_chain(), "x", include_types=["chat_model"])) == [
+    assert short(events_both(_named_chain, "x", include_types=["chat_model"])) == [
         ("on_chat_model_start", "model"), ("on_chat_model_stream", "model"),
         ("on_chat_model_stream", "model"), ("on_chat_model_stream", "model"),
         ("on_chat_model_end", "model")]
-    both = events_both(_named_chain(), "x", include_names=["my_parser"], include_types=["chat_model"])
+    both = events_both(_named_chain, "x", include_names=["my_parser"], include_types=["chat_model"])
     assert {r[1] for r in both} == {"model", "my_parser"}
 
 
 def test_filter_by_tags_and_exclusions() -> None:
-    rows = events_both(_named_chain(["my_chain"]), "x", include_tags=["my_chain"])
+    rows = events_both(lambda: _named_chain(["my_chain"]), "x", include_tags=["my_chain"])
     assert short(rows) == [
         ("on_chain_start", "RunnableSequence"), ("on_chat_model_start", "model"),
         ("on_chat_model_stream", "model"), ("on_parser_start", "my_parser"),
@@ -1650,12 +1649,12 @@ def test_filter_by_tags_and_exclusions() -> None:
         ("on_chat_model_end", "model"), ("on_parser_end", "my_parser"),
         ("on_chain_end", "RunnableSequence")]
     assert [r[4] for r in rows[:2]] == [["my_chain"], ["seq:step:1", "my_chain"]]
-    only_root = events_both(_named_chain(["my_chain"]), "x", include_tags=["my_chain"],
+    only_root = events_both(lambda: _named_chain(["my_chain"]), "x", include_tags=["my_chain"],
                             exclude_names=["model", "my_parser"])
     assert {r[1] for r in only_root} == {"RunnableSequence"}
-    no_model = events_both(_named_chain(), "x", exclude_tags=["seq:step:1"])
+    no_model = events_both(_named_chain, "x", exclude_tags=["seq:step:1"])
     assert "model" not in {r[1] for r in no_model} and len(no_model) == 8
-    assert events_both(_named_chain(), "x", include_names=["nope"]) == []
+    assert events_both(_named_chain, "x", include_names=["nope"]) == []
 
 
 def test_filters_given_a_string_or_an_unknown_version_are_errors() -> None:
@@ -1666,8 +1665,10 @@ def test_filters_given_a_string_or_an_unknown_version_are_errors() -> None:
 
 
 def test_events_of_a_chain_broken_by_a_non_streaming_function() -> None:
-    model = GenericFakeChatModel(messages=iter(['{"countries": [{"name": "France"}, {"name": "Spain"}]}']))
-    rows = events_both(model | JsonOutputParser() | _extract_country_names, "x")
+    def make() -> Any:
+        model = GenericFakeChatModel(messages=iter(['{"countries": [{"name": "France"}, {"name": "Spain"}]}']))
+        return model | JsonOutputParser() | _extract_country_names
+    rows = events_both(make, "x")
     assert short(rows)[:7] == [
         ("on_chain_start", "RunnableSequence"), ("on_chat_model_start", "GenericFakeChatModel"),
         ("on_chat_model_stream", "GenericFakeChatModel"), ("on_parser_start", "JsonOutputParser"),
@@ -1725,8 +1726,8 @@ def test_reverse_and_double_as_lambda_and_as_chain() -> None:
         ("on_chain_stream", "reverse_and_double", "R0", [], [], "{'chunk': '43214321'}"),
         ("on_chain_end", "reverse_and_double", "R0", [], [], "{'output': '43214321'}"),
     ]
-    assert events_both(RunnableLambda(reverse_and_double), "1234") == expected
-    assert events_both(chain(reverse_and_double), "1234") == expected
+    for runnable in (RunnableLambda(reverse_and_double), chain(reverse_and_double)):  # async-only
+        assert trace(run(alist(runnable.astream_events("1234")))) == expected
 
 
 RETRIEVER_TAGS = ["map:key:context", "InMemoryVectorStore", "LexicalEmbeddings"]  # as langchain_core
@@ -1812,7 +1813,7 @@ def test_custom_events_are_parented_to_the_dispatching_run() -> None:
     async def slow_thing(some_input: str) -> str:
         await mc.adispatch_custom_event("progress_event", {"message": "Finished step 1 of 3"})
         return "Done"
-    assert events_both(slow_thing, "some_input") == [
+    assert trace(run(alist(slow_thing.astream_events("some_input")))) == [  # async-only
         ("on_chain_start", "slow_thing", "R0", [], [], "{'input': 'some_input'}"),
         ("on_custom_event", "progress_event", "R0", [], [], "{'message': 'Finished step 1 of 3'}"),
         ("on_chain_stream", "slow_thing", "R0", [], [], "{'chunk': 'Done'}"),
@@ -2526,7 +2527,7 @@ def test_callback_handlers_for_tools_retrievers_custom_events_and_errors() -> No
         ("on_chain_end", "(1,)", "R1", "R0"), ("on_chain_start", "(None, 1)", "R2", "R0"),
         ("on_chain_error", "(ValueError('boom'),)", "R2", "R0"), ("on_chain_error", "(ValueError('boom'),)", "R0", None)]
     # an event stream never shows the error events handlers get (nor does langchain_core's v2)
-    assert both_event_apis(lambda: RunnableLambda(_boom), 1) == [
+    assert events_both(lambda: RunnableLambda(_boom), 1) == [
         ("on_chain_start", "_boom", "R0", [], [], "{'input': 1}"), ("raised", "ValueError('boom')")]
 
 
@@ -4265,7 +4266,7 @@ def test_remote_runnable_events_and_logs(served: str) -> None:
     # in a local chain it is one run, with no stream events, whose chunks flow on
     chain_ = ChatPromptTemplate.from_template("{q}") | mc.RemoteRunnable(f"{served}/chat") | StrOutputParser()
     assert list(chain_.stream({"q": "hi"})) == ["hello", " ", "world"]
-    rows = both_event_apis(lambda: ChatPromptTemplate.from_template("{q}") | mc.RemoteRunnable(f"{served}/chat") | StrOutputParser(), {"q": "hi"})
+    rows = events_both(lambda: ChatPromptTemplate.from_template("{q}") | mc.RemoteRunnable(f"{served}/chat") | StrOutputParser(), {"q": "hi"})
     remote_rows = [r for r in rows if r[1] == "RemoteRunnable"]
     assert [(r[0], r[4], r[5]) for r in remote_rows] == [
         ("on_chain_start", ["seq:step:2"], "{'input': {'messages': [{'content': 'hi', 'additional_kwargs': {}, 'response_metadata': {}, 'type': 'human', 'name': None, 'id': None}]}}"),
