@@ -23,16 +23,17 @@ work chunk by chunk folds its input with `+` first, and that is exactly where st
 >>> [chunk for chunk in chain.stream({"topic": "parrot"})]
 ['Why', ' ', 'did', ' ', 'the', ' ', 'parrot', ' ', 'talk?']
 
-Sections (each relies only on the ones above it):
+Sections (each relies only on the ones above it, but where a comment says why not):
   1. Messages and documents
-  2. Prompt values
-  3. Config, runs, events and the fold
-  4. The Runnable protocol: transform, stream, invoke, batch
-  5. Composition: sequence, parallel, lambda, generator, passthrough, @chain
-  6. Event streaming: astream_events, stream_events, custom events, astream_log
+  2. Config, runs, events and the fold
+  3. The Runnable protocol: transform, stream, invoke, batch
+  4. Composition: sequence, parallel, lambda, generator, passthrough, @chain, fallbacks...
+  5. Event streaming: astream_events, stream_events, custom events, astream_log
+  6. Prompts: values and templates
   7. Chat models, LLMs and fakes
   8. Output parsers: str, incremental JSON and lists
-  9. Prompt templates
+ The batteries:
+  9. LangChain-style callback handlers and run listeners
  10. Retrieval
  11. Tools
  12. Model servers over HTTP: OpenAI-compatible, Ollama, Anthropic
@@ -81,20 +82,18 @@ __all__ = [
     "BaseMessage", "SystemMessage", "HumanMessage", "AIMessage", "AIMessageChunk", "ToolMessage",
     "ChatMessage", "HumanMessageChunk", "SystemMessageChunk", "ToolMessageChunk", "ChatMessageChunk",
     "merge_content", "Document", "AddableDict",
-    # 2. prompts
-    "PromptValue", "StringPromptValue", "ChatPromptValue", "PromptTemplate", "ChatPromptTemplate",
-    "MessagesPlaceholder", "SystemMessagePromptTemplate", "HumanMessagePromptTemplate",
-    "AIMessagePromptTemplate",
-    # 3-4. config and the protocol
-    "RunnableConfig", "ensure_config", "Run", "Runnable", "BaseCallbackHandler",
-    "AsyncCallbackHandler", "StdOutCallbackHandler", "StreamingStdOutCallbackHandler", "LLMResult",
-    "Generation", "GenerationChunk", "ChatGeneration", "ChatGenerationChunk",
-    # 5. composition
+    # 2-3. config, runs and the protocol
+    "RunnableConfig", "ensure_config", "Run", "Runnable",
+    # 4. composition
     "RunnableSequence", "RunnableParallel", "RunnableLambda", "RunnableGenerator",
     "RunnablePassthrough", "RunnableAssign", "RunnablePick", "RunnableBinding", "RunnableWithFallbacks",
     "RunnableRetry", "RunnableBranch", "chain", "coerce_to_runnable",
-    # 6. events
+    # 5. events
     "dispatch_custom_event", "adispatch_custom_event", "RunLogPatch", "RunLog",
+    # 6. prompts
+    "PromptValue", "StringPromptValue", "ChatPromptValue", "PromptTemplate", "ChatPromptTemplate",
+    "MessagesPlaceholder", "SystemMessagePromptTemplate", "HumanMessagePromptTemplate",
+    "AIMessagePromptTemplate",
     # 7. models
     "BaseChatModel", "BaseLLM", "GenericFakeChatModel", "FakeListChatModel",
     "FakeListChatModelError", "FakeListLLM", "FakeStreamingListLLM", "FakeListLLMError",
@@ -102,9 +101,13 @@ __all__ = [
     "OutputParserException", "BaseOutputParser", "StrOutputParser", "JsonOutputParser",
     "parse_partial_json", "parse_json_markdown", "CommaSeparatedListOutputParser",
     "NumberedListOutputParser", "MarkdownListOutputParser",
-    # 9. retrieval
+    # 9. callback handlers and run listeners
+    "BaseCallbackHandler", "AsyncCallbackHandler", "StdOutCallbackHandler",
+    "StreamingStdOutCallbackHandler", "LLMResult", "Generation", "GenerationChunk", "ChatGeneration",
+    "ChatGenerationChunk", "RunTree",
+    # 10. retrieval
     "BaseRetriever", "LexicalEmbeddings", "InMemoryVectorStore", "VectorStoreRetriever",
-    # 10. tools
+    # 11. tools
     "BaseTool", "tool", "ToolException",
     # 12. model servers
     "ChatOpenAI", "ChatOllama", "ChatAnthropic", "APIError", "APITimeoutError", "APIConnectionError",
@@ -311,7 +314,7 @@ def _parse_tool_call_chunks(chunks: List[Dict[str, Any]]) -> Tuple[List[Dict[str
     for c in chunks:
         text = c.get("args") or ""
         try:
-            args = parse_partial_json(text) if text else {}
+            args = parse_partial_json(text) if text else {}  # the JSON parser of section 8
         except ValueError:
             args = None
         if isinstance(args, dict):
@@ -592,6 +595,16 @@ def _to_message(item: Any) -> BaseMessage:
                     "pass a message, a (role, text) tuple or a string")
 
 
+def _text_of(chunk: Any) -> str:
+    """The text a parser reads from a chunk: a message's text, or the string itself."""
+    if isinstance(chunk, BaseMessage):
+        return chunk.text
+    if isinstance(chunk, str):
+        return chunk
+    raise TypeError(f"a parser reads messages or strings, not {type(chunk).__name__}: "
+                    f"{_short(chunk)}")
+
+
 class Document:
     """A piece of text with metadata, as retrievers return it.
 
@@ -614,6 +627,23 @@ class Document:
     def __repr__(self) -> str:
         id_part = f"id={self.id!r}, " if self.id else ""
         return f"Document({id_part}metadata={self.metadata!r}, page_content={self.page_content!r})"
+
+
+_MISSING: Any = object()  # "no value yet": distinct from None, which is a value
+
+
+def _add(a: Any, b: Any) -> Any:
+    """The fold step: `a + b`, or `b` where the two do not add (the newer value wins).
+
+    >>> _add("a", "b"), _add([1], [2]), _add({"x": 1}, {"y": 2}), _add(_MISSING, 3)
+    ('ab', [1, 2], {'y': 2}, 3)
+    """
+    if a is _MISSING:
+        return b
+    try:
+        return a + b
+    except TypeError:
+        return b
 
 
 class AddableDict(Dict[str, Any]):
@@ -640,151 +670,12 @@ class AddableDict(Dict[str, Any]):
 
 
 # ==============================================================================================
-# 2. Prompt values
-#
-# What a prompt produces: a string for an LLM, messages for a chat model; and the checks of a
-# template's `{name}` variables, which the prompt templates of section 9 use.
-# ==============================================================================================
-
-class PromptValue:
-    """What a prompt produces; a model reads it as a string or as messages.
-
-    >>> value = ChatPromptTemplate.from_template("hi {name}").invoke({"name": "Ann"})
-    >>> isinstance(value, PromptValue), value.to_string(), value.to_messages()
-    (True, 'Human: hi Ann', [HumanMessage(content='hi Ann')])
-    """
-
-    def to_string(self) -> str:
-        """The prompt as one string."""
-        raise NotImplementedError
-
-    def to_messages(self) -> List[BaseMessage]:
-        """The prompt as a list of messages."""
-        raise NotImplementedError
-
-
-class StringPromptValue(PromptValue):
-    """A prompt that is one string.
-
-    >>> StringPromptValue("Q: why?").to_messages()
-    [HumanMessage(content='Q: why?')]
-    """
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def to_string(self) -> str:
-        return self.text
-
-    def to_messages(self) -> List[BaseMessage]:
-        return [HumanMessage(self.text)]
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, StringPromptValue) and self.text == other.text
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"StringPromptValue(text={self.text!r})"
-
-
-class ChatPromptValue(PromptValue):
-    """A prompt that is a list of messages.
-
-    >>> ChatPromptValue([SystemMessage("s"), HumanMessage("h")]).to_string()
-    'System: s\\nHuman: h'
-    """
-
-    def __init__(self, messages: List[BaseMessage]) -> None:
-        self.messages = messages
-
-    def to_string(self) -> str:
-        def role(m: BaseMessage) -> str:
-            return m.role if isinstance(m, ChatMessage) else "AI" if m.type == "ai" else m.type.capitalize()
-        return "\n".join(f"{role(m)}: {m.text}" for m in self.messages)
-
-    def to_messages(self) -> List[BaseMessage]:
-        return list(self.messages)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ChatPromptValue) and self.messages == other.messages
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"ChatPromptValue(messages={self.messages!r})"
-
-
-def _variables(template: str) -> List[str]:
-    """The `{name}` variables of a template, in order of first use.
-
-    A field is a plain name: attribute access and indexing (`{doc.metadata}`, `{docs[0]}`)
-    are refused when the template is built, since a template that reaches into its values
-    can read anything they lead to (`{x.__init__.__globals__[os].environ}`), as
-    langchain_core refuses them.
-
-    >>> _variables("{a} and {b!r:>{width}}")
-    ['a', 'b', 'width']
-    >>> _variables("{docs[0].page_content}")
-    Traceback (most recent call last):
-    ...
-    ValueError: template field '{docs[0].page_content}' uses indexing or attribute access, which templates refuse (a template must not reach into its values); use a plain name like '{docs}' and prepare the value before the prompt, e.g. with RunnablePassthrough.assign(docs=...)
-    """
-    import string
-    names: List[str] = []
-    specs = [template]
-    while specs:  # a format spec may hold fields of its own: `{x:>{width}}`
-        for _, field, spec, _ in string.Formatter().parse(specs.pop()):
-            if field is None:
-                continue
-            name = re.split(r"[.\[]", field, maxsplit=1)[0]
-            if not name or name.isdigit():
-                raise ValueError(f"template {_short(template)} has a positional placeholder "
-                                 f"'{{{_short(field, 40)[1:-1] if field else ''}}}'; name it, like "
-                                 "'{topic}'")
-            if name != field:
-                raise ValueError(
-                    f"template field {_short('{' + field + '}', 60)} uses indexing or attribute "
-                    "access, which templates refuse (a template must not reach into its "
-                    f"values); use a plain name like '{{{_short(name, 40)[1:-1]}}}' and prepare "
-                    "the value before the prompt, e.g. with RunnablePassthrough.assign("
-                    f"{_short(name, 40)[1:-1]}=...)")
-            if name not in names:
-                names.append(name)
-            if spec:
-                specs.append(spec)
-    return names
-
-
-class _MissingVariables(KeyError):
-    """A KeyError (as in langchain_core) whose message reads as plain text."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-def _check_variables(owner: str, expected: List[str], values: Any) -> None:
-    if not isinstance(values, dict):
-        raise TypeError(f"{owner} expects a dict of variables {expected}, got "
-                        f"{type(values).__name__}: {_short(values)}; pass e.g. "
-                        f"{{{expected[0]!r}: ...}}" if expected else
-                        f"{owner} expects a dict, got {type(values).__name__}")
-    missing = [v for v in expected if v not in values]
-    if missing:
-        raise _MissingVariables(
-            f"{owner} is missing variable{'s' if len(missing) > 1 else ''} "
-            f"{', '.join(repr(m) for m in missing)}; the template expects {expected} and got "
-            f"{sorted(values)}; pass {{{', '.join(f'{m!r}: ...' for m in missing)}}} "
-            f"(or write '{{{{{missing[0]}}}}}' for a literal brace)")
-
-
-# ==============================================================================================
-# 3. Config, runs, events and the fold
+# 2. Config, runs, events and the fold
 #
 # The active config lives in one context variable. A runnable called anywhere below (inside a
 # function, a tool, a task, a worker thread minichain starts) inherits it; its `callbacks` entry
 # is the parent `Run` when someone listens. Events are plain dicts, made only when a listener
-# exists. `_add` is the one fold every step that needs its whole input uses.
+# exists. `_add` (section 1) is the one fold every step that needs its whole input uses.
 # ==============================================================================================
 
 if TYPE_CHECKING:
@@ -807,17 +698,6 @@ else:
         recursion_limit: int  # how deep functions returning runnables may nest (25)
 
 
-def ensure_config(config: Optional[RunnableConfig] = None) -> RunnableConfig:
-    """The config a call would run with: the inherited one (inside a run), `config` over it,
-    and langchain_core's defaults for what neither sets.
-
-    >>> ensure_config({"tags": ["x"]})
-    {'tags': ['x'], 'metadata': {}, 'callbacks': None, 'recursion_limit': 25, 'configurable': {}}
-    """
-    defaults: RunnableConfig = {"tags": [], "metadata": {}, "callbacks": None,
-                                "recursion_limit": 25, "configurable": {}}
-    return {**defaults, **_resolve(config)}
-
 Event = Dict[str, Any]  # one v2 stream event: event, name, run_id, parent_ids, tags, metadata, data
 Handler = Callable[[Event], None]  # a listener: receives every event of a run and its children
 
@@ -825,21 +705,6 @@ _CONFIG_KEYS = ("run_name", "run_id", "tags", "metadata", "callbacks", "max_conc
                 "configurable", "recursion_limit")
 _current: "contextvars.ContextVar[Optional[RunnableConfig]]" = contextvars.ContextVar(
     "minichain_config", default=None)
-_MISSING: Any = object()  # "no value yet": distinct from None, which is a value
-
-
-def _add(a: Any, b: Any) -> Any:
-    """The fold step: `a + b`, or `b` where the two do not add (the newer value wins).
-
-    >>> _add("a", "b"), _add([1], [2]), _add({"x": 1}, {"y": 2}), _add(_MISSING, 3)
-    ('ab', [1, 2], {'y': 2}, 3)
-    """
-    if a is _MISSING:
-        return b
-    try:
-        return a + b
-    except TypeError:
-        return b
 
 
 class _Snapshots(Iterator[Any]):
@@ -1017,229 +882,6 @@ def _uuid7() -> str:
     return f"{t[:8]}-{t[8:]}-7{r[:3]}-{'89ab'[int(r[3], 16) & 3]}{r[4:7]}-{r[8:]}"
 
 
-class BaseCallbackHandler:
-    """A LangChain-style callback handler: override the methods you need, pass it in
-    `callbacks=[...]` like any listener. Each event of a run becomes a call with
-    langchain_core's arguments (the `ignore_*` flags skip a family):
-    `on_chain_start(serialized, inputs, *, run_id, parent_run_id, tags, metadata, name)`
-    (`inputs` is `{"input": ""}` when the run started streaming before its input was known;
-    prompts and parsers also get `run_type`), `on_chain_end(outputs, ...)`,
-    `on_chat_model_start(serialized, messages, ...)`, `on_llm_start(serialized, prompts, ...)`,
-    `on_llm_new_token(token, *, chunk, ...)`, `on_llm_end(response, ...)` (an `LLMResult`),
-    `on_tool_start(serialized, input_str, *, inputs, ...)`, `on_tool_end(output, ...)`,
-    `on_retriever_start(serialized, query, ...)`, `on_retriever_end(documents, ...)`,
-    `on_custom_event(name, data, *, run_id, tags, metadata)`, and `on_*_error(error, ...)`
-    for each family. Run ids are `uuid.UUID`s.
-
-    >>> class Tokens(BaseCallbackHandler):
-    ...     def on_llm_new_token(self, token, **kwargs):
-    ...         print(repr(token), end=" ")
-    >>> _ = list(GenericFakeChatModel(messages=iter(["hi there"])).stream("x", {"callbacks": [Tokens()]}))
-    'hi' ' ' 'there' 
-    """
-
-    raise_error = False  # raise a method's error instead of logging it
-    run_inline = False
-    ignore_chain = ignore_llm = ignore_chat_model = ignore_retriever = ignore_agent = False
-    ignore_retry = ignore_custom_event = False
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("on_"):  # every callback method does nothing unless overridden
-            return _ignore
-        raise AttributeError(name)
-
-
-class AsyncCallbackHandler(BaseCallbackHandler):
-    """A callback handler whose methods are `async def`: the async APIs await each call in
-    the order of the events (sync `invoke`/`stream` refuse it: use the async APIs).
-
-    >>> class Ends(AsyncCallbackHandler):
-    ...     async def on_chain_end(self, outputs, **kwargs):
-    ...         print("end:", outputs)
-    >>> asyncio.run(RunnableLambda(lambda x: x + 1).ainvoke(1, {"callbacks": [Ends()]}))
-    end: 2
-    2
-    """
-
-
-def _ignore(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-def _uuid(run_id: str) -> Any:
-    import uuid
-    return uuid.UUID(run_id)
-
-
-def _callback_calls(h: BaseCallbackHandler) -> Callable[[Event], Any]:
-    """The listener that turns events into a handler's method calls (langchain_core's)."""
-    deferred = set()  # runs that started before their input was known: it comes at the end
-
-    def call(event: Event) -> Any:
-        kind, data = event["event"], event["data"]
-        family, phase = kind[3:kind.rindex("_")], kind[kind.rindex("_") + 1:]
-        ids = {"run_id": _uuid(event["run_id"]), "tags": event["tags"],
-               "parent_run_id": _uuid(event["parent_ids"][-1]) if event["parent_ids"] else None}
-        if kind == "on_custom_event":
-            return None if h.ignore_custom_event else h.on_custom_event(
-                event["name"], data, run_id=ids["run_id"], tags=event["tags"],
-                metadata=event["metadata"])
-        run_type = {"run_type": family} if family in ("prompt", "parser") else {}
-        if run_type:
-            family = "chain"
-        if phase == "error":
-            method = {"chat_model": "llm"}.get(family, family)
-            if getattr(h, f"ignore_{method}", False):
-                return None
-            return getattr(h, f"on_{method}_error")(data["error"], **ids)
-        if phase == "start":
-            # deviation: `serialized` is None or {"name": ...}, and models and tools get
-            # their `name` too (langchain_core serializes prompts, models and tools)
-            start = {**ids, "metadata": event["metadata"], "name": event["name"]}
-            value = data.get("input", _MISSING)
-            if family == "chain":
-                # deviation: a streamed root shows its input at its start ({"input": ""} in
-                # langchain_core); a step started before its input was known gets it at its end
-                if value is _MISSING:
-                    deferred.add(event["run_id"])
-                return None if h.ignore_chain else h.on_chain_start(
-                    None, {"input": ""} if value is _MISSING else value, **start, **run_type)
-            if family == "chat_model":
-                messages = value["messages"] if isinstance(value, dict) and "messages" in value \
-                    else [_to_messages(value)]
-                return None if h.ignore_chat_model else h.on_chat_model_start(
-                    {"name": event["name"]}, messages, **start)
-            if family == "llm":
-                prompts = value["prompts"] if isinstance(value, dict) and "prompts" in value \
-                    else [_to_prompt(value)]
-                return None if h.ignore_llm else h.on_llm_start({"name": event["name"]}, prompts, **start)
-            if family == "tool":
-                return h.on_tool_start({"name": event["name"]}, str(value),
-                                       inputs=value if isinstance(value, dict) else None, **start)
-            if family == "retriever":
-                return None if h.ignore_retriever else h.on_retriever_start(None, value, **start)
-            return None
-        if phase == "stream":
-            # deviation: an invoked chat model streams too, so its tokens reach the handler
-            # (langchain_core calls on_llm_new_token only when the model was streamed)
-            if family not in ("chat_model", "llm") or h.ignore_llm:
-                return None
-            chunk = data["chunk"]
-            wrapped = ChatGenerationChunk(message=chunk) if family == "chat_model" \
-                else GenerationChunk(text=chunk)
-            return h.on_llm_new_token(token=wrapped.text, chunk=wrapped, **ids)
-        output = data.get("output")
-        if family == "chain":
-            extra = {"inputs": data.get("input")} if event["run_id"] in deferred else {}
-            deferred.discard(event["run_id"])
-            return None if h.ignore_chain else h.on_chain_end(output, **ids, **extra)
-        if family in ("chat_model", "llm"):
-            if h.ignore_llm:
-                return None
-            if family == "chat_model":
-                gen: Generation = ChatGenerationChunk(message=output) \
-                    if isinstance(output, AIMessageChunk) else ChatGeneration(message=output)
-            else:
-                gen = Generation(text=output["generations"][0][0]["text"])
-            return h.on_llm_end(LLMResult(generations=[[gen]]), **ids)
-        if family == "tool":
-            return h.on_tool_end(output, name=event["name"], **ids)
-        if family == "retriever":
-            return None if h.ignore_retriever else h.on_retriever_end(output, **ids)
-        return None
-    return call
-
-
-class Generation:
-    """One generated text, as `on_llm_end` shows it in `LLMResult.generations`.
-
-    >>> Generation(text="hi").text
-    'hi'
-    """
-
-    def __init__(self, text: str = "", generation_info: Optional[Dict[str, Any]] = None) -> None:
-        self.text, self.generation_info = text, generation_info
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(text={self.text!r})"
-
-
-class GenerationChunk(Generation):
-    """A piece of an LLM's text, as `on_llm_new_token(token, chunk=...)` gets it.
-
-    >>> GenerationChunk(text="h").text
-    'h'
-    """
-
-
-class ChatGeneration(Generation):
-    """A chat model's message, as `LLMResult.generations` holds it (`text` is its text).
-
-    >>> ChatGeneration(message=AIMessage("hi")).text
-    'hi'
-    """
-
-    def __init__(self, *, message: Any) -> None:
-        super().__init__(message.text if isinstance(message, BaseMessage) else str(message))
-        self.message = message
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(text={self.text!r}, message={self.message!r})"
-
-
-class ChatGenerationChunk(ChatGeneration):
-    """A chat model's chunk, as `on_llm_new_token(token, chunk=...)` gets it.
-
-    >>> ChatGenerationChunk(message=AIMessageChunk("h")).message.content
-    'h'
-    """
-
-
-class LLMResult:
-    """What `on_llm_end` receives: `generations[0][0]` is the (chat) generation.
-
-    >>> LLMResult(generations=[[Generation(text="hi")]]).generations[0][0].text
-    'hi'
-    """
-
-    def __init__(self, generations: List[List[Generation]], llm_output: Optional[Dict[str, Any]] = None) -> None:
-        self.generations, self.llm_output = generations, llm_output
-
-    def __repr__(self) -> str:
-        return f"LLMResult(generations={self.generations!r}, llm_output={self.llm_output!r})"
-
-
-class StdOutCallbackHandler(BaseCallbackHandler):
-    """Prints when each chain (step) starts and finishes, as langchain_core's does.
-
-    >>> _ = RunnableLambda(lambda x: x).with_config(run_name="step").invoke(1, {"callbacks": [StdOutCallbackHandler()]})
-    <BLANKLINE>
-    <BLANKLINE>
-    [1m> Entering new step chain...[0m
-    <BLANKLINE>
-    [1m> Finished chain.[0m
-    """
-
-    def on_chain_start(self, serialized: Any, inputs: Any, **kwargs: Any) -> None:
-        print(f"\n\n\033[1m> Entering new {kwargs.get('name')} chain...\033[0m")
-
-    def on_chain_end(self, outputs: Any, **kwargs: Any) -> None:
-        print("\n\033[1m> Finished chain.\033[0m")
-
-
-class StreamingStdOutCallbackHandler(BaseCallbackHandler):
-    """Writes each token a model streams to stdout as it arrives.
-
-    >>> _ = list(GenericFakeChatModel(messages=iter(["hi there"])).stream("x", {"callbacks": [StreamingStdOutCallbackHandler()]}))
-    hi there
-    """
-
-    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
-        import sys
-        sys.stdout.write(token)
-        sys.stdout.flush()
-
-
 def _handler(h: Any) -> Handler:
     """A listener from a callable or an object with methods named after events.
 
@@ -1251,8 +893,9 @@ def _handler(h: Any) -> Handler:
     """
     if isinstance(h, _Channel):
         return h  # minichain's own: it never calls runnables, and its errors are real
-    if isinstance(h, BaseCallbackHandler):
-        call = _callback_calls(h)
+    adapter = getattr(h, "_as_listener", None)  # a callback handler (section 9)
+    if adapter is not None:
+        call = adapter()
     elif callable(h):
         call = cast(Handler, h)
     elif any(name.startswith("on_") for name in dir(h)):
@@ -1282,7 +925,7 @@ def _handler(h: Any) -> Handler:
         if result is not None and inspect.isawaitable(result):  # for the async run to await
             return result, lambda exc: failed(event, exc)
         return None
-    guarded.errors = isinstance(h, BaseCallbackHandler) or getattr(h, "errors", False)  # type: ignore[attr-defined]
+    guarded.errors = getattr(h, "errors", False)  # type: ignore[attr-defined]
     return guarded
 
 
@@ -1635,7 +1278,7 @@ def _open_run(runnable: "Runnable[Any, Any]", config: RunnableConfig, tag: Optio
 
 
 # ==============================================================================================
-# 4. The Runnable protocol: transform, stream, invoke, batch
+# 3. The Runnable protocol: transform, stream, invoke, batch
 #
 # A component writes `_transform` (input chunks -> output chunks) and, where it awaits real I/O,
 # `_atransform`; or, if it needs its whole input, just `_produce(value)`. Everything else below
@@ -2152,6 +1795,9 @@ class Runnable(Generic[Input, Output]):
         return None if out is _MISSING else self._invoked(out)
 
     # -- the public interface -----------------------------------------------------------------
+    # (`|`, `assign`, `with_fallbacks`..., the event APIs and `with_listeners` return or call
+    # what sections 4, 5 and 9 build on this protocol: they are here so that every runnable
+    # has them, as in langchain_core.)
 
     def get_name(self, suffix: Optional[str] = None, *, name: Optional[str] = None) -> str:
         """The run's name in events: `name` if set, else the class name (a `run_name` bound
@@ -2460,99 +2106,6 @@ class Runnable(Generic[Input, Output]):
         return f"{type(self).__name__}()"
 
 
-class RunTree:
-    """A run as `with_listeners` functions see it (langsmith's RunTree, in part): `id`,
-    `name`, `run_type`, `inputs` and `outputs` (dicts: a value that is not a dict sits under
-    "input" / "output"), `error` (the exception's repr), `tags`, `metadata`,
-    `parent_run_id`, `start_time`/`end_time` (UTC) and the `child_runs` inside it.
-
-    >>> runs = []
-    >>> _ = (RunnableLambda(lambda x: x) | RunnableLambda(str)).with_listeners(on_end=runs.append).invoke(1)
-    >>> runs[0].name, runs[0].outputs, [child.name for child in runs[0].child_runs]
-    ('RunnableSequence', {'output': '1'}, ['RunnableLambda', 'str'])
-    """
-
-    def __init__(self, event: Event) -> None:
-        import datetime
-        self.id, self.name = _uuid(event["run_id"]), event["name"]
-        self.run_type = event["event"][3:-6]
-        self.tags, self.metadata = event["tags"], event["metadata"]
-        self.parent_run_id = _uuid(event["parent_ids"][-1]) if event["parent_ids"] else None
-        self.inputs = _as_dict(event["data"].get("input", ""), "input")
-        self.outputs: Dict[str, Any] = {}
-        self.error: Optional[str] = None
-        self.start_time = datetime.datetime.now(datetime.timezone.utc)
-        self.end_time: Any = None
-        self.child_runs: List[RunTree] = []
-
-    def finish(self, event: Event) -> None:
-        import datetime
-        self.end_time = datetime.datetime.now(datetime.timezone.utc)
-        data = event["data"]
-        if "error" in data:
-            self.error = repr(data["error"])
-        else:
-            self.outputs = _as_dict(data.get("output"), "output")
-        if "input" in data:
-            self.inputs = _as_dict(data["input"], "input")
-
-    def __repr__(self) -> str:
-        return f"RunTree(name={self.name!r}, run_type={self.run_type!r}, id={str(self.id)!r})"
-
-
-def _as_dict(value: Any, key: str) -> Dict[str, Any]:
-    return value if isinstance(value, dict) else {key: value}
-
-
-class _RunTracker:
-    """The listener behind `with_listeners`: it builds a `RunTree` of each run it is given
-    (and its children), and calls the functions at the root run's start, end or error."""
-
-    errors = True  # it is told of failures too (`Run.fail`)
-
-    def __init__(self, *listeners: Optional[Callable[..., Any]]) -> None:
-        self.listeners = [(f, _takes_two(f)) if f else None for f in listeners]
-        self.runs: Dict[str, RunTree] = {}
-
-    def _call(self, which: int, run: RunTree) -> None:
-        entry = self.listeners[which]
-        if entry is not None:
-            func, two = entry
-            func(run, {"tags": run.tags, "metadata": run.metadata}) if two else func(run)
-
-    def __call__(self, event: Event) -> None:
-        kind, run_id = event["event"], event["run_id"]
-        if kind.endswith("_start"):
-            run = self.runs[run_id] = RunTree(event)
-            parent = self.runs.get(event["parent_ids"][-1]) if event["parent_ids"] else None
-            if parent is not None:
-                parent.child_runs.append(run)
-            else:
-                self._call(0, run)
-        elif kind.endswith("_end") or kind.endswith("_error"):
-            run = self.runs[run_id]
-            run.finish(event)
-            if run.parent_run_id is None or str(run.parent_run_id) not in self.runs:
-                for done in _subtree(run):  # the root: forget it and its children
-                    self.runs.pop(str(done.id), None)
-                self._call(2 if kind.endswith("_error") else 1, run)
-
-
-def _subtree(run: RunTree) -> Iterator[RunTree]:
-    stack = [run]
-    while stack:
-        node = stack.pop()
-        yield node
-        stack.extend(node.child_runs)
-
-
-def _takes_two(func: Callable[..., Any]) -> bool:
-    try:
-        return len(inspect.signature(func).parameters) >= 2
-    except (TypeError, ValueError):
-        return False
-
-
 def _resolve(config: Optional[Mapping[str, Any]]) -> RunnableConfig:
     """The effective config of a call: the inherited one (context var) with `config` over it."""
     if config is not None and not isinstance(config, Mapping):
@@ -2563,6 +2116,17 @@ def _resolve(config: Optional[Mapping[str, Any]]) -> RunnableConfig:
         return base if base is not None else {}
     return _merge_configs(base, config)
 
+
+def ensure_config(config: Optional[RunnableConfig] = None) -> RunnableConfig:
+    """The config a call would run with: the inherited one (inside a run), `config` over it,
+    and langchain_core's defaults for what neither sets.
+
+    >>> ensure_config({"tags": ["x"]})
+    {'tags': ['x'], 'metadata': {}, 'callbacks': None, 'recursion_limit': 25, 'configurable': {}}
+    """
+    defaults: RunnableConfig = {"tags": [], "metadata": {}, "callbacks": None,
+                                "recursion_limit": 25, "configurable": {}}
+    return {**defaults, **_resolve(config)}
 
 def _check_inputs(method: str, inputs: Any) -> None:
     if not isinstance(inputs, (list, tuple)):
@@ -2653,7 +2217,7 @@ class RunnableBinding(Runnable[Input, Output]):
 
 
 # ==============================================================================================
-# 5. Composition: sequence, parallel, lambda, generator, passthrough, @chain
+# 4. Composition: sequence, parallel, lambda, generator, passthrough, @chain
 #
 # `|` builds a RunnableSequence, whose transform is its steps' transforms chained: each chunk
 # flows through every streaming step before the next is pulled. A dict becomes a parallel step,
@@ -3499,9 +3063,9 @@ class RunnableBranch(Runnable[Input, Output]):
 
 
 # ==============================================================================================
-# 6. Event streaming: astream_events, stream_events, custom events, astream_log
+# 5. Event streaming: astream_events, stream_events, custom events, astream_log
 #
-# An event stream is the run with one more listener, a `_Channel` (section 3), that hands each
+# An event stream is the run with one more listener, a `_Channel` (section 2), that hands each
 # event to the consumer as the run makes it. `astream_events` steps the run's coroutine itself,
 # so the run moves only when the consumer asks for more (as a generator does); `stream_events`
 # runs it on a worker thread that waits while the consumer is behind. Nested calls' events
@@ -3990,6 +3554,431 @@ async def adispatch_custom_event(name: str, data: Any, config: Optional[Runnable
         await run.settle()
         if run.channel is not None and run.channel.buffer:  # backpressure, as at a chunk
             await run.channel.pause()
+
+
+# ==============================================================================================
+# 6. Prompts: values and templates
+#
+# What a prompt produces: a string for an LLM, messages for a chat model. A prompt template
+# turns a dict of variables into a prompt value; it needs its whole input, so it is where a
+# chain's input stream is folded. Templates use `{name}`; `{{` and `}}` are braces.
+# ==============================================================================================
+
+class PromptValue:
+    """What a prompt produces; a model reads it as a string or as messages.
+
+    >>> value = ChatPromptTemplate.from_template("hi {name}").invoke({"name": "Ann"})
+    >>> isinstance(value, PromptValue), value.to_string(), value.to_messages()
+    (True, 'Human: hi Ann', [HumanMessage(content='hi Ann')])
+    """
+
+    def to_string(self) -> str:
+        """The prompt as one string."""
+        raise NotImplementedError
+
+    def to_messages(self) -> List[BaseMessage]:
+        """The prompt as a list of messages."""
+        raise NotImplementedError
+
+
+class StringPromptValue(PromptValue):
+    """A prompt that is one string.
+
+    >>> StringPromptValue("Q: why?").to_messages()
+    [HumanMessage(content='Q: why?')]
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def to_string(self) -> str:
+        return self.text
+
+    def to_messages(self) -> List[BaseMessage]:
+        return [HumanMessage(self.text)]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StringPromptValue) and self.text == other.text
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"StringPromptValue(text={self.text!r})"
+
+
+class ChatPromptValue(PromptValue):
+    """A prompt that is a list of messages.
+
+    >>> ChatPromptValue([SystemMessage("s"), HumanMessage("h")]).to_string()
+    'System: s\\nHuman: h'
+    """
+
+    def __init__(self, messages: List[BaseMessage]) -> None:
+        self.messages = messages
+
+    def to_string(self) -> str:
+        def role(m: BaseMessage) -> str:
+            return m.role if isinstance(m, ChatMessage) else "AI" if m.type == "ai" else m.type.capitalize()
+        return "\n".join(f"{role(m)}: {m.text}" for m in self.messages)
+
+    def to_messages(self) -> List[BaseMessage]:
+        return list(self.messages)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ChatPromptValue) and self.messages == other.messages
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ChatPromptValue(messages={self.messages!r})"
+
+
+def _variables(template: str) -> List[str]:
+    """The `{name}` variables of a template, in order of first use.
+
+    A field is a plain name: attribute access and indexing (`{doc.metadata}`, `{docs[0]}`)
+    are refused when the template is built, since a template that reaches into its values
+    can read anything they lead to (`{x.__init__.__globals__[os].environ}`), as
+    langchain_core refuses them.
+
+    >>> _variables("{a} and {b!r:>{width}}")
+    ['a', 'b', 'width']
+    >>> _variables("{docs[0].page_content}")
+    Traceback (most recent call last):
+    ...
+    ValueError: template field '{docs[0].page_content}' uses indexing or attribute access, which templates refuse (a template must not reach into its values); use a plain name like '{docs}' and prepare the value before the prompt, e.g. with RunnablePassthrough.assign(docs=...)
+    """
+    import string
+    names: List[str] = []
+    specs = [template]
+    while specs:  # a format spec may hold fields of its own: `{x:>{width}}`
+        for _, field, spec, _ in string.Formatter().parse(specs.pop()):
+            if field is None:
+                continue
+            name = re.split(r"[.\[]", field, maxsplit=1)[0]
+            if not name or name.isdigit():
+                raise ValueError(f"template {_short(template)} has a positional placeholder "
+                                 f"'{{{_short(field, 40)[1:-1] if field else ''}}}'; name it, like "
+                                 "'{topic}'")
+            if name != field:
+                raise ValueError(
+                    f"template field {_short('{' + field + '}', 60)} uses indexing or attribute "
+                    "access, which templates refuse (a template must not reach into its "
+                    f"values); use a plain name like '{{{_short(name, 40)[1:-1]}}}' and prepare "
+                    "the value before the prompt, e.g. with RunnablePassthrough.assign("
+                    f"{_short(name, 40)[1:-1]}=...)")
+            if name not in names:
+                names.append(name)
+            if spec:
+                specs.append(spec)
+    return names
+
+
+class _MissingVariables(KeyError):
+    """A KeyError (as in langchain_core) whose message reads as plain text."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _check_variables(owner: str, expected: List[str], values: Any) -> None:
+    if not isinstance(values, dict):
+        raise TypeError(f"{owner} expects a dict of variables {expected}, got "
+                        f"{type(values).__name__}: {_short(values)}; pass e.g. "
+                        f"{{{expected[0]!r}: ...}}" if expected else
+                        f"{owner} expects a dict, got {type(values).__name__}")
+    missing = [v for v in expected if v not in values]
+    if missing:
+        raise _MissingVariables(
+            f"{owner} is missing variable{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(repr(m) for m in missing)}; the template expects {expected} and got "
+            f"{sorted(values)}; pass {{{', '.join(f'{m!r}: ...' for m in missing)}}} "
+            f"(or write '{{{{{missing[0]}}}}}' for a literal brace)")
+
+
+
+class _Prompt(Runnable[Any, PromptValue]):
+    """What both prompt templates share: variable checking, partial values, the prompt run type."""
+
+    run_type = "prompt"
+    input_in_start = True
+    input_variables: List[str] = []
+    partial_variables: Dict[str, Any] = {}
+
+    def _values(self, value: Any) -> Dict[str, Any]:
+        if not isinstance(value, dict) and len(self.input_variables) == 1:
+            return {self.input_variables[0]: value}  # one variable: the input is its value
+        _check_variables(type(self).__name__, self.input_variables, value)
+        return cast(Dict[str, Any], value)
+
+    def _filled(self, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        """The variables given, checked, over the partial values (a function is called now)."""
+        _check_variables(type(self).__name__, self.input_variables, kwargs)
+        if not self.partial_variables:
+            return kwargs
+        return {**{k: v() if callable(v) else v for k, v in self.partial_variables.items()}, **kwargs}
+
+    def _produce(self, value: Any, config: RunnableConfig) -> Iterator[PromptValue]:
+        yield self.format_prompt(**self._values(value))
+
+    def format_prompt(self, **kwargs: Any) -> PromptValue:
+        """The prompt value for these variables."""
+        raise NotImplementedError
+
+    def partial(self: _P, **values: Any) -> _P:
+        """A copy of this prompt with some variables filled in, each by a value or by a function
+        called for it at every format. Variables given when formatting win over them.
+
+        >>> prompt = PromptTemplate.from_template("{greeting}, {name}").partial(greeting="Hi")
+        >>> prompt.input_variables, prompt.format(name="Ada")
+        (['name'], 'Hi, Ada')
+        """
+        import copy
+        new = copy.copy(self)
+        new.partial_variables = {**self.partial_variables, **values}
+        new.input_variables = [v for v in self.input_variables if v not in values]
+        return new
+
+
+_P = TypeVar("_P", bound=_Prompt)
+
+
+class PromptTemplate(_Prompt):
+    """A string template: variables in, a `StringPromptValue` out. `a + b` joins two templates
+    (or a template and a string), keeping the partial values of both.
+
+    >>> PromptTemplate.from_template("Q: {question}").invoke({"question": "why?"})
+    StringPromptValue(text='Q: why?')
+    >>> (PromptTemplate.from_template("{a} and ") + "{b}").format(a=1, b=2)
+    '1 and 2'
+    """
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        self.input_variables = _variables(template)
+
+    @classmethod
+    def from_template(cls, template: str) -> "PromptTemplate":
+        """A prompt from a `{name}` template."""
+        return cls(template)
+
+    def format(self, **kwargs: Any) -> str:
+        """The template filled in.
+
+        >>> PromptTemplate.from_template("{a}+{a}={b}").format(a=1, b=2)
+        '1+1=2'
+        """
+        return self.template.format(**self._filled(kwargs))
+
+    def format_prompt(self, **kwargs: Any) -> PromptValue:
+        return StringPromptValue(self.format(**kwargs))
+
+    def __add__(self, other: Any) -> "PromptTemplate":
+        if isinstance(other, str):
+            other = PromptTemplate(other)
+        if not isinstance(other, PromptTemplate):
+            return NotImplemented
+        return PromptTemplate(self.template + other.template).partial(
+            **{**self.partial_variables, **other.partial_variables})
+
+    def __repr__(self) -> str:
+        return f"PromptTemplate.from_template({self.template!r})"
+
+
+def _add_to_chat(self: Any, other: Any) -> Any:
+    """`part + other` for the parts of a chat prompt: a chat prompt of both."""
+    return ChatPromptTemplate([self]).__add__(other)
+
+
+def _message_before(self: Any, other: Any) -> Any:
+    """`message + part`: a chat prompt of both (a string or tuple before it stays an error)."""
+    return ChatPromptTemplate([other]).__add__(self) if isinstance(other, BaseMessage) else NotImplemented
+
+
+class MessagesPlaceholder:
+    """Where a list of messages from the input goes in a chat prompt; with `optional=True` the
+    variable may be left out.
+
+    >>> prompt = ChatPromptTemplate.from_messages([MessagesPlaceholder("history"), ("human", "{q}")])
+    >>> prompt.invoke({"history": [("ai", "hello")], "q": "hi"}).to_messages()
+    [AIMessage(content='hello'), HumanMessage(content='hi')]
+    """
+
+    def __init__(self, variable_name: str, optional: bool = False) -> None:
+        self.variable_name, self.optional = variable_name, optional
+
+    def format_messages(self, **kwargs: Any) -> List[BaseMessage]:
+        """The messages of the variable (none if it is optional and absent)."""
+        value = kwargs.get(self.variable_name, [] if self.optional else _MISSING)
+        if value is _MISSING:
+            raise _MissingVariables(f"MessagesPlaceholder is missing variable "
+                                    f"{self.variable_name!r}; pass a list of messages under it")
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"MessagesPlaceholder {self.variable_name!r} needs a list of "
+                            f"messages, got {type(value).__name__}: {_short(value)}")
+        return [_to_message(m) for m in value]
+
+    __add__, __radd__ = _add_to_chat, _message_before
+
+    def __repr__(self) -> str:
+        optional = ", optional=True" if self.optional else ""
+        return f"MessagesPlaceholder(variable_name={self.variable_name!r}{optional})"
+
+
+class _MessageTemplate:
+    """A template for one message of one role; the three public classes differ only in it."""
+
+    role = "human"
+
+    def __init__(self, prompt: PromptTemplate) -> None:
+        self.prompt = prompt
+
+    @classmethod
+    def from_template(cls: type[_M], template: str,
+                      partial_variables: Optional[Dict[str, Any]] = None) -> _M:
+        """A message template from a `{name}` template (and values for some variables)."""
+        return cls(PromptTemplate(template).partial(**(partial_variables or {})))
+
+    @property
+    def input_variables(self) -> List[str]:
+        """The variables the template needs."""
+        return self.prompt.input_variables
+
+    def format(self, **kwargs: Any) -> BaseMessage:
+        """The message, with the variables filled in."""
+        _check_variables(type(self).__name__, self.input_variables, kwargs)
+        return _to_message((self.role, self.prompt.format(**kwargs)))
+
+    def format_messages(self, **kwargs: Any) -> List[BaseMessage]:
+        """`[format(**kwargs)]`: the message as a list, as every part of a chat prompt gives."""
+        return [self.format(**kwargs)]
+
+    __add__, __radd__ = _add_to_chat, _message_before
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}.from_template({self.prompt.template!r})"
+
+
+_M = TypeVar("_M", bound=_MessageTemplate)
+
+
+class SystemMessagePromptTemplate(_MessageTemplate):
+    """A template for a system message; `a + b` with another part makes a chat prompt.
+
+    >>> SystemMessagePromptTemplate.from_template("You like {topic}.").format(topic="cats")
+    SystemMessage(content='You like cats.')
+    """
+    role = "system"
+
+
+class HumanMessagePromptTemplate(_MessageTemplate):
+    """A template for a human message.
+
+    >>> HumanMessagePromptTemplate.from_template("Tell me about {topic}.").format_messages(topic="cats")
+    [HumanMessage(content='Tell me about cats.')]
+    """
+    role = "human"
+
+
+class AIMessagePromptTemplate(_MessageTemplate):
+    """A template for an AI message (an example answer, say).
+
+    >>> (AIMessagePromptTemplate.from_template("{a}") + "{q}").format_messages(a="Meow.", q="Again?")
+    [AIMessage(content='Meow.'), HumanMessage(content='Again?')]
+    """
+    role = "ai"
+
+
+_MessageLike = Union[BaseMessage, MessagesPlaceholder, _MessageTemplate, Tuple[str, str], str]
+
+
+class ChatPromptTemplate(_Prompt):
+    """A chat template: variables in, a `ChatPromptValue` of messages out.
+
+    `a + b` is one chat prompt of both, where `b` is a chat prompt, a message template, a
+    message, a placeholder, a `(role, template)` tuple, a string (a human message) or a list
+    of these; partial values carry over.
+
+    >>> prompt = ChatPromptTemplate.from_messages([("system", "You like {topic}."), ("human", "{q}")])
+    >>> prompt.invoke({"topic": "cats", "q": "hi"})
+    ChatPromptValue(messages=[SystemMessage(content='You like cats.'), HumanMessage(content='hi')])
+    >>> prompt.invoke({"topic": "cats"})
+    Traceback (most recent call last):
+    ...
+    minichain._MissingVariables: ChatPromptTemplate is missing variable 'q'; the template expects ['topic', 'q'] and got ['topic']; pass {'q': ...} (or write '{{q}}' for a literal brace)
+    >>> (prompt + ("ai", "{a}")).format_messages(topic="cats", q="hi", a="meow")[-1]
+    AIMessage(content='meow')
+    """
+
+    def __init__(self, messages: Sequence[_MessageLike]) -> None:
+        self.messages: List[Any] = []
+        variables: List[str] = []
+        for item in messages:
+            if isinstance(item, str):
+                item = ("human", item)
+            if isinstance(item, tuple) and len(item) == 2 and item[0] == "placeholder":
+                item = MessagesPlaceholder(item[1].strip("{}"), optional=True)
+            if isinstance(item, MessagesPlaceholder):
+                names = [] if item.optional else [item.variable_name]
+            elif isinstance(item, BaseMessage):
+                names = []
+            elif isinstance(item, _MessageTemplate):
+                names = item.input_variables
+            elif isinstance(item, tuple) and len(item) == 2:
+                _to_message((item[0], ""))  # checks the role
+                names = _variables(item[1])
+            else:
+                raise TypeError(f"cannot use {_short(item)} in a chat prompt; use a (role, "
+                                "template) tuple, a message, a message template or a MessagesPlaceholder")
+            self.messages.append(item)
+            variables += [n for n in names if n not in variables]
+        self.input_variables = variables
+
+    @classmethod
+    def from_messages(cls, messages: Sequence[_MessageLike]) -> "ChatPromptTemplate":
+        """A chat prompt from `(role, template)` tuples, messages, message templates and placeholders."""
+        return cls(messages)
+
+    @classmethod
+    def from_template(cls, template: str) -> "ChatPromptTemplate":
+        """A chat prompt of one human message.
+
+        >>> ChatPromptTemplate.from_template("tell me a joke about {topic}").input_variables
+        ['topic']
+        """
+        return cls([("human", template)])
+
+    def format_messages(self, **kwargs: Any) -> List[BaseMessage]:
+        """The messages with the variables filled in."""
+        kwargs = self._filled(kwargs)
+        out: List[BaseMessage] = []
+        for item in self.messages:
+            if isinstance(item, (MessagesPlaceholder, _MessageTemplate)):
+                out += item.format_messages(**kwargs)
+            elif isinstance(item, BaseMessage):
+                out.append(item)
+            else:
+                out.append(_to_message((item[0], item[1].format(**kwargs))))
+        return out
+
+    def format_prompt(self, **kwargs: Any) -> PromptValue:
+        return ChatPromptValue(self.format_messages(**kwargs))
+
+    def __add__(self, other: Any) -> "ChatPromptTemplate":
+        partials = self.partial_variables
+        if isinstance(other, ChatPromptTemplate):
+            items, partials = other.messages, {**partials, **other.partial_variables}
+        elif isinstance(other, list):
+            items = other
+        elif isinstance(other, (str, tuple, BaseMessage, MessagesPlaceholder, _MessageTemplate)):
+            # deviation: a (role, template) tuple is one message (langchain_core takes any
+            # tuple for a list of messages: ("ai", "hi") would add two human messages)
+            items = [other]
+        else:  # deviation: a TypeError, as Python gives (langchain_core: NotImplementedError)
+            return NotImplemented
+        return ChatPromptTemplate(self.messages + items).partial(**partials)
+
+    __radd__ = _message_before
 
 
 # ==============================================================================================
@@ -5038,16 +5027,6 @@ def parse_partial_json(text: str) -> Any:
     return None if stream.stray_closer else value
 
 
-def _text_of(chunk: Any) -> str:
-    """The text a parser reads from a chunk: a message's text, or the string itself."""
-    if isinstance(chunk, BaseMessage):
-        return chunk.text
-    if isinstance(chunk, str):
-        return chunk
-    raise TypeError(f"a parser reads messages or strings, not {type(chunk).__name__}: "
-                    f"{_short(chunk)}")
-
-
 class BaseOutputParser(Runnable[Any, Output]):
     """A parser: model output (messages or text) in, parsed values out, chunk by chunk.
 
@@ -5423,294 +5402,331 @@ class MarkdownListOutputParser(_ListParser):
 
 
 # ==============================================================================================
-# 9. Prompt templates
+# 9. LangChain-style callback handlers and run listeners
 #
-# A prompt turns a dict of variables into a prompt value. It needs its whole input, so it is
-# where a chain's input stream is folded. Templates use `{name}`; `{{` and `}}` are braces.
+# Adapters over the events of section 2: a handler's methods (`on_chat_model_start`,
+# `on_llm_new_token`, ...) are called with langchain_core's arguments, and `with_listeners`
+# builds `RunTree` records. Nothing here runs unless such a handler is passed.
 # ==============================================================================================
 
-class _Prompt(Runnable[Any, PromptValue]):
-    """What both prompt templates share: variable checking, partial values, the prompt run type."""
+class BaseCallbackHandler:
+    """A LangChain-style callback handler: override the methods you need, pass it in
+    `callbacks=[...]` like any listener. Each event of a run becomes a call with
+    langchain_core's arguments (the `ignore_*` flags skip a family):
+    `on_chain_start(serialized, inputs, *, run_id, parent_run_id, tags, metadata, name)`
+    (`inputs` is `{"input": ""}` when the run started streaming before its input was known;
+    prompts and parsers also get `run_type`), `on_chain_end(outputs, ...)`,
+    `on_chat_model_start(serialized, messages, ...)`, `on_llm_start(serialized, prompts, ...)`,
+    `on_llm_new_token(token, *, chunk, ...)`, `on_llm_end(response, ...)` (an `LLMResult`),
+    `on_tool_start(serialized, input_str, *, inputs, ...)`, `on_tool_end(output, ...)`,
+    `on_retriever_start(serialized, query, ...)`, `on_retriever_end(documents, ...)`,
+    `on_custom_event(name, data, *, run_id, tags, metadata)`, and `on_*_error(error, ...)`
+    for each family. Run ids are `uuid.UUID`s.
 
-    run_type = "prompt"
-    input_in_start = True
-    input_variables: List[str] = []
-    partial_variables: Dict[str, Any] = {}
-
-    def _values(self, value: Any) -> Dict[str, Any]:
-        if not isinstance(value, dict) and len(self.input_variables) == 1:
-            return {self.input_variables[0]: value}  # one variable: the input is its value
-        _check_variables(type(self).__name__, self.input_variables, value)
-        return cast(Dict[str, Any], value)
-
-    def _filled(self, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-        """The variables given, checked, over the partial values (a function is called now)."""
-        _check_variables(type(self).__name__, self.input_variables, kwargs)
-        if not self.partial_variables:
-            return kwargs
-        return {**{k: v() if callable(v) else v for k, v in self.partial_variables.items()}, **kwargs}
-
-    def _produce(self, value: Any, config: RunnableConfig) -> Iterator[PromptValue]:
-        yield self.format_prompt(**self._values(value))
-
-    def format_prompt(self, **kwargs: Any) -> PromptValue:
-        """The prompt value for these variables."""
-        raise NotImplementedError
-
-    def partial(self: _P, **values: Any) -> _P:
-        """A copy of this prompt with some variables filled in, each by a value or by a function
-        called for it at every format. Variables given when formatting win over them.
-
-        >>> prompt = PromptTemplate.from_template("{greeting}, {name}").partial(greeting="Hi")
-        >>> prompt.input_variables, prompt.format(name="Ada")
-        (['name'], 'Hi, Ada')
-        """
-        import copy
-        new = copy.copy(self)
-        new.partial_variables = {**self.partial_variables, **values}
-        new.input_variables = [v for v in self.input_variables if v not in values]
-        return new
-
-
-_P = TypeVar("_P", bound=_Prompt)
-
-
-class PromptTemplate(_Prompt):
-    """A string template: variables in, a `StringPromptValue` out. `a + b` joins two templates
-    (or a template and a string), keeping the partial values of both.
-
-    >>> PromptTemplate.from_template("Q: {question}").invoke({"question": "why?"})
-    StringPromptValue(text='Q: why?')
-    >>> (PromptTemplate.from_template("{a} and ") + "{b}").format(a=1, b=2)
-    '1 and 2'
+    >>> class Tokens(BaseCallbackHandler):
+    ...     def on_llm_new_token(self, token, **kwargs):
+    ...         print(repr(token), end=" ")
+    >>> _ = list(GenericFakeChatModel(messages=iter(["hi there"])).stream("x", {"callbacks": [Tokens()]}))
+    'hi' ' ' 'there' 
     """
 
-    def __init__(self, template: str) -> None:
-        self.template = template
-        self.input_variables = _variables(template)
+    raise_error = False  # raise a method's error instead of logging it
+    errors = True  # it is told of failed runs (`on_*_error`)
+    run_inline = False
+    ignore_chain = ignore_llm = ignore_chat_model = ignore_retriever = ignore_agent = False
+    ignore_retry = ignore_custom_event = False
 
-    @classmethod
-    def from_template(cls, template: str) -> "PromptTemplate":
-        """A prompt from a `{name}` template."""
-        return cls(template)
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("on_"):  # every callback method does nothing unless overridden
+            return _ignore
+        raise AttributeError(name)
 
-    def format(self, **kwargs: Any) -> str:
-        """The template filled in.
-
-        >>> PromptTemplate.from_template("{a}+{a}={b}").format(a=1, b=2)
-        '1+1=2'
-        """
-        return self.template.format(**self._filled(kwargs))
-
-    def format_prompt(self, **kwargs: Any) -> PromptValue:
-        return StringPromptValue(self.format(**kwargs))
-
-    def __add__(self, other: Any) -> "PromptTemplate":
-        if isinstance(other, str):
-            other = PromptTemplate(other)
-        if not isinstance(other, PromptTemplate):
-            return NotImplemented
-        return PromptTemplate(self.template + other.template).partial(
-            **{**self.partial_variables, **other.partial_variables})
-
-    def __repr__(self) -> str:
-        return f"PromptTemplate.from_template({self.template!r})"
+    def _as_listener(self) -> Callable[[Event], Any]:
+        return _callback_calls(self)
 
 
-def _add_to_chat(self: Any, other: Any) -> Any:
-    """`part + other` for the parts of a chat prompt: a chat prompt of both."""
-    return ChatPromptTemplate([self]).__add__(other)
+class AsyncCallbackHandler(BaseCallbackHandler):
+    """A callback handler whose methods are `async def`: the async APIs await each call in
+    the order of the events (sync `invoke`/`stream` refuse it: use the async APIs).
 
-
-def _message_before(self: Any, other: Any) -> Any:
-    """`message + part`: a chat prompt of both (a string or tuple before it stays an error)."""
-    return ChatPromptTemplate([other]).__add__(self) if isinstance(other, BaseMessage) else NotImplemented
-
-
-class MessagesPlaceholder:
-    """Where a list of messages from the input goes in a chat prompt; with `optional=True` the
-    variable may be left out.
-
-    >>> prompt = ChatPromptTemplate.from_messages([MessagesPlaceholder("history"), ("human", "{q}")])
-    >>> prompt.invoke({"history": [("ai", "hello")], "q": "hi"}).to_messages()
-    [AIMessage(content='hello'), HumanMessage(content='hi')]
+    >>> class Ends(AsyncCallbackHandler):
+    ...     async def on_chain_end(self, outputs, **kwargs):
+    ...         print("end:", outputs)
+    >>> asyncio.run(RunnableLambda(lambda x: x + 1).ainvoke(1, {"callbacks": [Ends()]}))
+    end: 2
+    2
     """
 
-    def __init__(self, variable_name: str, optional: bool = False) -> None:
-        self.variable_name, self.optional = variable_name, optional
 
-    def format_messages(self, **kwargs: Any) -> List[BaseMessage]:
-        """The messages of the variable (none if it is optional and absent)."""
-        value = kwargs.get(self.variable_name, [] if self.optional else _MISSING)
-        if value is _MISSING:
-            raise _MissingVariables(f"MessagesPlaceholder is missing variable "
-                                    f"{self.variable_name!r}; pass a list of messages under it")
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(f"MessagesPlaceholder {self.variable_name!r} needs a list of "
-                            f"messages, got {type(value).__name__}: {_short(value)}")
-        return [_to_message(m) for m in value]
-
-    __add__, __radd__ = _add_to_chat, _message_before
-
-    def __repr__(self) -> str:
-        optional = ", optional=True" if self.optional else ""
-        return f"MessagesPlaceholder(variable_name={self.variable_name!r}{optional})"
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    return None
 
 
-class _MessageTemplate:
-    """A template for one message of one role; the three public classes differ only in it."""
-
-    role = "human"
-
-    def __init__(self, prompt: PromptTemplate) -> None:
-        self.prompt = prompt
-
-    @classmethod
-    def from_template(cls: type[_M], template: str,
-                      partial_variables: Optional[Dict[str, Any]] = None) -> _M:
-        """A message template from a `{name}` template (and values for some variables)."""
-        return cls(PromptTemplate(template).partial(**(partial_variables or {})))
-
-    @property
-    def input_variables(self) -> List[str]:
-        """The variables the template needs."""
-        return self.prompt.input_variables
-
-    def format(self, **kwargs: Any) -> BaseMessage:
-        """The message, with the variables filled in."""
-        _check_variables(type(self).__name__, self.input_variables, kwargs)
-        return _to_message((self.role, self.prompt.format(**kwargs)))
-
-    def format_messages(self, **kwargs: Any) -> List[BaseMessage]:
-        """`[format(**kwargs)]`: the message as a list, as every part of a chat prompt gives."""
-        return [self.format(**kwargs)]
-
-    __add__, __radd__ = _add_to_chat, _message_before
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}.from_template({self.prompt.template!r})"
+def _uuid(run_id: str) -> Any:
+    import uuid
+    return uuid.UUID(run_id)
 
 
-_M = TypeVar("_M", bound=_MessageTemplate)
+def _callback_calls(h: BaseCallbackHandler) -> Callable[[Event], Any]:
+    """The listener that turns events into a handler's method calls (langchain_core's)."""
+    deferred = set()  # runs that started before their input was known: it comes at the end
 
-
-class SystemMessagePromptTemplate(_MessageTemplate):
-    """A template for a system message; `a + b` with another part makes a chat prompt.
-
-    >>> SystemMessagePromptTemplate.from_template("You like {topic}.").format(topic="cats")
-    SystemMessage(content='You like cats.')
-    """
-    role = "system"
-
-
-class HumanMessagePromptTemplate(_MessageTemplate):
-    """A template for a human message.
-
-    >>> HumanMessagePromptTemplate.from_template("Tell me about {topic}.").format_messages(topic="cats")
-    [HumanMessage(content='Tell me about cats.')]
-    """
-    role = "human"
-
-
-class AIMessagePromptTemplate(_MessageTemplate):
-    """A template for an AI message (an example answer, say).
-
-    >>> (AIMessagePromptTemplate.from_template("{a}") + "{q}").format_messages(a="Meow.", q="Again?")
-    [AIMessage(content='Meow.'), HumanMessage(content='Again?')]
-    """
-    role = "ai"
-
-
-_MessageLike = Union[BaseMessage, MessagesPlaceholder, _MessageTemplate, Tuple[str, str], str]
-
-
-class ChatPromptTemplate(_Prompt):
-    """A chat template: variables in, a `ChatPromptValue` of messages out.
-
-    `a + b` is one chat prompt of both, where `b` is a chat prompt, a message template, a
-    message, a placeholder, a `(role, template)` tuple, a string (a human message) or a list
-    of these; partial values carry over.
-
-    >>> prompt = ChatPromptTemplate.from_messages([("system", "You like {topic}."), ("human", "{q}")])
-    >>> prompt.invoke({"topic": "cats", "q": "hi"})
-    ChatPromptValue(messages=[SystemMessage(content='You like cats.'), HumanMessage(content='hi')])
-    >>> prompt.invoke({"topic": "cats"})
-    Traceback (most recent call last):
-    ...
-    minichain._MissingVariables: ChatPromptTemplate is missing variable 'q'; the template expects ['topic', 'q'] and got ['topic']; pass {'q': ...} (or write '{{q}}' for a literal brace)
-    >>> (prompt + ("ai", "{a}")).format_messages(topic="cats", q="hi", a="meow")[-1]
-    AIMessage(content='meow')
-    """
-
-    def __init__(self, messages: Sequence[_MessageLike]) -> None:
-        self.messages: List[Any] = []
-        variables: List[str] = []
-        for item in messages:
-            if isinstance(item, str):
-                item = ("human", item)
-            if isinstance(item, tuple) and len(item) == 2 and item[0] == "placeholder":
-                item = MessagesPlaceholder(item[1].strip("{}"), optional=True)
-            if isinstance(item, MessagesPlaceholder):
-                names = [] if item.optional else [item.variable_name]
-            elif isinstance(item, BaseMessage):
-                names = []
-            elif isinstance(item, _MessageTemplate):
-                names = item.input_variables
-            elif isinstance(item, tuple) and len(item) == 2:
-                _to_message((item[0], ""))  # checks the role
-                names = _variables(item[1])
+    def call(event: Event) -> Any:
+        kind, data = event["event"], event["data"]
+        family, phase = kind[3:kind.rindex("_")], kind[kind.rindex("_") + 1:]
+        ids = {"run_id": _uuid(event["run_id"]), "tags": event["tags"],
+               "parent_run_id": _uuid(event["parent_ids"][-1]) if event["parent_ids"] else None}
+        if kind == "on_custom_event":
+            return None if h.ignore_custom_event else h.on_custom_event(
+                event["name"], data, run_id=ids["run_id"], tags=event["tags"],
+                metadata=event["metadata"])
+        run_type = {"run_type": family} if family in ("prompt", "parser") else {}
+        if run_type:
+            family = "chain"
+        if phase == "error":
+            method = {"chat_model": "llm"}.get(family, family)
+            if getattr(h, f"ignore_{method}", False):
+                return None
+            return getattr(h, f"on_{method}_error")(data["error"], **ids)
+        if phase == "start":
+            # deviation: `serialized` is None or {"name": ...}, and models and tools get
+            # their `name` too (langchain_core serializes prompts, models and tools)
+            start = {**ids, "metadata": event["metadata"], "name": event["name"]}
+            value = data.get("input", _MISSING)
+            if family == "chain":
+                # deviation: a streamed root shows its input at its start ({"input": ""} in
+                # langchain_core); a step started before its input was known gets it at its end
+                if value is _MISSING:
+                    deferred.add(event["run_id"])
+                return None if h.ignore_chain else h.on_chain_start(
+                    None, {"input": ""} if value is _MISSING else value, **start, **run_type)
+            if family == "chat_model":
+                messages = value["messages"] if isinstance(value, dict) and "messages" in value \
+                    else [_to_messages(value)]
+                return None if h.ignore_chat_model else h.on_chat_model_start(
+                    {"name": event["name"]}, messages, **start)
+            if family == "llm":
+                prompts = value["prompts"] if isinstance(value, dict) and "prompts" in value \
+                    else [_to_prompt(value)]
+                return None if h.ignore_llm else h.on_llm_start({"name": event["name"]}, prompts, **start)
+            if family == "tool":
+                return h.on_tool_start({"name": event["name"]}, str(value),
+                                       inputs=value if isinstance(value, dict) else None, **start)
+            if family == "retriever":
+                return None if h.ignore_retriever else h.on_retriever_start(None, value, **start)
+            return None
+        if phase == "stream":
+            # deviation: an invoked chat model streams too, so its tokens reach the handler
+            # (langchain_core calls on_llm_new_token only when the model was streamed)
+            if family not in ("chat_model", "llm") or h.ignore_llm:
+                return None
+            chunk = data["chunk"]
+            wrapped = ChatGenerationChunk(message=chunk) if family == "chat_model" \
+                else GenerationChunk(text=chunk)
+            return h.on_llm_new_token(token=wrapped.text, chunk=wrapped, **ids)
+        output = data.get("output")
+        if family == "chain":
+            extra = {"inputs": data.get("input")} if event["run_id"] in deferred else {}
+            deferred.discard(event["run_id"])
+            return None if h.ignore_chain else h.on_chain_end(output, **ids, **extra)
+        if family in ("chat_model", "llm"):
+            if h.ignore_llm:
+                return None
+            if family == "chat_model":
+                gen: Generation = ChatGenerationChunk(message=output) \
+                    if isinstance(output, AIMessageChunk) else ChatGeneration(message=output)
             else:
-                raise TypeError(f"cannot use {_short(item)} in a chat prompt; use a (role, "
-                                "template) tuple, a message, a message template or a MessagesPlaceholder")
-            self.messages.append(item)
-            variables += [n for n in names if n not in variables]
-        self.input_variables = variables
+                gen = Generation(text=output["generations"][0][0]["text"])
+            return h.on_llm_end(LLMResult(generations=[[gen]]), **ids)
+        if family == "tool":
+            return h.on_tool_end(output, name=event["name"], **ids)
+        if family == "retriever":
+            return None if h.ignore_retriever else h.on_retriever_end(output, **ids)
+        return None
+    return call
 
-    @classmethod
-    def from_messages(cls, messages: Sequence[_MessageLike]) -> "ChatPromptTemplate":
-        """A chat prompt from `(role, template)` tuples, messages, message templates and placeholders."""
-        return cls(messages)
 
-    @classmethod
-    def from_template(cls, template: str) -> "ChatPromptTemplate":
-        """A chat prompt of one human message.
+class Generation:
+    """One generated text, as `on_llm_end` shows it in `LLMResult.generations`.
 
-        >>> ChatPromptTemplate.from_template("tell me a joke about {topic}").input_variables
-        ['topic']
-        """
-        return cls([("human", template)])
+    >>> Generation(text="hi").text
+    'hi'
+    """
 
-    def format_messages(self, **kwargs: Any) -> List[BaseMessage]:
-        """The messages with the variables filled in."""
-        kwargs = self._filled(kwargs)
-        out: List[BaseMessage] = []
-        for item in self.messages:
-            if isinstance(item, (MessagesPlaceholder, _MessageTemplate)):
-                out += item.format_messages(**kwargs)
-            elif isinstance(item, BaseMessage):
-                out.append(item)
+    def __init__(self, text: str = "", generation_info: Optional[Dict[str, Any]] = None) -> None:
+        self.text, self.generation_info = text, generation_info
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(text={self.text!r})"
+
+
+class GenerationChunk(Generation):
+    """A piece of an LLM's text, as `on_llm_new_token(token, chunk=...)` gets it.
+
+    >>> GenerationChunk(text="h").text
+    'h'
+    """
+
+
+class ChatGeneration(Generation):
+    """A chat model's message, as `LLMResult.generations` holds it (`text` is its text).
+
+    >>> ChatGeneration(message=AIMessage("hi")).text
+    'hi'
+    """
+
+    def __init__(self, *, message: Any) -> None:
+        super().__init__(message.text if isinstance(message, BaseMessage) else str(message))
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(text={self.text!r}, message={self.message!r})"
+
+
+class ChatGenerationChunk(ChatGeneration):
+    """A chat model's chunk, as `on_llm_new_token(token, chunk=...)` gets it.
+
+    >>> ChatGenerationChunk(message=AIMessageChunk("h")).message.content
+    'h'
+    """
+
+
+class LLMResult:
+    """What `on_llm_end` receives: `generations[0][0]` is the (chat) generation.
+
+    >>> LLMResult(generations=[[Generation(text="hi")]]).generations[0][0].text
+    'hi'
+    """
+
+    def __init__(self, generations: List[List[Generation]], llm_output: Optional[Dict[str, Any]] = None) -> None:
+        self.generations, self.llm_output = generations, llm_output
+
+    def __repr__(self) -> str:
+        return f"LLMResult(generations={self.generations!r}, llm_output={self.llm_output!r})"
+
+
+class StdOutCallbackHandler(BaseCallbackHandler):
+    """Prints when each chain (step) starts and finishes, as langchain_core's does.
+
+    >>> _ = RunnableLambda(lambda x: x).with_config(run_name="step").invoke(1, {"callbacks": [StdOutCallbackHandler()]})
+    <BLANKLINE>
+    <BLANKLINE>
+    [1m> Entering new step chain...[0m
+    <BLANKLINE>
+    [1m> Finished chain.[0m
+    """
+
+    def on_chain_start(self, serialized: Any, inputs: Any, **kwargs: Any) -> None:
+        print(f"\n\n\033[1m> Entering new {kwargs.get('name')} chain...\033[0m")
+
+    def on_chain_end(self, outputs: Any, **kwargs: Any) -> None:
+        print("\n\033[1m> Finished chain.\033[0m")
+
+
+class StreamingStdOutCallbackHandler(BaseCallbackHandler):
+    """Writes each token a model streams to stdout as it arrives.
+
+    >>> _ = list(GenericFakeChatModel(messages=iter(["hi there"])).stream("x", {"callbacks": [StreamingStdOutCallbackHandler()]}))
+    hi there
+    """
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        import sys
+        sys.stdout.write(token)
+        sys.stdout.flush()
+
+
+class RunTree:
+    """A run as `with_listeners` functions see it (langsmith's RunTree, in part): `id`,
+    `name`, `run_type`, `inputs` and `outputs` (dicts: a value that is not a dict sits under
+    "input" / "output"), `error` (the exception's repr), `tags`, `metadata`,
+    `parent_run_id`, `start_time`/`end_time` (UTC) and the `child_runs` inside it.
+
+    >>> runs = []
+    >>> _ = (RunnableLambda(lambda x: x) | RunnableLambda(str)).with_listeners(on_end=runs.append).invoke(1)
+    >>> runs[0].name, runs[0].outputs, [child.name for child in runs[0].child_runs]
+    ('RunnableSequence', {'output': '1'}, ['RunnableLambda', 'str'])
+    """
+
+    def __init__(self, event: Event) -> None:
+        import datetime
+        self.id, self.name = _uuid(event["run_id"]), event["name"]
+        self.run_type = event["event"][3:-6]
+        self.tags, self.metadata = event["tags"], event["metadata"]
+        self.parent_run_id = _uuid(event["parent_ids"][-1]) if event["parent_ids"] else None
+        self.inputs = _as_dict(event["data"].get("input", ""), "input")
+        self.outputs: Dict[str, Any] = {}
+        self.error: Optional[str] = None
+        self.start_time = datetime.datetime.now(datetime.timezone.utc)
+        self.end_time: Any = None
+        self.child_runs: List[RunTree] = []
+
+    def finish(self, event: Event) -> None:
+        import datetime
+        self.end_time = datetime.datetime.now(datetime.timezone.utc)
+        data = event["data"]
+        if "error" in data:
+            self.error = repr(data["error"])
+        else:
+            self.outputs = _as_dict(data.get("output"), "output")
+        if "input" in data:
+            self.inputs = _as_dict(data["input"], "input")
+
+    def __repr__(self) -> str:
+        return f"RunTree(name={self.name!r}, run_type={self.run_type!r}, id={str(self.id)!r})"
+
+
+def _as_dict(value: Any, key: str) -> Dict[str, Any]:
+    return value if isinstance(value, dict) else {key: value}
+
+
+class _RunTracker:
+    """The listener behind `with_listeners`: it builds a `RunTree` of each run it is given
+    (and its children), and calls the functions at the root run's start, end or error."""
+
+    errors = True  # it is told of failures too (`Run.fail`)
+
+    def __init__(self, *listeners: Optional[Callable[..., Any]]) -> None:
+        self.listeners = [(f, _takes_two(f)) if f else None for f in listeners]
+        self.runs: Dict[str, RunTree] = {}
+
+    def _call(self, which: int, run: RunTree) -> None:
+        entry = self.listeners[which]
+        if entry is not None:
+            func, two = entry
+            func(run, {"tags": run.tags, "metadata": run.metadata}) if two else func(run)
+
+    def __call__(self, event: Event) -> None:
+        kind, run_id = event["event"], event["run_id"]
+        if kind.endswith("_start"):
+            run = self.runs[run_id] = RunTree(event)
+            parent = self.runs.get(event["parent_ids"][-1]) if event["parent_ids"] else None
+            if parent is not None:
+                parent.child_runs.append(run)
             else:
-                out.append(_to_message((item[0], item[1].format(**kwargs))))
-        return out
+                self._call(0, run)
+        elif kind.endswith("_end") or kind.endswith("_error"):
+            run = self.runs[run_id]
+            run.finish(event)
+            if run.parent_run_id is None or str(run.parent_run_id) not in self.runs:
+                for done in _subtree(run):  # the root: forget it and its children
+                    self.runs.pop(str(done.id), None)
+                self._call(2 if kind.endswith("_error") else 1, run)
 
-    def format_prompt(self, **kwargs: Any) -> PromptValue:
-        return ChatPromptValue(self.format_messages(**kwargs))
 
-    def __add__(self, other: Any) -> "ChatPromptTemplate":
-        partials = self.partial_variables
-        if isinstance(other, ChatPromptTemplate):
-            items, partials = other.messages, {**partials, **other.partial_variables}
-        elif isinstance(other, list):
-            items = other
-        elif isinstance(other, (str, tuple, BaseMessage, MessagesPlaceholder, _MessageTemplate)):
-            # deviation: a (role, template) tuple is one message (langchain_core takes any
-            # tuple for a list of messages: ("ai", "hi") would add two human messages)
-            items = [other]
-        else:  # deviation: a TypeError, as Python gives (langchain_core: NotImplementedError)
-            return NotImplemented
-        return ChatPromptTemplate(self.messages + items).partial(**partials)
+def _subtree(run: RunTree) -> Iterator[RunTree]:
+    stack = [run]
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(node.child_runs)
 
-    __radd__ = _message_before
+
+def _takes_two(func: Callable[..., Any]) -> bool:
+    try:
+        return len(inspect.signature(func).parameters) >= 2
+    except (TypeError, ValueError):
+        return False
 
 
 # ==============================================================================================
@@ -6912,6 +6928,39 @@ def _anthropic_messages(messages: List[BaseMessage]) -> Tuple[str, List[Dict[str
     return system, turns
 
 
+def _read_frames(body: Iterator[bytes], decoder: Any, reader: Any) -> Iterator[Any]:
+    """What `reader` makes of the frames `decoder` finds in a response `body`, as bytes arrive;
+    it stops reading when the reader is done (closing `body` closes the connection)."""
+    try:
+        for data in body:
+            for event, text in decoder.feed(data):
+                yield from reader.frame(event, text)
+                if reader.done:
+                    return
+        for event, text in decoder.finish():
+            yield from reader.frame(event, text)
+        reader.finish()
+    finally:
+        _close(body)
+
+
+async def _aread_frames(body: AsyncIterator[bytes], decoder: Any, reader: Any) -> AsyncIterator[Any]:
+    """Async twin of `_read_frames`."""
+    try:
+        async for data in body:
+            for event, text in decoder.feed(data):
+                for value in reader.frame(event, text):
+                    yield value
+                if reader.done:
+                    return
+        for event, text in decoder.finish():
+            for value in reader.frame(event, text):
+                yield value
+        reader.finish()
+    finally:
+        await _aclose(body)
+
+
 def _timeouts(timeout: Union[None, float, Tuple[float, float]]) -> Tuple[float, float]:
     """(connect, read) seconds from a number, a pair or None (10 s; 600 s: a long prompt can
     take minutes on a CPU)."""
@@ -7538,39 +7587,6 @@ class RemoteRunnable(Runnable[Any, Any]):
 
     def __repr__(self) -> str:
         return f"RemoteRunnable({self.url!r})"
-
-
-def _read_frames(body: Iterator[bytes], decoder: Any, reader: Any) -> Iterator[Any]:
-    """What `reader` makes of the frames `decoder` finds in a response `body`, as bytes arrive;
-    it stops reading when the reader is done (closing `body` closes the connection)."""
-    try:
-        for data in body:
-            for event, text in decoder.feed(data):
-                yield from reader.frame(event, text)
-                if reader.done:
-                    return
-        for event, text in decoder.finish():
-            yield from reader.frame(event, text)
-        reader.finish()
-    finally:
-        _close(body)
-
-
-async def _aread_frames(body: AsyncIterator[bytes], decoder: Any, reader: Any) -> AsyncIterator[Any]:
-    """Async twin of `_read_frames`."""
-    try:
-        async for data in body:
-            for event, text in decoder.feed(data):
-                for value in reader.frame(event, text):
-                    yield value
-                if reader.done:
-                    return
-        for event, text in decoder.finish():
-            for value in reader.frame(event, text):
-                yield value
-        reader.finish()
-    finally:
-        await _aclose(body)
 
 
 MAX_BODY_BYTES = 2 ** 20  # the largest request body `asgi_app` reads by default (LangServe has no cap)
