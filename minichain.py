@@ -944,7 +944,7 @@ class Run:
 
     __slots__ = ("id", "name", "type", "tags", "inherited_tags", "metadata", "parent_ids",
                  "handlers", "root", "streams", "input", "inputs", "outputs", "channel", "solo",
-                 "pending", "token_order")
+                 "pending", "token_order", "failed")
 
     def __init__(self, name: str, run_type: str, tags: List[str], metadata: Dict[str, Any],
                  parent: Optional["Run"], handlers: Sequence[Handler], run_id: Any,
@@ -967,6 +967,7 @@ class Run:
         self.token_order = parent is not None and run_type in ("chat_model", "llm")
         # async listeners' calls (and what to do if one fails), awaited in order by the run
         self.pending: List[Tuple[Awaitable[Any], Callable[[Exception], None]]] = []
+        self.failed = False  # its error event went out (a tool sends its own)
 
     def adding(self, handlers: Any) -> "Run":
         """This run as the parent of runs that also report to `handlers` (a step bound with
@@ -1049,7 +1050,8 @@ class Run:
         run failed: `on_<type>_error`, an event the event streams do not show (nor does
         langchain_core's v2)."""
         wanting = [h for h in self.handlers if getattr(h, "errors", False)]
-        if wanting:
+        if wanting and not self.failed:
+            self.failed = True
             self.emit({
                 "event": f"on_{self.type}_error", "data": {"error": error}, "run_id": self.id,
                 "name": self.name, "tags": self.tags, "metadata": self.metadata,
@@ -6042,6 +6044,7 @@ class BaseTool(Runnable[Any, Any]):
                                                         "tool_call_id": call_id},
                       "run_id": run.id, "name": run.name, "tags": run.tags,
                       "metadata": run.metadata, "parent_ids": run.parent_ids})
+            run.failed = True  # every listener has it: no second error event
         raise exc
 
     def _wrap(self, result: Any, call_id: Optional[str]) -> Any:
@@ -6213,7 +6216,9 @@ class _SSEDecoder:
     minichain.IncompleteStreamError: OpenAI: the stream ended in the middle of an event; the answer so far would be truncated
     """
 
-    def __init__(self, limit: int = MAX_EVENT_BYTES, provider: str = "the server") -> None:
+    def __init__(self, limit: int = MAX_EVENT_BYTES, provider: str = "the server",
+                 named_empty: bool = False) -> None:
+        self.named_empty = named_empty  # dispatch an event with a name and no data (LangServe's end)
         self.pending: List[bytes] = []  # an incomplete line
         self.pending_size = 0
         self.event = ""
@@ -6260,7 +6265,7 @@ class _SSEDecoder:
         if self.first:
             line, self.first = line.lstrip("\ufeff"), False
         if not line:
-            if self.data or self.event:  # LangServe's `end` has a name and no data
+            if self.data or (self.event and self.named_empty):
                 out.append((self.event or "message", "\n".join(self.data)))
             self.event, self.data, self.data_size = "", [], 0
             return
@@ -7275,9 +7280,9 @@ def read_sse(chunks: Iterable[bytes]) -> Iterator[Tuple[str, Any]]:
     decoder = _SSEDecoder()
     for chunk in chunks:
         for event, data in decoder.feed(chunk):
-            yield event, json.loads(data) if data else None
+            yield event, json.loads(data)
     for event, data in decoder.finish():
-        yield event, json.loads(data) if data else None
+        yield event, json.loads(data)
 
 
 # ==============================================================================================
@@ -7379,7 +7384,7 @@ class _LangServeStream:
         if event == "data":
             try:
                 return [_load(json.loads(data))]
-            except (ValueError, RecursionError) as exc:  # not JSON, or nested past Python's stack
+            except (ValueError, TypeError, RecursionError) as exc:  # not JSON, a bad message
                 raise APIError(f"malformed event data {_short(data, 200)}: {exc!r}",
                                provider=self.provider) from None
         if event == "error":
@@ -7459,12 +7464,21 @@ class RemoteRunnable(Runnable[Any, Any]):
     def _body(self, value: Any, config: RunnableConfig, **extra: Any) -> Dict[str, Any]:
         return {"input": _dump(value), "config": self._config(config), "kwargs": {}, **extra}
 
-    def _output(self, data: bytes) -> Any:
+    def _output(self, data: bytes, count: Optional[int] = None) -> Any:
+        """The decoded `output` of an invoke (or, with `count`, a batch) answer."""
         try:
-            return _load(json.loads(data)["output"])
+            output = json.loads(data)["output"]
         except (ValueError, KeyError, TypeError, RecursionError):
             raise APIError(f"the answer is not LangServe's {{\"output\": ...}} JSON: "
                            f"{_short(data, 200)}", provider=self._provider()) from None
+        if count is not None and not (isinstance(output, list) and len(output) == count):
+            raise APIError(f"the batch answer holds {_short(output, 60)}, not a list of {count} "
+                           "outputs", provider=self._provider())
+        try:
+            return _load(output)
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise APIError(f"the answer holds a malformed value: {exc!r}",
+                           provider=self._provider()) from None
 
     def _batch_body(self, inputs: List[Any], config: Any) -> Dict[str, Any]:
         return {"inputs": _dump(inputs), "kwargs": {},
@@ -7488,7 +7502,7 @@ class RemoteRunnable(Runnable[Any, Any]):
         if return_exceptions or not inputs:
             return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
         request = self._called(kwargs)._request("batch", self._batch_body(inputs, config))
-        return cast(List[Any], self._output(b"".join(_post_stream(request))))
+        return cast(List[Any], self._output(b"".join(_post_stream(request)), len(inputs)))
 
     async def abatch(self, inputs: List[Any], config: Union[RunnableConfig, List[RunnableConfig], None] = None,
                      *, return_exceptions: bool = False, **kwargs: Any) -> List[Any]:
@@ -7497,18 +7511,18 @@ class RemoteRunnable(Runnable[Any, Any]):
         if return_exceptions or not inputs:
             return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
         request = self._called(kwargs)._request("batch", self._batch_body(inputs, config))
-        return cast(List[Any], self._output(b"".join([d async for d in _apost_stream(request)])))
+        return cast(List[Any], self._output(b"".join([d async for d in _apost_stream(request)]), len(inputs)))
 
     # -- streams: server-sent events -----------------------------------------------------------
 
     def _read(self, endpoint: str, body: Dict[str, Any]) -> Iterator[Any]:
         request = self._request(endpoint, body)
-        return _read_frames(_post_stream(request), _SSEDecoder(self.max_event_bytes, self._provider()),
+        return _read_frames(_post_stream(request), _SSEDecoder(self.max_event_bytes, self._provider(), True),
                             _LangServeStream(self._provider()))
 
     def _aread(self, endpoint: str, body: Dict[str, Any]) -> AsyncIterator[Any]:
         request = self._request(endpoint, body)
-        return _aread_frames(_apost_stream(request), _SSEDecoder(self.max_event_bytes, self._provider()),
+        return _aread_frames(_apost_stream(request), _SSEDecoder(self.max_event_bytes, self._provider(), True),
                              _LangServeStream(self._provider()))
 
     def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
@@ -7575,12 +7589,20 @@ class RemoteRunnable(Runnable[Any, Any]):
         patches = self._aread("stream_log", body)
         try:
             async for data in patches:
-                patch = RunLogPatch(*data["ops"])
+                ops = data.get("ops") if isinstance(data, dict) else None
+                if not (isinstance(ops, list) and all(isinstance(op, dict) and "path" in op for op in ops)):
+                    raise APIError(f"a stream_log event is not {{\"ops\": [...]}}: {_short(data, 200)}",
+                                   provider=self._provider())
+                patch = RunLogPatch(*ops)
                 if diff:
                     yield patch
                     continue
-                log = RunLog(*patch.ops, state=_apply_ops(None, _copy_ops(patch.ops))) \
-                    if log is None else log + patch
+                try:
+                    log = RunLog(*patch.ops, state=_apply_ops(None, _copy_ops(patch.ops))) \
+                        if log is None else log + patch
+                except (LookupError, TypeError, ValueError) as exc:
+                    raise APIError(f"a stream_log op does not apply to the log: {exc!r}",
+                                   provider=self._provider()) from None
                 yield log
         finally:
             await _aclose(patches)
@@ -7644,6 +7666,20 @@ def asgi_app(routes: Mapping[str, Any], *, max_body_bytes: int = MAX_BODY_BYTES)
                     return
         if scope["type"] != "http":
             return
+        started = False
+
+        async def respond(message: Dict[str, Any]) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+        try:
+            await serve(scope, receive, respond)
+        except Exception:  # a bug of ours or the run's: a 500, never a traceback to the client
+            if not started:
+                await _send_text(respond, 500, b"Internal Server Error")
+
+    async def serve(scope: Dict[str, Any], receive: Callable[[], Awaitable[Dict[str, Any]]],
+                    send: Callable[[Dict[str, Any]], Awaitable[None]]) -> None:
         path, _, endpoint = scope["path"].rpartition("/")
         runnable = table.get(path)
         try:
@@ -7661,10 +7697,29 @@ def asgi_app(routes: Mapping[str, Any], *, max_body_bytes: int = MAX_BODY_BYTES)
             await _send_json(send, exc.status, {"detail": exc.detail}, extra)
             return
         if endpoint in ("invoke", "batch"):
-            await _serve_json(runnable, endpoint, request, config, send)
+            work = _serve_json(runnable, endpoint, request, config, send)
         else:
-            await _serve_stream(runnable, endpoint, request, config, receive, send)
+            work = _serve_stream(runnable, endpoint, request, config, send)
+        await _unless_disconnected(work, receive)
     return app
+
+
+async def _unless_disconnected(work: Awaitable[None], receive: Callable[[], Awaitable[Dict[str, Any]]]) -> None:
+    """Do `work`, but cancel it (which stops the run) if the client disconnects first."""
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    working, watching = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({working, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (working, watching):
+            task.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
+        try:
+            await working
+        except asyncio.CancelledError:
+            pass
 
 
 async def _request_json(receive: Callable[[], Awaitable[Dict[str, Any]]], limit: int) -> Any:
@@ -7683,14 +7738,22 @@ async def _request_json(receive: Callable[[], Awaitable[Dict[str, Any]]], limit:
             break
     try:
         request = json.loads(b"".join(body))
-        for key in ("input", "inputs") if isinstance(request, dict) else ():
-            if key in request:
-                request[key] = _load(request[key])  # messages, documents: objects
     except (ValueError, RecursionError):  # not JSON, or nested deeper than Python's stack
         raise _BadRequest(422, ["Invalid JSON body"]) from None
     if not isinstance(request, dict):
         raise _BadRequest(422, [{"type": "model_type", "loc": [], "msg": "Input should be a "
                                  "valid dictionary or object to extract fields from"}])
+    for key in ("input", "inputs"):
+        try:
+            if key in request:
+                request[key] = _load(request[key])  # messages, documents: objects
+        except (ValueError, TypeError, RecursionError) as exc:  # a message that cannot be one
+            raise _BadRequest(422, [{"type": "value_error", "loc": [key], "msg": str(exc)}]) from None
+    for name in _FILTERS:
+        value = request.get(name)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise _BadRequest(422, [{"type": "list_type", "loc": [name],
+                                     "msg": "Input should be a valid list of strings"}])
     return request
 
 
@@ -7700,7 +7763,10 @@ def _served_config(request: Dict[str, Any], endpoint: str, path: str, agent: byt
     key = "inputs" if endpoint == "batch" else "input"
     if key not in request:
         raise _BadRequest(422, [{"type": "missing", "loc": [key], "msg": "Field required"}])
-    given = request.get("config") or {}
+    if endpoint == "batch" and not isinstance(request["inputs"], list):
+        raise _BadRequest(422, [{"type": "list_type", "loc": ["inputs"], "msg": "Input should be a valid list"}])
+    given = request.get("config", {})
+    given = {} if given is None else given
     many = endpoint == "batch" and isinstance(given, list)
     for config in given if many else [given]:
         if not isinstance(config, dict) or not isinstance(config.get("configurable", {}), dict):
@@ -7709,11 +7775,14 @@ def _served_config(request: Dict[str, Any], endpoint: str, path: str, agent: byt
     if many and len(given) != len(request["inputs"]):
         raise _BadRequest(422, f"Number of configs ({len(given)}) must match number of inputs "
                                f"({len(request['inputs'])})")
-    if endpoint == "batch" and not isinstance(request["inputs"], list):
-        raise _BadRequest(422, [{"type": "list_type", "loc": ["inputs"], "msg": "Input should be a valid list"}])
 
     def served(config: Dict[str, Any]) -> RunnableConfig:
-        return {"run_name": path, "configurable": _load(config.get("configurable", {})),
+        try:
+            configurable = _load(config.get("configurable", {}))
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise _BadRequest(422, [{"type": "value_error", "loc": ["config", "configurable"],
+                                     "msg": str(exc)}]) from None
+        return {"run_name": path, "configurable": configurable,
                 "metadata": {"__useragent": agent.decode("latin-1"), "__langserve_endpoint": endpoint}}
     return [served(c) for c in given] if many else served(given)
 
@@ -7724,6 +7793,12 @@ async def _send_json(send: Callable[[Dict[str, Any]], Awaitable[None]], status: 
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_text(send: Callable[[Dict[str, Any]], Awaitable[None]], status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -7748,19 +7823,14 @@ async def _serve_json(runnable: Runnable[Any, Any], endpoint: str, request: Dict
         if isinstance(exc, _MissingVariables):
             await _send_json(send, 422, {"detail": str(exc.args[0] if exc.args else exc)})
             return
-        body = b"Internal Server Error"
-        await send({"type": "http.response.start", "status": 500, "headers": [
-            (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await _send_text(send, 500, b"Internal Server Error")
         return
     await _send_json(send, 200, {"output": output, "metadata": metadata})
 
 
 async def _serve_stream(runnable: Runnable[Any, Any], endpoint: str, request: Dict[str, Any],
-                        config: RunnableConfig, receive: Callable[[], Awaitable[Dict[str, Any]]],
-                        send: Callable[[Dict[str, Any]], Awaitable[None]]) -> None:
-    """An event stream, frame by frame as the run makes them; the run stops when the client
-    disconnects (a task watches for it and cancels the stream)."""
+                        config: RunnableConfig, send: Callable[[Dict[str, Any]], Awaitable[None]]) -> None:
+    """An event stream, frame by frame as the run makes them."""
     import uuid
     value = request["input"]
     filters = {k: request[k] for k in _FILTERS if request.get(k) is not None}
@@ -7772,41 +7842,29 @@ async def _serve_stream(runnable: Runnable[Any, Any], endpoint: str, request: Di
     else:
         items = runnable.astream_log(value, config, diff=True, **filters)
 
-    async def frames() -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-store"),
-            (b"x-accel-buffering", b"no")]})
-        first = True
-        try:
-            async for item in items:
-                if endpoint == "stream" and first:
-                    frame = f'event: metadata\r\ndata: {json.dumps({"run_id": config["run_id"]})}\r\n\r\n'
-                    await send({"type": "http.response.body", "body": frame.encode(), "more_body": True})
-                first = False
-                if endpoint == "stream_events":  # LangServe strips its own `__` metadata
-                    item = {**item, "metadata": {k: v for k, v in item["metadata"].items()
-                                                 if not k.startswith("__")}}
-                elif endpoint == "stream_log":
-                    item = {"ops": item.ops}
-                frame = f"event: data\r\ndata: {_compact(item)}\r\n\r\n"
-                await send({"type": "http.response.body", "body": frame.encode(), "more_body": True})
-            ending = b"event: end\r\n\r\n"
-        except Exception:  # the error text stays on the server, as LangServe keeps it
-            ending = b'event: error\r\ndata: {"status_code": 500, "message": "Internal Server Error"}\r\n\r\n'
-        finally:
-            await _aclose(items)
-        await send({"type": "http.response.body", "body": ending, "more_body": False})
-
-    async def disconnected() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-    streaming, watching = asyncio.ensure_future(frames()), asyncio.ensure_future(disconnected())
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-store"),
+        (b"x-accel-buffering", b"no")]})
+    first = True
     try:
-        await asyncio.wait({streaming, watching}, return_when=asyncio.FIRST_COMPLETED)
+        async for item in items:
+            if endpoint == "stream" and first:
+                frame = f'event: metadata\r\ndata: {json.dumps({"run_id": config["run_id"]})}\r\n\r\n'
+                await send({"type": "http.response.body", "body": frame.encode(), "more_body": True})
+            first = False
+            if endpoint == "stream_events":  # LangServe strips its own `__` metadata
+                item = {**item, "metadata": {k: v for k, v in item["metadata"].items()
+                                             if not k.startswith("__")}}
+            elif endpoint == "stream_log":
+                item = {"ops": item.ops}
+            frame = f"event: data\r\ndata: {_compact(item)}\r\n\r\n"
+            await send({"type": "http.response.body", "body": frame.encode(), "more_body": True})
+        ending = b"event: end\r\n\r\n"
+    except Exception:  # the error text stays on the server, as LangServe keeps it
+        ending = b'event: error\r\ndata: {"status_code": 500, "message": "Internal Server Error"}\r\n\r\n'
     finally:
-        for task in (streaming, watching):
-            task.cancel()
-        await asyncio.gather(streaming, watching, return_exceptions=True)
+        await _aclose(items)
+    await send({"type": "http.response.body", "body": ending, "more_body": False})
 
 
 # ==============================================================================================

@@ -2887,6 +2887,15 @@ def _check_openai_example(total: AIMessage) -> None:
     assert total.usage_metadata == {"input_tokens": 57, "output_tokens": 21, "total_tokens": 78}
 
 
+def test_an_event_with_a_name_and_no_data_is_dispatched_only_for_langserve() -> None:
+    body = (b'data: {"id":"1","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+            b"event: keepalive\n\n"  # a proxy's named keep-alive: WHATWG dispatches nothing
+            b'data: {"id":"1","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n')
+    assert _decode_openai([body]).content == "hi"
+    langserve = mc._SSEDecoder(named_empty=True)
+    assert langserve.feed(b'event: data\r\ndata: "a"\r\n\r\nevent: end\r\n\r\n') == [("data", '"a"'), ("end", "")]
+
+
 def _decode_openai(pieces: List[bytes]) -> AIMessageChunk:
     return _decode(mc._SSEDecoder(), mc._OpenAIStream(), pieces)
 
@@ -4598,3 +4607,107 @@ def test_remote_runnable_refuses_a_hostile_servers_json() -> None:
             remote.invoke(1)
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("endpoint, body, detail", [
+    ("batch", b'{"inputs": 5, "config": [{}]}', [{"type": "list_type", "loc": ["inputs"], "msg": "Input should be a valid list"}]),
+    ("invoke", b'{"input": {"type": "tool", "content": "x"}}', "tool_call_id"),
+    ("invoke", b'{"input": {"type": "human", "content": 5}}', "content"),
+    ("invoke", b'{"input": 1, "config": {"configurable": ' + b'{"a": ' * 600 + b"1" + b"}" * 600 + b"}}", None),
+    ("stream_events", b'{"input": 1, "include_names": 5}', [{"type": "list_type", "loc": ["include_names"], "msg": "Input should be a valid list of strings"}]),
+    ("stream_log", b'{"input": 1, "include_types": "chain"}', [{"type": "list_type", "loc": ["include_types"], "msg": "Input should be a valid list of strings"}]),
+])
+def test_asgi_app_answers_422_for_values_that_cannot_be_what_they_say(endpoint: str, body: bytes, detail: Any) -> None:
+    status, headers, got = asgi_call(mc.asgi_app({"/echo": RunnableLambda(lambda x: x)}), "POST", f"/echo/{endpoint}", body)
+    assert (status, headers[b"content-type"]) == (422, b"application/json"), got
+    if isinstance(detail, str):  # a message the constructor refused, named in the detail
+        assert json.loads(got)["detail"][0]["type"] == "value_error" and detail in json.loads(got)["detail"][0]["msg"]
+    elif detail is not None:
+        assert json.loads(got)["detail"] == detail
+
+
+def test_asgi_app_stops_an_invoke_whose_client_left() -> None:
+    finished: List[str] = []
+
+    async def slow(x: Any) -> str:
+        try:
+            await asyncio.sleep(5)
+            finished.append("ran to the end")
+            return "late"
+        except asyncio.CancelledError:
+            finished.append("cancelled")
+            raise
+    app = mc.asgi_app({"/slow": RunnableLambda(slow)})
+
+    async def main() -> List[dict]:
+        sent: List[dict] = []
+        delivered = False
+
+        async def receive() -> dict:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": b'{"input": 1}'}
+            await asyncio.sleep(0.05)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+        await asyncio.wait_for(app({"type": "http", "method": "POST", "path": "/slow/invoke", "headers": []}, receive, send), 2)
+        return sent
+    assert run(main()) == [] and finished == ["cancelled"]
+
+
+def test_asgi_app_answers_500_when_something_unforeseen_fails() -> None:
+    class Odd(mc.Runnable[Any, Any]):
+        def ainvoke(self, *args: Any, **kwargs: Any) -> Any:  # not even a coroutine
+            raise RuntimeError("secret")
+    status, _, body = asgi_call(mc.asgi_app({"/odd": Odd()}), "POST", "/odd/batch", b'{"inputs": [1]}')
+    assert (status, body) == (500, b"Internal Server Error")
+
+
+def test_remote_runnable_turns_malformed_answers_into_api_errors() -> None:
+    class Answers(Replay):
+        def answer(self) -> bytes:
+            body = self.answers.pop(0).encode()
+            kind = b"text/event-stream" if body.startswith(b"event") else b"application/json"
+            return b"HTTP/1.1 200 OK\r\ncontent-type: " + kind + b"\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+    server = Answers()
+    try:
+        remote = mc.RemoteRunnable(f"{server.url}/x")
+        server.answers += ['event: data\ndata: {"type": "tool", "content": "x"}\n\nevent: end\n\n',
+                           '{"output": {"type": "human", "content": 5}}', '{"output": [1]}',
+                           'event: data\ndata: {"ops": [5]}\n\nevent: end\n\n']
+        with pytest.raises(mc.APIError, match=r"malformed event data .*tool_call_id"):
+            list(remote.stream(1))
+        with pytest.raises(mc.APIError, match="the answer holds a malformed value"):
+            remote.invoke(1)
+        with pytest.raises(mc.APIError, match=r"the batch answer holds \[1\], not a list of 2 outputs"):
+            remote.batch([1, 2])
+
+        async def log() -> None:
+            async for _ in remote.astream_log(1):
+                pass
+        with pytest.raises(mc.APIError, match=r'a stream_log event is not \{"ops": \[\.\.\.\]\}'):
+            run(log())
+    finally:
+        server.close()
+
+
+def test_a_failing_tool_tells_each_listener_once() -> None:
+    @tool
+    def boom(a: int) -> int:
+        """Boom."""
+        raise ValueError("tool boom")
+    errors: List[Any] = []
+
+    class Errors(mc.BaseCallbackHandler):
+        def on_tool_error(self, error: BaseException, **kwargs: Any) -> None:
+            errors.append(error)
+    with pytest.raises(ValueError, match="tool boom"):
+        boom.invoke({"a": 1}, {"callbacks": [Errors()]})
+    assert [repr(e) for e in errors] == ["ValueError('tool boom')"]
+    runs: List[Any] = []
+    with pytest.raises(ValueError, match="tool boom"):
+        boom.with_listeners(on_error=runs.append).invoke({"a": 1})
+    assert [r.error for r in runs] == ["ValueError('tool boom')"]
