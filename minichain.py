@@ -7707,8 +7707,8 @@ def asgi_app(routes: Mapping[str, Any], *, max_body_bytes: int = MAX_BODY_BYTES)
 async def _unless_disconnected(work: Awaitable[None], receive: Callable[[], Awaitable[Dict[str, Any]]]) -> None:
     """Do `work`, but cancel it (which stops the run) if the client disconnects first."""
     async def disconnected() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
+        if (await receive())["type"] != "http.disconnect":  # ASGI: nothing else comes now
+            await asyncio.get_running_loop().create_future()  # a server that says otherwise: no watch
     working, watching = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait({working, watching}, return_when=asyncio.FIRST_COMPLETED)

@@ -4639,11 +4639,11 @@ def test_asgi_app_stops_an_invoke_whose_client_left() -> None:
             raise
     app = mc.asgi_app({"/slow": RunnableLambda(slow)})
 
-    async def main() -> List[dict]:
-        sent: List[dict] = []
+    async def main() -> List[Dict[str, Any]]:
+        sent: List[Dict[str, Any]] = []
         delivered = False
 
-        async def receive() -> dict:
+        async def receive() -> Dict[str, Any]:
             nonlocal delivered
             if not delivered:
                 delivered = True
@@ -4651,7 +4651,7 @@ def test_asgi_app_stops_an_invoke_whose_client_left() -> None:
             await asyncio.sleep(0.05)
             return {"type": "http.disconnect"}
 
-        async def send(message: dict) -> None:
+        async def send(message: Dict[str, Any]) -> None:
             sent.append(message)
         await asyncio.wait_for(app({"type": "http", "method": "POST", "path": "/slow/invoke", "headers": []}, receive, send), 2)
         return sent
