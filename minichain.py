@@ -1200,7 +1200,7 @@ def _merge_configs(base: Optional[RunnableConfig], extra: Optional[Mapping[str, 
     """`extra` over `base`: tags (kept sorted) and metadata accumulate, other keys are replaced."""
     if not extra:
         return dict(base) if base else {}
-    unknown = [k for k in extra if k not in _CONFIG_KEYS]
+    unknown = [k for k in extra if k not in _CONFIG_KEYS and k != "_kwargs"]
     if unknown:
         raise TypeError(f"unknown config key{'s' if len(unknown) > 1 else ''} {unknown}; a "
                         f"config takes {list(_CONFIG_KEYS)}")
@@ -1270,7 +1270,7 @@ def _open_run(runnable: "Runnable[Any, Any]", config: RunnableConfig, tag: Optio
         parent = None
         handlers = [_handler(h) for h in callbacks]
     tags = ([tag] if tag else []) + list(config.get("tags", ())) + runnable._own_tags()
-    metadata = {**config.get("metadata", {}), **runnable._own_metadata()}
+    metadata = {**config.get("metadata", {}), **runnable._own_metadata(config)}
     run = Run(config.get("run_name") or runnable.get_name(), runnable.run_type,
               list(dict.fromkeys(tags)), metadata, parent, handlers, config.get("run_id"),
               streams, positional=bool(tag) and tags.count(tag) == 1)
@@ -1644,12 +1644,10 @@ class Runnable(Generic[Input, Output]):
     def _own_tags(self) -> List[str]:
         return []
 
-    def _called(self, kwargs: Dict[str, Any]) -> "Runnable[Input, Output]":
-        """This runnable for one call with keyword arguments (`stop=...`): a copy that holds
-        them, for the components that take any (models, functions); others ignore them."""
-        return self
+    def _check_kwargs(self, kwargs: Dict[str, Any]) -> None:
+        """Refuse call-time keyword arguments this runnable cannot take (most ignore them)."""
 
-    def _own_metadata(self) -> Dict[str, Any]:
+    def _own_metadata(self, config: RunnableConfig) -> Dict[str, Any]:
         return {}
 
     # -- the run: one place that opens, streams and ends it -----------------------------------
@@ -1827,7 +1825,7 @@ class Runnable(Generic[Input, Output]):
         >>> list(StrOutputParser().transform(iter(["a", "b"])))
         ['a', 'b']
         """
-        return self._called(kwargs)._stream_run(iter(input), _resolve(config))
+        return self._stream_run(iter(input), _resolve(config, self, kwargs))
 
     def atransform(self, input: AsyncIterator[Input], config: Optional[RunnableConfig] = None,
                    **kwargs: Any) -> AsyncIterator[Output]:
@@ -1838,7 +1836,7 @@ class Runnable(Generic[Input, Output]):
         >>> asyncio.run(main())
         ['a', 'b']
         """
-        return self._called(kwargs)._astream_run(input, _resolve(config))
+        return self._astream_run(input, _resolve(config, self, kwargs))
 
     def stream(self, input: Input, config: Optional[RunnableConfig] = None, **kwargs: Any) -> Iterator[Output]:
         """`transform(iter([input]))`: the output chunks as they are produced.
@@ -1846,7 +1844,7 @@ class Runnable(Generic[Input, Output]):
         >>> list(GenericFakeChatModel(messages=iter(["hi there"])).stream("hello"))[0]  # doctest: +ELLIPSIS
         AIMessageChunk(content='hi', id='lc_run--...')
         """
-        return self._called(kwargs)._stream_run(iter([input]), _resolve(config), None, input)
+        return self._stream_run(iter([input]), _resolve(config, self, kwargs), None, input)
 
     def astream(self, input: Input, config: Optional[RunnableConfig] = None, **kwargs: Any) -> AsyncIterator[Output]:
         """Async twin of `stream`.
@@ -1856,7 +1854,7 @@ class Runnable(Generic[Input, Output]):
         >>> asyncio.run(main())
         ['HI']
         """
-        return self._called(kwargs)._astream_run(_aiter([input]), _resolve(config), None, input)
+        return self._astream_run(_aiter([input]), _resolve(config, self, kwargs), None, input)
 
     def invoke(self, input: Input, config: Optional[RunnableConfig] = None, **kwargs: Any) -> Output:
         """The whole output: the `+`-fold of what `stream` would yield.
@@ -1864,7 +1862,7 @@ class Runnable(Generic[Input, Output]):
         >>> (RunnableLambda(lambda x: x + 1) | RunnableLambda(lambda x: x * 10)).invoke(1)
         20
         """
-        return cast(Output, self._called(kwargs)._invoke(input, _resolve(config)))
+        return cast(Output, self._invoke(input, _resolve(config, self, kwargs)))
 
     async def ainvoke(self, input: Input, config: Optional[RunnableConfig] = None, **kwargs: Any) -> Output:
         """Async twin of `invoke`.
@@ -1872,7 +1870,7 @@ class Runnable(Generic[Input, Output]):
         >>> asyncio.run(RunnableLambda(lambda x: x + 1).ainvoke(1))
         2
         """
-        return cast(Output, await self._called(kwargs)._ainvoke(input, _resolve(config)))
+        return cast(Output, await self._ainvoke(input, _resolve(config, self, kwargs)))
 
     def batch(self, inputs: List[Input], config: Union[RunnableConfig, List[RunnableConfig], None] = None,
               *, return_exceptions: bool = False, **kwargs: Any) -> List[Output]:
@@ -1890,14 +1888,13 @@ class Runnable(Generic[Input, Output]):
         _check_inputs("batch", inputs)
         if not inputs:
             return []
-        configs = _batch_configs(config, len(inputs))
+        configs = [_with_call(c, self, kwargs) for c in _batch_configs(config, len(inputs))]
         workers = configs[0].get("max_concurrency") or min(32, len(inputs))
-        called = self._called(kwargs)
 
         def one(value: Input, cfg: RunnableConfig) -> Callable[[], Any]:
             def call() -> Any:
                 try:
-                    return called._invoke(value, cfg)
+                    return self._invoke(value, cfg)
                 except Exception as exc:
                     if return_exceptions:
                         return exc
@@ -1913,17 +1910,16 @@ class Runnable(Generic[Input, Output]):
         [-1, -2]
         """
         _check_inputs("abatch", inputs)
-        configs = _batch_configs(config, len(inputs))
+        configs = [_with_call(c, self, kwargs) for c in _batch_configs(config, len(inputs))]
         limit = configs[0].get("max_concurrency") if configs else None
         gate = asyncio.Semaphore(limit) if limit else None
-        called = self._called(kwargs)
 
         async def one(value: Input, cfg: RunnableConfig) -> Any:
             try:
                 if gate is None:
-                    return await called._ainvoke(value, cfg)
+                    return await self._ainvoke(value, cfg)
                 async with gate:
-                    return await called._ainvoke(value, cfg)
+                    return await self._ainvoke(value, cfg)
             except Exception as exc:
                 if return_exceptions:
                     return exc
@@ -1959,7 +1955,7 @@ class Runnable(Generic[Input, Output]):
         """
         keep = _event_filter(version, include_names, include_types, include_tags,
                              exclude_names, exclude_types, exclude_tags)
-        return _astream_events(self._called(kwargs), input, config, keep)
+        return _astream_events(self, input, _with_call(config, self, kwargs), keep)
 
     def stream_events(self, input: Any, config: Optional[RunnableConfig] = None, *,
                       version: str = "v2", include_names: Optional[Sequence[str]] = None,
@@ -1981,7 +1977,7 @@ class Runnable(Generic[Input, Output]):
         """
         keep = _event_filter(version, include_names, include_types, include_tags,
                              exclude_names, exclude_types, exclude_tags)
-        return _stream_events(self._called(kwargs), input, config, keep)
+        return _stream_events(self, input, _with_call(config, self, kwargs), keep)
 
     def astream_log(self, input: Any, config: Optional[RunnableConfig] = None, *,
                     diff: bool = True, with_streamed_output_list: bool = True,
@@ -2009,7 +2005,8 @@ class Runnable(Generic[Input, Output]):
         """
         keep = _event_filter("v2", include_names, include_types, include_tags,
                              exclude_names, exclude_types, exclude_tags)
-        return _astream_log(self._called(kwargs), input, config, keep, diff, with_streamed_output_list)
+        return _astream_log(self, input, _with_call(config, self, kwargs), keep, diff,
+                            with_streamed_output_list)
 
     def with_config(self, config: Optional[RunnableConfig] = None, **kwargs: Any) -> "Runnable[Input, Output]":
         """This runnable with config bound to every call: run_name, tags, metadata, callbacks…
@@ -2108,8 +2105,28 @@ class Runnable(Generic[Input, Output]):
         return f"{type(self).__name__}()"
 
 
-def _resolve(config: Optional[Mapping[str, Any]]) -> RunnableConfig:
-    """The effective config of a call: the inherited one (context var) with `config` over it."""
+def _with_call(config: Any, runnable: Any, kwargs: Dict[str, Any]) -> Any:
+    """`config` carrying one call's keyword arguments (`stop=...`) for `runnable` alone: the
+    runnable finds them with `_call_kwargs`; the runnables it calls, given the same config,
+    do not (they are not its target)."""
+    if not kwargs:
+        return config
+    runnable._check_kwargs(kwargs)
+    return {**(config or {}), "_kwargs": (runnable, kwargs)}
+
+
+def _call_kwargs(runnable: Any, config: Mapping[str, Any]) -> Dict[str, Any]:
+    """The keyword arguments of the call of `runnable` that `config` carries (see `_with_call`)."""
+    given = config.get("_kwargs")
+    return cast(Dict[str, Any], given[1]) if given is not None and given[0] is runnable else {}
+
+
+def _resolve(config: Optional[Mapping[str, Any]], runnable: Any = None,
+             kwargs: Optional[Dict[str, Any]] = None) -> RunnableConfig:
+    """The effective config of a call: the inherited one (context var) with `config` over it
+    (and the call's keyword arguments for `runnable`)."""
+    if kwargs:
+        return cast(RunnableConfig, _with_call(_resolve(config), runnable, kwargs))
     if config is not None and not isinstance(config, Mapping):
         raise TypeError(f"config must be a dict like {{'tags': [...]}}, not "
                         f"{type(config).__name__}: {_short(config)}")
@@ -2186,24 +2203,26 @@ class RunnableBinding(Runnable[Input, Output]):
         if isinstance(given, Run) and self.config.get("metadata"):
             # inside a run, langchain_core lists the inherited metadata first (values as merged)
             merged["metadata"] = {**config.get("metadata", {}), **merged["metadata"]}
+        if self.kwargs or "_kwargs" in config:  # bound keyword arguments, the call's over them
+            kwargs = {**self.kwargs, **_call_kwargs(self, config)}
+            if kwargs:
+                merged["_kwargs"] = (self.bound, kwargs)
         return merged
 
     def _stream_run(self, inputs: Iterator[Any], config: RunnableConfig, tag: Optional[str] = None,
                     known: Any = _MISSING, invoked: bool = False) -> Iterator[Any]:
-        bound = self.bound._called(self.kwargs) if self.kwargs else self.bound
-        return bound._stream_run(inputs, self._bind(config), tag, known, invoked)
+        return self.bound._stream_run(inputs, self._bind(config), tag, known, invoked)
 
     def _astream_run(self, inputs: AsyncIterator[Any], config: RunnableConfig,
                      tag: Optional[str] = None, known: Any = _MISSING,
                      invoked: bool = False) -> AsyncIterator[Any]:
-        bound = self.bound._called(self.kwargs) if self.kwargs else self.bound
-        return bound._astream_run(inputs, self._bind(config), tag, known, invoked)
+        return self.bound._astream_run(inputs, self._bind(config), tag, known, invoked)
 
     def _invoked(self, output: Any) -> Any:
         return self.bound._invoked(output)
 
-    def _called(self, kwargs: Dict[str, Any]) -> "Runnable[Input, Output]":
-        return RunnableBinding(self.bound, self.config, {**self.kwargs, **kwargs}) if kwargs else self
+    def _check_kwargs(self, kwargs: Dict[str, Any]) -> None:
+        self.bound._check_kwargs(kwargs)
 
     def with_config(self, config: Optional[RunnableConfig] = None, **kwargs: Any) -> "Runnable[Input, Output]":
         return RunnableBinding(self.bound, _merge_configs(self.config, {**(config or {}), **kwargs}),
@@ -2485,16 +2504,6 @@ class RunnableParallel(Runnable[Input, Dict[str, Any]]):
         yield dict(zip(self.steps, results))
 
 
-def _with_kwargs(runnable: Any, kwargs: Dict[str, Any]) -> Any:
-    """A copy of `runnable` whose `kwargs` has `kwargs` added (those of one call)."""
-    if not kwargs:
-        return runnable
-    import copy
-    called = copy.copy(runnable)
-    called.kwargs = {**runnable.kwargs, **kwargs}
-    return called
-
-
 def _accepts_config(func: Callable[..., Any]) -> bool:
     try:
         return "config" in inspect.signature(func).parameters
@@ -2528,17 +2537,17 @@ class RunnableLambda(Runnable[Input, Output]):
             raise TypeError(f"RunnableLambda needs a function, got {type(func).__name__}: "
                             f"{_short(func)}")
         self.func, self.afunc = func, afunc
-        self.kwargs: Dict[str, Any] = {}  # bound with `bind`, or given to the call
         fname = getattr(func, "__name__", None)
         self.name = name or (fname if fname and fname != "<lambda>" else None)
         self._config_param = _accepts_config(func)
 
     def _call(self, func: Callable[..., Any], value: Any, config: RunnableConfig) -> Any:
-        return func(value, config=config, **self.kwargs) if self._config_param \
-            else func(value, **self.kwargs)
-
-    def _called(self, kwargs: Dict[str, Any]) -> "RunnableLambda[Input, Output]":
-        return cast("RunnableLambda[Input, Output]", _with_kwargs(self, kwargs))
+        kwargs = _call_kwargs(self, config)  # from `bind` or the call
+        if not self._config_param:
+            return func(value, **kwargs)
+        if "_kwargs" in config:  # the function sees a config as it was given
+            config = {k: v for k, v in config.items() if k != "_kwargs"}
+        return func(value, config=config, **kwargs)
 
     def _produce(self, value: Any, config: RunnableConfig) -> Iterator[Any]:
         func = self.func
@@ -2949,6 +2958,9 @@ class RunnableRetry(RunnableBinding[Input, Output]):
         return min(p["initial"] * p["exp_base"] ** (attempt - 1) + random.uniform(0, p["jitter"]), p["max"])
 
     def _attempts(self, config: RunnableConfig) -> Iterator[Tuple[int, RunnableConfig]]:
+        kwargs = {**self.kwargs, **_call_kwargs(self, config)}
+        if kwargs:  # the bound runnable is called with them
+            config = {**config, "_kwargs": (self.bound, kwargs)}
         for n in range(1, self.max_attempt_number + 1):
             yield n, config if n == 1 else _merge_configs(config, {"tags": [f"retry:attempt:{n}"]})
 
@@ -2966,10 +2978,10 @@ class RunnableRetry(RunnableBinding[Input, Output]):
         return Runnable._astream_run(self, inputs, self._bind(config), tag, known, invoked)
 
     def _invoke_transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
-        value, bound = _fold(inputs), self.bound._called(self.kwargs)
+        value = _fold(inputs)
         for n, attempt in self._attempts(config):
             try:
-                out = bound._invoke(value, attempt)
+                out = self.bound._invoke(value, attempt)
             except self.retry_exception_types:
                 if n == self.max_attempt_number:
                     raise
@@ -2979,10 +2991,10 @@ class RunnableRetry(RunnableBinding[Input, Output]):
             return
 
     async def _ainvoke_transform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
-        value, bound = await _afold(inputs), self.bound._called(self.kwargs)
+        value = await _afold(inputs)
         for n, attempt in self._attempts(config):
             try:
-                out = await bound._ainvoke(value, attempt)
+                out = await self.bound._ainvoke(value, attempt)
             except self.retry_exception_types:
                 if n == self.max_attempt_number:
                     raise
@@ -4053,7 +4065,7 @@ class BaseChatModel(Runnable[Any, AIMessage]):
 
     def _produce(self, value: Any, config: RunnableConfig) -> Iterator[Any]:
         run_id, last = f"lc_run--{_run_id(config)}", None
-        for last in self._stream(_to_messages(value), **self.kwargs):
+        for last in self._stream(_to_messages(value), **{**self.kwargs, **_call_kwargs(self, config)}):
             if last.id is None:
                 last.id = run_id  # every chunk of a call carries the run's id
             yield last
@@ -4061,7 +4073,7 @@ class BaseChatModel(Runnable[Any, AIMessage]):
 
     async def _aproduce(self, value: Any, config: RunnableConfig) -> AsyncIterator[Any]:
         run_id, last = f"lc_run--{_run_id(config)}", None
-        chunks = self._astream(_to_messages(value), **self.kwargs)
+        chunks = self._astream(_to_messages(value), **{**self.kwargs, **_call_kwargs(self, config)})
         try:
             async for last in chunks:
                 if last.id is None:
@@ -4088,13 +4100,10 @@ class BaseChatModel(Runnable[Any, AIMessage]):
     def _own_tags(self) -> List[str]:
         return self.tags
 
-    def _called(self, kwargs: Dict[str, Any]) -> "BaseChatModel":
-        return cast(BaseChatModel, _with_kwargs(self, kwargs))
-
-    def _own_metadata(self) -> Dict[str, Any]:
+    def _own_metadata(self, config: RunnableConfig) -> Dict[str, Any]:
         name = type(self).__name__
         provider = name[4:] if name.startswith("Chat") else name[:-4] if name.endswith("Chat") else name
-        return {**_ls_params(self, provider.lower(), "chat"),
+        return {**_ls_params(self, provider.lower(), "chat", _call_kwargs(self, config)),
                 "ls_integration": "langchain_chat_model", **self.metadata}
 
 
@@ -4115,7 +4124,7 @@ class BaseLLM(Runnable[Any, str]):
     def __init__(self, *, tags: Optional[List[str]] = None,
                  metadata: Optional[Dict[str, Any]] = None) -> None:
         self.tags, self.metadata = list(tags or []), dict(metadata or {})
-        self.kwargs: Dict[str, Any] = {}  # bound with `bind`, or given to the call
+        self.kwargs: Dict[str, Any] = {}  # extra parameters passed to _stream
 
     def _call(self, prompt: str, **kwargs: Any) -> str:
         """The whole completion of `prompt`."""
@@ -4129,10 +4138,7 @@ class BaseLLM(Runnable[Any, str]):
         return type(self)._stream is not BaseLLM._stream
 
     def _produce(self, value: Any, config: RunnableConfig) -> Iterator[Any]:
-        yield from self._stream(_to_prompt(value), **self.kwargs)
-
-    def _called(self, kwargs: Dict[str, Any]) -> "BaseLLM":
-        return cast(BaseLLM, _with_kwargs(self, kwargs))
+        yield from self._stream(_to_prompt(value), **{**self.kwargs, **_call_kwargs(self, config)})
 
     def _event_input(self, value: Any, end: bool) -> Any:
         return {"prompts": [_to_prompt(value)]}
@@ -4144,17 +4150,17 @@ class BaseLLM(Runnable[Any, str]):
     def _own_tags(self) -> List[str]:
         return self.tags
 
-    def _own_metadata(self) -> Dict[str, Any]:
+    def _own_metadata(self, config: RunnableConfig) -> Dict[str, Any]:
         name = type(self).__name__
-        return {**_ls_params(self, (name[:-3] if name.endswith("LLM") else name).lower(), "llm"),
-                **self.metadata}
+        provider = (name[:-3] if name.endswith("LLM") else name).lower()
+        return {**_ls_params(self, provider, "llm", _call_kwargs(self, config)), **self.metadata}
 
 
-def _ls_params(model: Any, provider: str, model_type: str) -> Dict[str, Any]:
+def _ls_params(model: Any, provider: str, model_type: str, call: Dict[str, Any]) -> Dict[str, Any]:
     """The `ls_*` metadata a model's events carry: its provider and type, and the stop
     sequences, model name, temperature and token limit of the call where it has them."""
     params: Dict[str, Any] = {"ls_provider": provider, "ls_model_type": model_type}
-    kwargs = model.kwargs
+    kwargs = {**model.kwargs, **call}
     if kwargs.get("stop"):
         params["ls_stop"] = kwargs["stop"]
     for key, types in (("model", str), ("temperature", (int, float)), ("max_tokens", int)):
@@ -4268,7 +4274,7 @@ class FakeListChatModel(BaseChatModel):
         if not responses:
             raise ValueError("FakeListChatModel needs at least one response")
         self.responses, self.sleep, self.error_on = list(responses), sleep, error_on_chunk_number
-        self.turns = itertools.count()  # shared by the copies a call with arguments makes
+        self.turns = itertools.count()  # the answers given so far (next() is atomic: thread-safe)
 
     def _next(self) -> Iterator[AIMessageChunk]:
         text = self.responses[next(self.turns) % len(self.responses)]
@@ -5770,7 +5776,7 @@ class BaseRetriever(Runnable[str, List[Document]]):
     def _event_input(self, value: Any, end: bool) -> Any:
         return {"query": value}
 
-    def _own_metadata(self) -> Dict[str, Any]:
+    def _own_metadata(self, config: RunnableConfig) -> Dict[str, Any]:
         name = type(self).__name__
         return {"ls_retriever_name": (name[:-9] if name.endswith("Retriever") else name).lower()}
 
@@ -5896,7 +5902,7 @@ class VectorStoreRetriever(BaseRetriever):
     def _get_relevant_documents(self, query: str) -> List[Document]:
         return self.vectorstore.similarity_search(query, **self.search_kwargs)
 
-    def _own_metadata(self) -> Dict[str, Any]:
+    def _own_metadata(self, config: RunnableConfig) -> Dict[str, Any]:
         return {"ls_retriever_name": "vectorstore",
                 "ls_vector_store_provider": type(self.vectorstore).__name__,
                 "ls_embedding_provider": type(self.vectorstore.embedding).__name__}
@@ -7442,11 +7448,10 @@ class RemoteRunnable(Runnable[Any, Any]):
     def _event_input(self, value: Any, end: bool) -> Any:
         return _dump(value)
 
-    def _called(self, kwargs: Dict[str, Any]) -> "RemoteRunnable":
+    def _check_kwargs(self, kwargs: Dict[str, Any]) -> None:
         if kwargs:
             raise TypeError(f"RemoteRunnable takes no call-time keyword arguments (LangServe's "
                             f"protocol has no place for them), got {sorted(kwargs)}")
-        return self
 
     def _request(self, endpoint: str, body: Dict[str, Any]) -> _Request:
         streams = endpoint.startswith("stream")
@@ -7501,7 +7506,7 @@ class RemoteRunnable(Runnable[Any, Any]):
         _check_inputs("batch", inputs)
         if return_exceptions or not inputs:
             return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
-        request = self._called(kwargs)._request("batch", self._batch_body(inputs, config))
+        request = self._request("batch", self._batch_body(inputs, config))
         return cast(List[Any], self._output(b"".join(_post_stream(request)), len(inputs)))
 
     async def abatch(self, inputs: List[Any], config: Union[RunnableConfig, List[RunnableConfig], None] = None,
@@ -7510,7 +7515,7 @@ class RemoteRunnable(Runnable[Any, Any]):
         _check_inputs("abatch", inputs)
         if return_exceptions or not inputs:
             return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
-        request = self._called(kwargs)._request("batch", self._batch_body(inputs, config))
+        request = self._request("batch", self._batch_body(inputs, config))
         return cast(List[Any], self._output(b"".join([d async for d in _apost_stream(request)]), len(inputs)))
 
     # -- streams: server-sent events -----------------------------------------------------------
@@ -7549,7 +7554,7 @@ class RemoteRunnable(Runnable[Any, Any]):
                        exclude_tags: Optional[Sequence[str]] = None, **kwargs: Any) -> AsyncIterator[Event]:
         """The server's own events, as its `astream_events` makes them (filtered there): its
         run ids, the root named after its path, data decoded. (`version` is the server's.)"""
-        self._called(kwargs)
+        self._check_kwargs(kwargs)
         body = {**self._filters(config, include_names=include_names, include_types=include_types,
                                 include_tags=include_tags, exclude_names=exclude_names,
                                 exclude_types=exclude_types, exclude_tags=exclude_tags),
@@ -7564,7 +7569,7 @@ class RemoteRunnable(Runnable[Any, Any]):
                       exclude_types: Optional[Sequence[str]] = None,
                       exclude_tags: Optional[Sequence[str]] = None, **kwargs: Any) -> Iterator[Event]:
         """The events `astream_events` gives, synchronously."""
-        self._called(kwargs)
+        self._check_kwargs(kwargs)
         body = {**self._filters(config, include_names=include_names, include_types=include_types,
                                 include_tags=include_tags, exclude_names=exclude_names,
                                 exclude_types=exclude_types, exclude_tags=exclude_tags),
@@ -7580,7 +7585,7 @@ class RemoteRunnable(Runnable[Any, Any]):
                           exclude_types: Optional[Sequence[str]] = None,
                           exclude_tags: Optional[Sequence[str]] = None, **kwargs: Any) -> AsyncIterator[Any]:
         """The server's run log (`/stream_log`) as `RunLogPatch`es (`RunLog`s with `diff=False`)."""
-        self._called(kwargs)
+        self._check_kwargs(kwargs)
         body = {**self._filters(config, include_names=include_names, include_types=include_types,
                                 include_tags=include_tags, exclude_names=exclude_names,
                                 exclude_types=exclude_types, exclude_tags=exclude_tags),

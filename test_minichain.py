@@ -605,13 +605,47 @@ def test_bind_and_call_time_arguments_reach_the_function_or_model_only() -> None
 
 
 def test_server_models_send_stop_in_each_providers_field() -> None:
-    def body(model: Any) -> Dict[str, Any]:  # what `_stream` sends for `model.stream(..., stop=["END"])`
-        called = model._called({"stop": ["END"]})
-        return cast(Dict[str, Any], json.loads(called._request([HumanMessage("hi")], **called.kwargs).body))
+    def body(model: Any) -> Dict[str, Any]:  # what `_stream` sends for a call's `stop=["END"]`
+        return cast(Dict[str, Any], json.loads(model._request([HumanMessage("hi")], stop=["END"]).body))
     assert body(ChatOpenAI(model="m", base_url="http://x/v1"))["stop"] == ["END"]
     assert body(ChatOllama(model="m", base_url="http://x"))["options"] == {"stop": ["END"]}
     anthropic = body(ChatAnthropic(model="m", api_key="k", base_url="http://x"))
     assert anthropic["stop_sequences"] == ["END"] and "stop" not in anthropic
+
+
+def test_call_arguments_reach_the_model_itself_not_a_copy() -> None:
+    class Recording(mc.BaseChatModel):
+        def __init__(self) -> None:
+            super().__init__(temperature=0.0)
+            self.seen: List[Dict[str, Any]] = []
+
+        def _stream(self, messages: List[Any], **kwargs: Any) -> Iterator[AIMessageChunk]:
+            self.seen.append(kwargs)  # state kept on the model itself
+            yield AIMessageChunk("ok")
+    model = Recording()
+    model.invoke("a")
+    model.invoke("a", stop=["x"], temperature=0.5)
+    model.bind(stop=["y"]).invoke("a")
+    list(model.stream("a", stop=["z"]))
+    run(model.with_retry(wait_exponential_jitter=False).bind(stop=["r"]).ainvoke("a"))
+    model.batch(["a", "b"], stop=["w"])
+    assert model.seen == [{"temperature": 0.0}, {"temperature": 0.5, "stop": ["x"]},
+                          {"temperature": 0.0, "stop": ["y"]}, {"temperature": 0.0, "stop": ["z"]},
+                          {"temperature": 0.0, "stop": ["r"]}, {"temperature": 0.0, "stop": ["w"]},
+                          {"temperature": 0.0, "stop": ["w"]}]
+    seen: List[Any] = []
+
+    def inner(x: str, config: Dict[str, Any]) -> str:
+        seen.append(sorted(config))  # a function's config shows no call arguments
+        return x
+    outer = RunnableLambda(lambda x, tag="": RunnableLambda(inner).invoke(x) + tag)
+    assert outer.invoke("q", {"tags": ["t"]}, tag="!") == "q!" and seen == [["tags"]]
+
+    def direct(x: str, config: Dict[str, Any], n: int = 0) -> str:
+        seen.append((sorted(config), n))
+        return x
+    RunnableLambda(direct).invoke("q", {"tags": ["t"]}, n=3)
+    assert seen[-1] == (["tags"], 3)
 
 
 def test_with_fallbacks_matches_langchain_core_in_every_mode() -> None:
