@@ -1009,13 +1009,16 @@ class Run:
             finally:
                 _current.reset(token)
 
-    def refuse_async(self) -> None:
-        """Refuse async listeners in a sync run: nothing there could await them."""
+    def refuse_async(self, quietly: bool = False) -> None:
+        """Refuse async listeners in a sync run: nothing there could await them (`quietly`:
+        drop their calls without raising)."""
         # deviation: langchain_core runs each call with asyncio.run, blocking the run
         if self.pending:
             for call, _ in self.pending:
                 getattr(call, "close", lambda: None)()
             self.pending.clear()
+            if quietly:
+                return
             raise TypeError(f"an async listener (callback) cannot be awaited in the sync run "
                             f"{self.name!r} (sync code: invoke/stream, or a sync step inside an "
                             "async call); run it with ainvoke/astream/astream_events and async "
@@ -1700,7 +1703,7 @@ class Runnable(Generic[Input, Output]):
                     yield chunk
                 else:
                     held.append(chunk)
-        except Exception as exc:
+        except BaseException as exc:  # failed, or left early: closed, stopped, cancelled
             run.fail(exc)
             raise
         finally:
@@ -1774,9 +1777,12 @@ class Runnable(Generic[Input, Output]):
                     yield chunk
                 else:
                     held.append(chunk)
-        except Exception as exc:
+        except BaseException as exc:  # failed, or left early: closed, stopped, cancelled
             run.fail(exc)
-            await run.settle()
+            try:
+                await run.settle()
+            except BaseException:  # cancelled again while settling: what is left is dropped
+                run.refuse_async(quietly=True)
             raise
         finally:
             await _aclose(agen)
@@ -5714,12 +5720,14 @@ class _RunTracker:
             else:
                 self._call(0, run)
         elif kind.endswith("_end") or kind.endswith("_error"):
-            run = self.runs[run_id]
-            run.finish(event)
-            if run.parent_run_id is None or str(run.parent_run_id) not in self.runs:
-                for done in _subtree(run):  # the root: forget it and its children
+            ended = self.runs.get(run_id)
+            if ended is None:  # inside a root that already finished (left early)
+                return
+            ended.finish(event)
+            if ended.parent_run_id is None or str(ended.parent_run_id) not in self.runs:
+                for done in _subtree(ended):  # the root: forget it and its children
                     self.runs.pop(str(done.id), None)
-                self._call(2 if kind.endswith("_error") else 1, run)
+                self._call(2 if kind.endswith("_error") else 1, ended)
 
 
 def _subtree(run: RunTree) -> Iterator[RunTree]:

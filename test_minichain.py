@@ -4745,3 +4745,31 @@ def test_a_failing_tool_tells_each_listener_once() -> None:
     with pytest.raises(ValueError, match="tool boom"):
         boom.with_listeners(on_error=runs.append).invoke({"a": 1})
     assert [r.error for r in runs] == ["ValueError('tool boom')"]
+
+
+def test_a_stream_left_early_tells_handlers_and_listeners_and_forgets_the_run() -> None:
+    def make() -> Any:
+        return ChatPromptTemplate.from_template("{q}") | GenericFakeChatModel(messages=iter(["a b c"])) | StrOutputParser()
+    h = _Recorder()
+    for _ in make().stream({"q": "x"}, {"callbacks": [h]}):
+        break
+    assert [(c[0], c[1]) for c in h.calls if c[0].endswith("_error")] == [
+        ("on_chain_error", "(GeneratorExit(),)"), ("on_chain_error", "(GeneratorExit(),)"),
+        ("on_llm_error", "(GeneratorExit(),)")]  # deviation: sync langchain_core ends them with None
+    errors: List[Any] = []
+    listened = make().with_listeners(on_error=lambda run: errors.append(run.error))
+    tracker = cast(Any, listened).config["callbacks"][0]
+    for _ in range(3):
+        def again() -> Any:
+            return ChatPromptTemplate.from_template("{q}") | GenericFakeChatModel(messages=iter(["a b c"])) | StrOutputParser()
+        chain_ = again().with_listeners(on_error=lambda run: errors.append(run.error))
+        for _ in chain_.stream({"q": "x"}):
+            break
+
+    async def leave() -> None:
+        chunks = listened.astream({"q": "x"})
+        async for _ in chunks:
+            break
+        await chunks.aclose()  # type: ignore[attr-defined]  # a stream is a generator
+    run(leave())
+    assert errors == ["GeneratorExit()"] * 4 and tracker.runs == {}
