@@ -4770,6 +4770,6 @@ def test_a_stream_left_early_tells_handlers_and_listeners_and_forgets_the_run() 
         chunks = listened.astream({"q": "x"})
         async for _ in chunks:
             break
-        await chunks.aclose()  # type: ignore[attr-defined]  # a stream is a generator
+        await chunks.aclose()
     run(leave())
     assert errors == ["GeneratorExit()"] * 4 and tracker.runs == {}
