@@ -4335,8 +4335,7 @@ class FakeListLLM(BaseLLM):
         self.responses, self.turns = list(responses), itertools.count()
 
     def _call(self, prompt: str, **kwargs: Any) -> str:
-        text = self.responses[next(self.turns) % len(self.responses)]
-        return text
+        return self.responses[next(self.turns) % len(self.responses)]
 
 
 class FakeListLLMError(Exception):
@@ -4349,7 +4348,7 @@ class FakeListLLMError(Exception):
     """
 
 
-class FakeStreamingListLLM(FakeListLLM):
+class FakeStreamingListLLM(FakeListLLM):  # a FakeListLLM, as in langchain_core (isinstance)
     """A `FakeListLLM` whose `stream` gives the answer one character per chunk.
 
     As langchain_core's, it streams by invoking: its run ends with the whole answer (no
@@ -5343,8 +5342,15 @@ class _LineItems:
         return [item for item in (self.held, found) if item is not None]
 
 
-class _ListParser(BaseOutputParser[List[str]]):
-    """What the list parsers share: a push machine of items and langchain_core's instructions.
+if TYPE_CHECKING:
+    _ListParserBase = BaseOutputParser[List[str]]
+else:
+    _ListParserBase = object
+
+
+class _ListParser(_ListParserBase):
+    """What the list parsers share (a mixin, so that each parser stays a direct subclass of
+    `BaseOutputParser`): a push machine of items and langchain_core's instructions.
     Streaming yields each item as a one-item list once the next one has begun (as
     langchain_core's); `invoke` gives the whole list; any split of the text gives the same
     items, at a cost linear in the text."""
@@ -5367,7 +5373,7 @@ class _ListParser(BaseOutputParser[List[str]]):
         return self._instructions
 
 
-class CommaSeparatedListOutputParser(_ListParser):
+class CommaSeparatedListOutputParser(_ListParser, BaseOutputParser[List[str]]):
     """Comma-separated items, read as CSV: a space after a comma is skipped, quotes group,
     newlines separate too.
 
@@ -5388,7 +5394,7 @@ class CommaSeparatedListOutputParser(_ListParser):
         return _CsvItems()
 
 
-class NumberedListOutputParser(_ListParser):
+class NumberedListOutputParser(_ListParser, BaseOutputParser[List[str]]):
     """The items of a numbered list: what follows each `1. ` to the end of its line.
 
     >>> list(NumberedListOutputParser().transform(iter(["1. red\\n2. gr", "een\\n3. blue"])))
@@ -5402,7 +5408,7 @@ class NumberedListOutputParser(_ListParser):
         return _LineItems(r"\d+\.\s([^\n]+)", r"\d+\.$", r"\d\.\s.", anchored=False)
 
 
-class MarkdownListOutputParser(_ListParser):
+class MarkdownListOutputParser(_ListParser, BaseOutputParser[List[str]]):
     """The items of a markdown list: lines starting with `- ` or `* `.
 
     >>> MarkdownListOutputParser().invoke("Colours:\\n- red\\n  * green")
@@ -6990,8 +6996,15 @@ def _timeouts(timeout: Union[None, float, Tuple[float, float]]) -> Tuple[float, 
     return float(timeout), float(timeout)
 
 
-class _ServerChatModel(BaseChatModel):
-    """What the three server models share: the request, the transport, the stream loop.
+if TYPE_CHECKING:
+    _ServerBase = BaseChatModel
+else:
+    _ServerBase = object
+
+
+class _ServerChatModel(_ServerBase):
+    """What the three server models share (a mixin, so that each model stays a direct
+    subclass of `BaseChatModel`): the request, the transport, the stream loop.
 
     A subclass says how to build its request (`_request`) and how to read its stream
     (`_decoder`, `_reader`); extra keyword arguments go into the request body.
@@ -7052,7 +7065,7 @@ class _ServerChatModel(BaseChatModel):
         return f"{type(self).__name__}(model={self.model!r}, base_url={self.base_url!r})"
 
 
-class ChatOpenAI(_ServerChatModel):
+class ChatOpenAI(_ServerChatModel, BaseChatModel):
     """A chat model on any OpenAI-compatible Chat Completions server: OpenAI, vLLM,
     llama.cpp, llama-cpp-python, Ollama's /v1, LM Studio, OpenRouter, Azure-style servers.
 
@@ -7100,7 +7113,7 @@ _OLLAMA_OPTIONS = ("temperature", "top_p", "top_k", "num_predict", "num_ctx", "s
                    "repeat_penalty", "mirostat")
 
 
-class ChatOllama(_ServerChatModel):
+class ChatOllama(_ServerChatModel, BaseChatModel):
     """A chat model on Ollama's native `/api/chat` (NDJSON). `base_url` defaults to
     `OLLAMA_HOST`, else http://localhost:11434. Sampling options (temperature, num_predict,
     seed, ...) go into `options`; other keywords (format, keep_alive, think) into the body.
@@ -7141,7 +7154,7 @@ class ChatOllama(_ServerChatModel):
         return _OllamaStream()
 
 
-class ChatAnthropic(_ServerChatModel):
+class ChatAnthropic(_ServerChatModel, BaseChatModel):
     """A chat model on Anthropic's Messages API (streamed). `api_key` defaults to
     `ANTHROPIC_API_KEY`; `max_tokens` (required by the API) to 1024. System messages become
     the `system` field; tool results go back as `tool_result` blocks.
