@@ -699,7 +699,7 @@ else:
 
 
 Event = Dict[str, Any]  # one v2 stream event: event, name, run_id, parent_ids, tags, metadata, data
-Handler = Callable[[Event], None]  # a listener: receives every event of a run and its children
+Listener = Callable[[Event], None]  # a listener: receives every event of a run and its children
 
 _CONFIG_KEYS = ("run_name", "run_id", "tags", "metadata", "callbacks", "max_concurrency",
                 "configurable", "recursion_limit")
@@ -882,7 +882,7 @@ def _uuid7() -> str:
     return f"{t[:8]}-{t[8:]}-7{r[:3]}-{'89ab'[int(r[3], 16) & 3]}{r[4:7]}-{r[8:]}"
 
 
-def _handler(h: Any) -> Handler:
+def _listener(h: Any) -> Listener:
     """A listener from a callable or an object with methods named after events.
 
     A listener runs outside the run it listens to: a runnable it calls starts a run of its
@@ -897,7 +897,7 @@ def _handler(h: Any) -> Handler:
     if adapter is not None:
         call = adapter()
     elif callable(h):
-        call = cast(Handler, h)
+        call = cast(Listener, h)
     elif any(name.startswith("on_") for name in dir(h)):
         def call(event: Event) -> Any:
             method = getattr(h, event["event"], None)
@@ -934,7 +934,7 @@ class Run:
 
     A Run exists only while someone listens. It sits in a child config's `callbacks` so that
     runnables called below report as its children; it folds its input and output for the end
-    event. `emit` sends an event to every handler.
+    event. `emit` sends an event to every listener.
 
     >>> seen = []
     >>> _ = RunnableLambda(lambda x: x + 1).invoke(1, {"callbacks": [seen.append]})
@@ -943,55 +943,55 @@ class Run:
     """
 
     __slots__ = ("id", "name", "type", "tags", "inherited_tags", "metadata", "parent_ids",
-                 "handlers", "root", "streams", "input", "inputs", "outputs", "channel", "solo",
+                 "listeners", "root", "streams", "input", "inputs", "outputs", "channel", "solo",
                  "pending", "token_order", "failed")
 
     def __init__(self, name: str, run_type: str, tags: List[str], metadata: Dict[str, Any],
-                 parent: Optional["Run"], handlers: Sequence[Handler], run_id: Any,
+                 parent: Optional["Run"], listeners: Sequence[Listener], run_id: Any,
                  streams: bool, positional: bool = False) -> None:
         self.id = str(run_id) if run_id else _uuid7()  # a uuid.UUID given by the caller, too
         self.name, self.type, self.tags, self.metadata = name, run_type, tags, metadata
         # what a custom event shows: the tags without the step's place (`seq:step:2`)
         self.inherited_tags = tags[1:] if positional else tags
         self.parent_ids: List[str] = parent.parent_ids + [parent.id] if parent else []
-        self.handlers, self.root, self.streams = handlers, parent is None, streams
+        self.listeners, self.root, self.streams = listeners, parent is None, streams
         self.input: Any = _MISSING  # the whole input, where it was known or folded up front
         self.inputs = _Fold()  # else the input chunks seen, folded as they come
         self.outputs = _Fold()  # the output chunks, folded as they come
         # the event stream this run reports to, if any (it may pause the run: backpressure)
         self.channel: Optional[_Channel] = parent.channel if parent else next(
-            (h for h in handlers if isinstance(h, _Channel)), None)
+            (h for h in listeners if isinstance(h, _Channel)), None)
         # the event stream, when it is the only listener: events go straight to it
-        self.solo = self.channel if list(handlers) == [self.channel] else None
+        self.solo = self.channel if list(listeners) == [self.channel] else None
         # a nested model's tokens: langchain_core builds their events with `data` second
         self.token_order = parent is not None and run_type in ("chat_model", "llm")
         # async listeners' calls (and what to do if one fails), awaited in order by the run
         self.pending: List[Tuple[Awaitable[Any], Callable[[Exception], None]]] = []
         self.failed = False  # its error event went out (a tool sends its own)
 
-    def adding(self, handlers: Any) -> "Run":
-        """This run as the parent of runs that also report to `handlers` (a step bound with
-        its own callbacks, inside a run that already has listeners); `handlers` is a list,
+    def adding(self, listeners: Any) -> "Run":
+        """This run as the parent of runs that also report to `listeners` (a step bound with
+        its own callbacks, inside a run that already has listeners); `listeners` is a list,
         or another run, whose listeners join ours once each."""
         import copy
-        extra = handlers.handlers if isinstance(handlers, Run) else [_handler(h) for h in handlers]
+        extra = listeners.listeners if isinstance(listeners, Run) else [_listener(h) for h in listeners]
         parent = copy.copy(self)
-        parent.handlers = list(self.handlers) + [h for h in extra if h not in self.handlers]
-        parent.solo = None if len(parent.handlers) > 1 else self.solo
+        parent.listeners = list(self.listeners) + [h for h in extra if h not in self.listeners]
+        parent.solo = None if len(parent.listeners) > 1 else self.solo
         return parent
 
-    def emit(self, event: Event, handlers: Optional[Sequence[Handler]] = None) -> None:
-        """Send one event to every handler (or to `handlers`), outside this run: a runnable a
+    def emit(self, event: Event, listeners: Optional[Sequence[Listener]] = None) -> None:
+        """Send one event to every listener (or to `listeners`), outside this run: a runnable a
         listener calls does not report back to it. An async listener's call waits in
         `pending` until the async run awaits it (`settle`)."""
-        if self.solo is not None and handlers is None:  # only an event stream listens
+        if self.solo is not None and listeners is None:  # only an event stream listens
             self.solo(event)
             return
         # deviation: langchain_core leaves the run active, so a listener's own calls report back
         token = _current.set(None)
         try:
-            for handler in handlers or self.handlers:
-                call = handler(event)
+            for listener in listeners or self.listeners:
+                call = listener(event)
                 if call is not None:
                     self.pending.append(call)
         finally:
@@ -1052,7 +1052,7 @@ class Run:
         """Tell the listeners that take errors (callback handlers, `with_listeners`) that this
         run failed: `on_<type>_error`, an event the event streams do not show (nor does
         langchain_core's v2)."""
-        wanting = [h for h in self.handlers if getattr(h, "errors", False)]
+        wanting = [h for h in self.listeners if getattr(h, "errors", False)]
         if wanting and not self.failed:
             self.failed = True
             self.emit({
@@ -1240,7 +1240,7 @@ def _check_config_value(key: str, value: Any) -> None:
     if key in ("metadata", "configurable") and not isinstance(value, Mapping):
         raise TypeError(f"config {key} must be a dict, not {type(value).__name__}: {_short(value, 60)}")
     if key == "callbacks" and not isinstance(value, (list, tuple, Run)):
-        name = getattr(value, "__name__", None) or "handler"
+        name = getattr(value, "__name__", None) or "listener"
         raise TypeError(f"config callbacks must be a list of listeners, not a single "
                         f"{type(value).__name__}; write callbacks=[{name}]")
     if key in ("max_concurrency", "recursion_limit") and (
@@ -1268,14 +1268,14 @@ def _open_run(runnable: "Runnable[Any, Any]", config: RunnableConfig, tag: Optio
         return None
     if isinstance(callbacks, Run):
         parent: Optional[Run] = callbacks
-        handlers: Sequence[Handler] = callbacks.handlers
+        listeners: Sequence[Listener] = callbacks.listeners
     else:
         parent = None
-        handlers = [_handler(h) for h in callbacks]
+        listeners = [_listener(h) for h in callbacks]
     tags = ([tag] if tag else []) + list(config.get("tags", ())) + runnable._own_tags()
     metadata = {**config.get("metadata", {}), **runnable._own_metadata(config)}
     run = Run(config.get("run_name") or runnable.get_name(), runnable.run_type,
-              list(dict.fromkeys(tags)), metadata, parent, handlers, config.get("run_id"),
+              list(dict.fromkeys(tags)), metadata, parent, listeners, config.get("run_id"),
               streams, positional=bool(tag) and tags.count(tag) == 1)
     if runnable._cumulative:
         run.outputs = _Latest()
@@ -3135,12 +3135,12 @@ def _event_filter(version: str, include_names: Optional[Sequence[str]],
     return keep
 
 
-def _listening(config: Optional[RunnableConfig], listen: Handler) -> RunnableConfig:
-    """The call's config with `listen` added to its handlers; the run becomes a new root."""
+def _listening(config: Optional[RunnableConfig], listen: Listener) -> RunnableConfig:
+    """The call's config with `listen` added to its listeners; the run becomes a new root."""
     setattr(listen, "raise_error", True)  # minichain's own listener: its errors are real
     cfg = dict(_resolve(config))
-    handlers = cfg.get("callbacks")
-    cfg["callbacks"] = [listen] + (list(handlers) if isinstance(handlers, (list, tuple)) else [])
+    listeners = cfg.get("callbacks")
+    cfg["callbacks"] = [listen] + (list(listeners) if isinstance(listeners, (list, tuple)) else [])
     return cfg
 
 
