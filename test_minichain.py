@@ -235,7 +235,7 @@ def test_merge_content_is_what_chunks_add_with() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2-3. Config, runs, events, the fold
+# 2. Config, runs, events, the fold
 # ---------------------------------------------------------------------------------------------
 
 def test_fold_adds_and_keeps_the_newest_where_values_do_not_add() -> None:
@@ -261,7 +261,7 @@ def test_tags_given_as_a_string_are_an_error_not_split_into_letters() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. The Runnable protocol
+# 3. The Runnable protocol
 # ---------------------------------------------------------------------------------------------
 
 def test_every_method_on_one_runnable() -> None:
@@ -343,7 +343,7 @@ def test_async_only_step_called_synchronously_says_to_use_the_async_method() -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Composition
+# 4. Composition
 # ---------------------------------------------------------------------------------------------
 
 def test_pipe_coerces_functions_dicts_and_generators() -> None:
@@ -857,6 +857,1079 @@ def test_runnable_config_constructs_a_dict_and_ensure_config_fills_defaults() ->
                                   "recursion_limit": 25, "configurable": {}}
     inside = RunnableLambda(lambda x: mc.ensure_config()["configurable"])
     assert inside.invoke(1, {"configurable": {"user": "ann"}}) == {"user": "ann"}
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Events: the guide's second half, exact sequences
+# ---------------------------------------------------------------------------------------------
+
+CHAT_META = {"ls_provider": "genericfakechatmodel", "ls_model_type": "chat",
+             "ls_integration": "langchain_chat_model"}
+
+
+def test_events_of_a_chat_model_alone() -> None:
+    rows = trace(run(alist(GenericFakeChatModel(messages=iter(["hello world"])).astream_events("hello"))), meta=True)
+    assert rows == [
+        ("on_chat_model_start", "GenericFakeChatModel", "R0", [], [], "{'input': 'hello'}", CHAT_META),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R0", [], [], "{'chunk': AIMessageChunk(content='hello', id='lc_run--ID')}", CHAT_META),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R0", [], [], "{'chunk': AIMessageChunk(content=' ', id='lc_run--ID')}", CHAT_META),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R0", [], [], "{'chunk': AIMessageChunk(content='world', id='lc_run--ID', chunk_position='last')}", CHAT_META),
+        ("on_chat_model_end", "GenericFakeChatModel", "R0", [], [], "{'output': AIMessageChunk(content='hello world', id='lc_run--ID', chunk_position='last')}", CHAT_META),
+    ]
+
+
+def _json_chain() -> Any:
+    model = GenericFakeChatModel(messages=iter(['{"countries": [{"name": "France", "population": 67413000}]}']))
+    return model | JsonOutputParser()
+
+
+def test_events_of_model_then_json_parser() -> None:
+    msg = "AIMessageChunk(content='{\"countries\": [{\"name\": \"France\", \"population\": 67413000}]}', id='lc_run--ID', chunk_position='last')"
+    final = "{'countries': [{'name': 'France', 'population': 67413000}]}"
+    model_in = "{'messages': [[HumanMessage(content='x')]]}"
+    assert events_both(_json_chain, "x") == [
+        ("on_chain_start", "RunnableSequence", "R0", [], [], "{'input': 'x'}"),
+        ("on_chat_model_start", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'input': " + model_in + "}"),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content='{\"countries\":', id='lc_run--ID')}"),
+        ("on_parser_start", "JsonOutputParser", "R2", ["R0"], ["seq:step:2"], "{}"),
+        ("on_parser_stream", "JsonOutputParser", "R2", ["R0"], ["seq:step:2"], "{'chunk': {}}"),
+        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': {}}"),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content=' ', id='lc_run--ID')}"),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content='[{\"name\":', id='lc_run--ID')}"),
+        ("on_parser_stream", "JsonOutputParser", "R2", ["R0"], ["seq:step:2"], "{'chunk': {'countries': [{}]}}"),
+        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': {'countries': [{}]}}"),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content=' ', id='lc_run--ID')}"),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content='\"France\",', id='lc_run--ID')}"),
+        ("on_parser_stream", "JsonOutputParser", "R2", ["R0"], ["seq:step:2"], "{'chunk': {'countries': [{'name': 'France'}]}}"),
+        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': {'countries': [{'name': 'France'}]}}"),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content=' ', id='lc_run--ID')}"),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content='\"population\":', id='lc_run--ID')}"),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content=' ', id='lc_run--ID')}"),
+        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content='67413000}]}', id='lc_run--ID', chunk_position='last')}"),
+        ("on_parser_stream", "JsonOutputParser", "R2", ["R0"], ["seq:step:2"], "{'chunk': " + final + "}"),
+        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': " + final + "}"),
+        ("on_chat_model_end", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'output': " + msg + ", 'input': " + model_in + "}"),
+        ("on_parser_end", "JsonOutputParser", "R2", ["R0"], ["seq:step:2"], "{'output': " + final + ", 'input': " + msg + "}"),
+        ("on_chain_end", "RunnableSequence", "R0", [], [], "{'output': " + final + "}"),
+    ]
+
+
+def _named_chain(tags: Any = None) -> Any:
+    model = GenericFakeChatModel(messages=iter(['{"a": 1}'])).with_config({"run_name": "model"})
+    chain_ = model | JsonOutputParser().with_config({"run_name": "my_parser"})
+    return chain_.with_config({"tags": tags}) if tags else chain_
+
+
+def test_filter_by_name() -> None:
+    # deviation: langchain_core also shows the chain's input in the first kept event
+    assert events_both(_named_chain, "x", include_names=["my_parser"]) == [
+        ("on_parser_start", "my_parser", "R0", ["R1"], ["seq:step:2"], "{}"),
+        ("on_parser_stream", "my_parser", "R0", ["R1"], ["seq:step:2"], "{'chunk': {}}"),
+        ("on_parser_stream", "my_parser", "R0", ["R1"], ["seq:step:2"], "{'chunk': {'a': 1}}"),
+        ("on_parser_end", "my_parser", "R0", ["R1"], ["seq:step:2"],
+         "{'output': {'a': 1}, 'input': AIMessageChunk(content='{\"a\": 1}', id='lc_run--ID', chunk_position='last')}"),
+    ]
+
+
+def test_filter_by_type() -> None:
+    assert short(events_both(_named_chain, "x", include_types=["chat_model"])) == [
+        ("on_chat_model_start", "model"), ("on_chat_model_stream", "model"),
+        ("on_chat_model_stream", "model"), ("on_chat_model_stream", "model"),
+        ("on_chat_model_end", "model")]
+    both = events_both(_named_chain, "x", include_names=["my_parser"], include_types=["chat_model"])
+    assert {r[1] for r in both} == {"model", "my_parser"}
+
+
+def test_filter_by_tags_and_exclusions() -> None:
+    rows = events_both(lambda: _named_chain(["my_chain"]), "x", include_tags=["my_chain"])
+    assert short(rows) == [
+        ("on_chain_start", "RunnableSequence"), ("on_chat_model_start", "model"),
+        ("on_chat_model_stream", "model"), ("on_parser_start", "my_parser"),
+        ("on_parser_stream", "my_parser"), ("on_chain_stream", "RunnableSequence"),
+        ("on_chat_model_stream", "model"), ("on_chat_model_stream", "model"),
+        ("on_parser_stream", "my_parser"), ("on_chain_stream", "RunnableSequence"),
+        ("on_chat_model_end", "model"), ("on_parser_end", "my_parser"),
+        ("on_chain_end", "RunnableSequence")]
+    assert [r[4] for r in rows[:2]] == [["my_chain"], ["seq:step:1", "my_chain"]]
+    only_root = events_both(lambda: _named_chain(["my_chain"]), "x", include_tags=["my_chain"],
+                            exclude_names=["model", "my_parser"])
+    assert {r[1] for r in only_root} == {"RunnableSequence"}
+    no_model = events_both(_named_chain, "x", exclude_tags=["seq:step:1"])
+    assert "model" not in {r[1] for r in no_model} and len(no_model) == 8
+    assert events_both(_named_chain, "x", include_names=["nope"]) == []
+
+
+def test_filters_given_a_string_or_an_unknown_version_are_errors() -> None:
+    with pytest.raises(TypeError, match=r"include_names must be a list of strings, not the str 'model'; write include_names=\['model'\]"):
+        RunnableLambda(str).astream_events("x", include_names="model")
+    with pytest.raises(ValueError, match=r"unknown event version 'v1'; minichain streams the v2 event schema only"):
+        RunnableLambda(str).stream_events("x", version="v1")
+
+
+def test_events_of_a_chain_broken_by_a_non_streaming_function() -> None:
+    def make() -> Any:
+        model = GenericFakeChatModel(messages=iter(['{"countries": [{"name": "France"}, {"name": "Spain"}]}']))
+        return model | JsonOutputParser() | _extract_country_names
+    rows = events_both(make, "x")
+    assert short(rows)[:7] == [
+        ("on_chain_start", "RunnableSequence"), ("on_chat_model_start", "GenericFakeChatModel"),
+        ("on_chat_model_stream", "GenericFakeChatModel"), ("on_parser_start", "JsonOutputParser"),
+        ("on_parser_stream", "JsonOutputParser"), ("on_chain_start", "_extract_country_names"),
+        ("on_chat_model_stream", "GenericFakeChatModel")]
+    assert [r[0] for r in rows].count("on_chat_model_stream") == 9
+    assert [r[0] for r in rows].count("on_parser_stream") == 5
+    assert rows[-6:] == [
+        ("on_chat_model_end", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], rows[-6][5]),
+        ("on_parser_end", "JsonOutputParser", "R2", ["R0"], ["seq:step:2"], rows[-5][5]),
+        ("on_chain_stream", "_extract_country_names", "R3", ["R0"], ["seq:step:3"], "{'chunk': ['France', 'Spain']}"),
+        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': ['France', 'Spain']}"),
+        ("on_chain_end", "_extract_country_names", "R3", ["R0"], ["seq:step:3"],
+         "{'output': ['France', 'Spain'], 'input': {'countries': [{'name': 'France'}, {'name': 'Spain'}]}}"),
+        ("on_chain_end", "RunnableSequence", "R0", [], [], "{'output': ['France', 'Spain']}"),
+    ]
+
+
+def _reverse_word() -> Any:
+    def reverse_word(word: str) -> str:
+        return word[::-1]
+    return RunnableLambda(reverse_word)
+
+
+def test_bad_tool_and_correct_tool_both_report_the_nested_run() -> None:
+    reverse_word = _reverse_word()
+
+    @tool
+    def bad_tool(word: str) -> str:
+        """Custom tool that doesn't propagate callbacks."""
+        return cast(str, reverse_word.invoke(word))
+
+    @tool
+    def correct_tool(word: str, callbacks: Any) -> str:
+        """A tool that correctly propagates callbacks."""
+        return cast(str, reverse_word.invoke(word, {"callbacks": callbacks}))
+    for t in (bad_tool, correct_tool):
+        assert events_both(t, "hello") == [
+            ("on_tool_start", t.name, "R0", [], [], "{'input': 'hello'}"),
+            ("on_chain_start", "reverse_word", "R1", ["R0"], [], "{'input': 'hello'}"),
+            ("on_chain_end", "reverse_word", "R1", ["R0"], [], "{'output': 'olleh', 'input': 'hello'}"),
+            ("on_tool_end", t.name, "R0", [], [], "{'output': 'olleh'}"),
+        ]
+
+
+def test_reverse_and_double_as_lambda_and_as_chain() -> None:
+    reverse_word = _reverse_word()
+
+    async def reverse_and_double(word: str) -> str:
+        return cast(str, await reverse_word.ainvoke(word)) * 2
+    expected: List[Tuple[Any, ...]] = [
+        ("on_chain_start", "reverse_and_double", "R0", [], [], "{'input': '1234'}"),
+        ("on_chain_start", "reverse_word", "R1", ["R0"], [], "{'input': '1234'}"),
+        ("on_chain_end", "reverse_word", "R1", ["R0"], [], "{'output': '4321', 'input': '1234'}"),
+        ("on_chain_stream", "reverse_and_double", "R0", [], [], "{'chunk': '43214321'}"),
+        ("on_chain_end", "reverse_and_double", "R0", [], [], "{'output': '43214321'}"),
+    ]
+    for runnable in (RunnableLambda(reverse_and_double), chain(reverse_and_double)):  # async-only
+        assert trace(run(alist(runnable.astream_events("1234")))) == expected
+
+
+RETRIEVER_TAGS = ["map:key:context", "InMemoryVectorStore", "LexicalEmbeddings"]  # as langchain_core
+
+
+def test_events_of_the_retrieval_chain() -> None:
+    store = InMemoryVectorStore.from_texts(["harrison worked at kensho"], embedding=LexicalEmbeddings(), ids=["k"])
+    retriever = store.as_retriever()
+    prompt = ChatPromptTemplate.from_template("Context: {context}\nQ: {question}")
+    model = GenericFakeChatModel(messages=iter(["kensho"]))
+    chain_ = {"context": retriever, "question": RunnablePassthrough()} | prompt | model | StrOutputParser()
+    events = run(alist(chain_.astream_events("where did harrison work?")))
+    rows = trace(events)
+    retriever_rows = [r for r in rows if r[0].startswith("on_retriever")]
+    assert retriever_rows == [
+        ("on_retriever_start", "VectorStoreRetriever", "R2", ["R0", "R1"], RETRIEVER_TAGS, "{'input': {'query': 'where did harrison work?'}}"),
+        ("on_retriever_end", "VectorStoreRetriever", "R2", ["R0", "R1"], RETRIEVER_TAGS,
+         "{'output': [Document(id='k', metadata={}, page_content='harrison worked at kensho')], 'input': {'query': 'where did harrison work?'}}"),
+    ]
+    meta = [e["metadata"] for e in events if e["event"] == "on_retriever_start"][0]
+    assert meta == {"ls_retriever_name": "vectorstore", "ls_vector_store_provider": "InMemoryVectorStore",
+                    "ls_embedding_provider": "LexicalEmbeddings"}
+    assert rows[-1] == ("on_chain_end", "RunnableSequence", "R0", [], [], "{'output': 'kensho'}")
+    assert [r[0] for r in rows].count("on_prompt_end") == 1
+
+
+def test_sync_stream_events_gives_the_same_sequence_as_astream_events() -> None:
+    def make() -> Any:
+        prompt = ChatPromptTemplate.from_messages([("system", "s"), ("human", "{topic}")])
+        model = GenericFakeChatModel(messages=iter(["ha ha"]))
+        return (prompt | model | StrOutputParser()).with_config(tags=["T"], metadata={"k": 1})
+    sync = trace(list(make().stream_events({"topic": "cats"})), meta=True)
+    asyn = trace(run(alist(make().astream_events({"topic": "cats"}))), meta=True)
+    assert sync == asyn
+    assert short(sync) == [
+        ("on_chain_start", "RunnableSequence"), ("on_prompt_start", "ChatPromptTemplate"),
+        ("on_prompt_end", "ChatPromptTemplate"), ("on_chat_model_start", "GenericFakeChatModel"),
+        ("on_chat_model_stream", "GenericFakeChatModel"), ("on_parser_start", "StrOutputParser"),
+        ("on_parser_stream", "StrOutputParser"), ("on_chain_stream", "RunnableSequence"),
+        ("on_chat_model_stream", "GenericFakeChatModel"), ("on_parser_stream", "StrOutputParser"),
+        ("on_chain_stream", "RunnableSequence"), ("on_chat_model_stream", "GenericFakeChatModel"),
+        ("on_parser_stream", "StrOutputParser"), ("on_chain_stream", "RunnableSequence"),
+        ("on_chat_model_end", "GenericFakeChatModel"), ("on_parser_end", "StrOutputParser"),
+        ("on_chain_end", "RunnableSequence")]
+    assert sync[3][4:] == (["seq:step:2", "T"], "{'input': {'messages': [[SystemMessage(content='s'), HumanMessage(content='cats')]]}}",
+                           {"k": 1, **CHAT_META})
+
+
+def test_events_are_live_from_inside_a_sync_and_an_async_function() -> None:
+    for use_async in (False, True):
+        model = GenericFakeChatModel(messages=iter(["a b c"]), sleep=0.05)
+        returned = []
+
+        def outer(x: str) -> str:
+            out = model.invoke(x).text
+            returned.append(time.monotonic())
+            return out
+
+        async def aouter(x: str) -> str:
+            out = (await model.ainvoke(x)).text
+            returned.append(time.monotonic())
+            return out
+
+        async def main() -> List[Any]:
+            seen = []
+            async for e in RunnableLambda(aouter if use_async else outer).astream_events("q"):
+                seen.append((e["event"], time.monotonic(), e["parent_ids"]))
+            return seen
+        seen = run(main())
+        first_token = [s for s in seen if s[0] == "on_chat_model_stream"][0]
+        assert first_token[1] < returned[0] - 0.05  # arrived while the function still ran
+        assert len(first_token[2]) == 1  # parented under the lambda
+        model = GenericFakeChatModel(messages=iter(["a b c"]), sleep=0.05)
+        sync_seen = []
+        for e in RunnableLambda(outer).stream_events("q"):
+            sync_seen.append((e["event"], time.monotonic()))
+        tokens = [s for s in sync_seen if s[0] == "on_chat_model_stream"]
+        assert tokens[0][1] < returned[-1] - 0.05
+
+
+def test_custom_events_are_parented_to_the_dispatching_run() -> None:
+    @chain
+    async def slow_thing(some_input: str) -> str:
+        await mc.adispatch_custom_event("progress_event", {"message": "Finished step 1 of 3"})
+        return "Done"
+    assert trace(run(alist(slow_thing.astream_events("some_input")))) == [  # async-only
+        ("on_chain_start", "slow_thing", "R0", [], [], "{'input': 'some_input'}"),
+        ("on_custom_event", "progress_event", "R0", [], [], "{'message': 'Finished step 1 of 3'}"),
+        ("on_chain_stream", "slow_thing", "R0", [], [], "{'chunk': 'Done'}"),
+        ("on_chain_end", "slow_thing", "R0", [], [], "{'output': 'Done'}"),
+    ]
+    assert run(alist(slow_thing.astream("x"))) == ["Done"]
+
+    @chain
+    def sync_thing(x: str) -> str:
+        mc.dispatch_custom_event("progress_event", "half")
+        return x
+    rows = trace(list(sync_thing.stream_events("x", include_types=["progress_event"])))
+    assert rows == [("on_custom_event", "progress_event", "R0", [], [], "'half'")]
+    with pytest.raises(RuntimeError, match=r"dispatch_custom_event\('e'\) was called outside any runnable"):
+        mc.dispatch_custom_event("e", 1)
+
+
+def test_callbacks_get_the_same_events_from_every_method() -> None:
+    def make() -> Any:
+        return GenericFakeChatModel(messages=iter(["a b"])) | StrOutputParser()
+    reference = trace(list(make().stream_events("x")))
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.events: List[Dict[str, Any]] = []
+
+        def on_chain_start(self, event: Dict[str, Any]) -> None:
+            self.events.append(event)
+
+        def on_chat_model_stream(self, event: Dict[str, Any]) -> None:
+            self.events.append(event)
+    got: List[Dict[str, Any]] = []
+    list(make().stream("x", {"callbacks": [got.append]}))
+    assert trace(got) == reference
+    got = []
+    run(alist(make().astream("x", {"callbacks": [got.append]})))
+    assert trace(got) == reference
+    rec = Recorder()
+    list(make().stream("x", {"callbacks": [rec]}))
+    assert short(trace(rec.events)) == [("on_chain_start", "RunnableSequence")] + \
+        [("on_chat_model_stream", "GenericFakeChatModel")] * 3
+    invoked: List[Dict[str, Any]] = []
+    assert make().invoke("x", {"callbacks": [invoked.append]}) == "a b"
+    # invoke runs the steps one after another: the model streams tokens, the parser does not
+    assert short(trace(invoked)) == [
+        ("on_chain_start", "RunnableSequence"), ("on_chat_model_start", "GenericFakeChatModel"),
+        ("on_chat_model_stream", "GenericFakeChatModel"), ("on_chat_model_stream", "GenericFakeChatModel"),
+        ("on_chat_model_stream", "GenericFakeChatModel"), ("on_chat_model_end", "GenericFakeChatModel"),
+        ("on_parser_start", "StrOutputParser"), ("on_parser_end", "StrOutputParser"),
+        ("on_chain_end", "RunnableSequence")]
+    batched: List[Dict[str, Any]] = []
+    make_two = GenericFakeChatModel(messages=iter(["a", "b"]))
+    assert [m.content for m in make_two.batch(["x", "y"], {"callbacks": [batched.append]})] in (["a", "b"], ["b", "a"])
+    assert [e["event"] for e in batched].count("on_chat_model_end") == 2
+    abatched: List[Dict[str, Any]] = []
+    run(GenericFakeChatModel(messages=iter(["a", "b"])).abatch(["x", "y"], {"callbacks": [abatched.append]}))
+    assert [e["event"] for e in abatched].count("on_chat_model_start") == 2
+
+
+def test_no_event_work_when_no_one_listens(monkeypatch: Any) -> None:
+    made = []
+    real_init = mc.Run.__init__
+
+    def counting_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        made.append(1)
+        real_init(self, *args, **kwargs)
+    monkeypatch.setattr(mc.Run, "__init__", counting_init)
+    chain_ = ChatPromptTemplate.from_template("{q}") | GenericFakeChatModel(messages=iter(["a b", "c"])) | StrOutputParser()
+    assert list(chain_.stream({"q": "x"})) == ["a", " ", "b"]
+    assert chain_.invoke({"q": "x"}) == "c"
+    assert made == []
+
+
+def test_an_exception_mid_stream_reaches_the_consumer_after_earlier_events() -> None:
+    def boom(chunks: Iterator[str]) -> Iterator[str]:
+        for c in chunks:
+            if c == "c":
+                raise ValueError("boom at c")
+            yield c
+    def make() -> Any:
+        return GenericFakeChatModel(messages=iter(["a b c d"])) | StrOutputParser() | boom
+    for events in (lambda: make().stream_events("x"), lambda: _sync(make().astream_events("x"))):
+        seen = []
+        with pytest.raises(ValueError, match="boom at c") as info:
+            for e in events():
+                seen.append(e["event"])
+        assert "on_chain_end" not in seen and seen.count("on_parser_stream") == 5
+        assert type(info.value) is ValueError
+
+
+def _sync(aiter: AsyncIterator[Any]) -> Iterator[Any]:
+    async def collect() -> List[Any]:
+        out = []
+        try:
+            async for x in aiter:
+                out.append(x)
+        except BaseException as exc:
+            out.append(exc)
+        return out
+    for item in run(collect()):
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def test_tool_errors_are_the_only_error_events() -> None:
+    @tool
+    def fails(x: str) -> str:
+        """Always fails."""
+        raise ValueError("bad")
+    seen = []
+    with pytest.raises(ValueError, match="bad"):
+        for e in fails.stream_events({"x": "a"}):
+            seen.append(e)
+    assert [e["event"] for e in seen] == ["on_tool_start", "on_tool_error"]
+    assert repr(seen[1]["data"]) == "{'error': ValueError('bad'), 'input': {'x': 'a'}, 'tool_call_id': None}"
+    nested = [e for e in _events_or_error((RunnableLambda(lambda x: x) | fails).stream_events("a"))
+              if e["event"] == "on_tool_error"]
+    assert repr(nested[0]["data"]) == "{'error': ValueError('bad'), 'input': None, 'tool_call_id': None}"
+
+
+def _events_or_error(events: Iterator[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    seen: List[Dict[str, Any]] = []
+    try:
+        for e in events:
+            seen.append(e)
+    except Exception:
+        pass
+    return seen
+
+
+def _forever_step(closed: List[bool]) -> Any:
+    """An async generator step that never ends by itself; notes when it is closed."""
+    async def forever(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            async for c in chunks:
+                while True:
+                    await asyncio.sleep(0.001)
+                    yield c
+        finally:
+            closed.append(True)
+    return forever
+
+
+def test_closing_astream_events_stops_the_run_with_no_pending_task() -> None:
+    closed: List[bool] = []
+    forever = _forever_step(closed)
+
+    async def main() -> int:
+        events = (RunnableLambda(lambda x: x) | forever).astream_events("x")
+        async for e in events:
+            if e["event"] == "on_chain_stream" and e["name"] == "forever":
+                break
+        await events.aclose()
+        return len(asyncio.all_tasks())
+    assert run(main()) == 1 and closed == [True]
+
+
+def test_closing_stream_events_stops_the_worker_and_closes_every_step() -> None:
+    closed = []
+
+    def forever(chunks: Iterator[str]) -> Iterator[str]:
+        try:
+            for c in chunks:
+                while True:
+                    time.sleep(0.001)
+                    yield c
+        finally:
+            closed.append(True)
+    events = (RunnableLambda(lambda x: x) | forever).stream_events("x")
+    for e in events:
+        if e["event"] == "on_chain_stream":
+            break
+    events.close()  # type: ignore[attr-defined]  # a stream is a generator
+    assert closed == [True]
+    assert not [t for t in threading.enumerate() if t.name == "minichain-events"]
+
+
+def _make_json_chain() -> Any:
+    return _json_chain()
+
+
+def _make_broken_chain() -> Any:
+    model = GenericFakeChatModel(messages=iter(['{"countries": [{"name": "France"}]}']))
+    return model | JsonOutputParser() | _extract_country_names
+
+
+def _make_tool_chain() -> Any:
+    reverse_word = _reverse_word()
+
+    @tool
+    def bad_tool(word: str) -> str:
+        """Reverse a word."""
+        return cast(str, reverse_word.invoke(word))
+    return RunnableLambda(lambda x: x + "!") | bad_tool
+
+
+def _make_nested_seq() -> Any:
+    inner = (RunnableLambda(lambda x: x) | RunnableLambda(lambda x: x * 2)).with_config(tags=["inner_tag"])
+    return RunnableParallel(a=inner).with_config(tags=["user_tag"])
+
+
+@pytest.mark.parametrize("make", [_make_json_chain, _make_broken_chain, _make_tool_chain, _make_nested_seq])
+def test_sync_and_async_event_streams_agree(make: Any) -> None:
+    assert trace(list(make().stream_events("x")), meta=True) == \
+        trace(run(alist(make().astream_events("x"))), meta=True)
+
+
+def test_positional_tags_are_local_and_user_tags_inherited() -> None:
+    rows = trace(list(_make_nested_seq().stream_events("x", include_types=["chain"])))
+    starts = {(r[1], tuple(r[4])) for r in rows if r[0] == "on_chain_start"}
+    assert starts == {("RunnableParallel<a>", ("user_tag",)),
+                      ("RunnableSequence", ("map:key:a", "inner_tag", "user_tag")),
+                      ("RunnableLambda", ("seq:step:1", "inner_tag", "user_tag")),
+                      ("RunnableLambda", ("seq:step:2", "inner_tag", "user_tag"))}
+    model = GenericFakeChatModel(messages=iter(["a"]), tags=["model-own", "b-own"])
+    rows = trace(list((RunnableLambda(lambda x: x) | model).with_config(tags=["zz", "aa"]).stream_events("x")))
+    assert [r[4] for r in rows if r[0].endswith("start")] == [
+        ["aa", "zz"], ["seq:step:1", "aa", "zz"], ["seq:step:2", "aa", "zz", "model-own", "b-own"]]
+
+
+def test_call_time_run_name_names_the_root_only() -> None:
+    rows = trace(list((RunnableLambda(lambda x: x) | RunnableLambda(lambda x: x)).stream_events(
+        1, {"run_name": "ROOT"})))
+    assert [r[1] for r in rows if r[0].endswith("start")] == ["ROOT", "RunnableLambda", "RunnableLambda"]
+
+
+def test_llm_events_with_and_without_streaming() -> None:
+    class Letters(mc.BaseLLM):
+        def _stream(self, prompt: str, **kwargs: Any) -> Iterator[str]:
+            yield from prompt[:2]
+    rows = trace(list((PromptTemplate.from_template("{q}") | Letters()).stream_events({"q": "ok!"})))
+    assert [r for r in rows if r[1] == "Letters"] == [
+        ("on_llm_start", "Letters", "R2", ["R0"], ["seq:step:2"], "{'input': {'prompts': ['ok!']}}"),
+        ("on_llm_stream", "Letters", "R2", ["R0"], ["seq:step:2"], "{'chunk': 'o'}"),
+        ("on_llm_stream", "Letters", "R2", ["R0"], ["seq:step:2"], "{'chunk': 'k'}"),
+        ("on_llm_end", "Letters", "R2", ["R0"], ["seq:step:2"],
+         "{'output': {'generations': [[{'text': 'ok', 'generation_info': None, 'type': 'Generation'}]], "
+         "'llm_output': None}, 'input': {'prompts': ['ok!']}}")]
+    plain = trace(list(FakeListLLM(responses=["hi"]).stream_events("q")))
+    assert short(plain) == [("on_llm_start", "FakeListLLM"), ("on_llm_end", "FakeListLLM")]
+
+
+def test_cancelling_the_consumer_task_closes_the_run_without_warnings(caplog: Any) -> None:
+    closed: List[bool] = []
+    forever = _forever_step(closed)
+
+    async def consume(started: asyncio.Event) -> None:
+        async for e in (RunnableLambda(lambda x: x) | forever).astream_events("x"):
+            if e["name"] == "forever":
+                started.set()
+
+    async def main() -> int:
+        started = asyncio.Event()
+        task = asyncio.ensure_future(consume(started))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return len(asyncio.all_tasks())
+    with caplog.at_level("WARNING", logger="asyncio"):
+        assert run(main()) == 1
+        gc.collect()
+    assert closed == [True] and caplog.records == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Event streams under pressure: backpressure, stop, structured concurrency, safe listeners
+# ---------------------------------------------------------------------------------------------
+
+FIRST_EIGHT = [("on_chain_start", "RunnableSequence"), ("on_chat_model_start", "GenericFakeChatModel"),
+               ("on_chat_model_stream", "GenericFakeChatModel"), ("on_parser_start", "StrOutputParser"),
+               ("on_parser_stream", "StrOutputParser"), ("on_chain_start", "tap"),
+               ("on_chain_stream", "tap"), ("on_chain_stream", "RunnableSequence")]
+
+
+def _tap_steps(seen: List[str], closed: List[str]) -> List[Any]:
+    """The same recording step as a sync and as an async generator, both named `tap`."""
+    def tap(chunks: Iterator[str]) -> Iterator[str]:
+        try:
+            for c in chunks:
+                seen.append(c)
+                yield c
+        finally:
+            closed.append("tap")
+
+    async def atap(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            async for c in chunks:
+                seen.append(c)
+                yield c
+        finally:
+            closed.append("tap")
+    return [tap, RunnableGenerator(atap, name="tap")]
+
+
+@pytest.mark.parametrize("kind", ["sync step", "async step"])
+def test_breaking_out_of_astream_events_stops_the_run_at_its_next_chunk(kind: str) -> None:
+    seen: List[str] = []
+    closed: List[str] = []
+    step = _tap_steps(seen, closed)[kind == "async step"]
+    chain_ = GenericFakeChatModel(messages=iter(["one two three four five"])) | StrOutputParser() | step
+
+    async def main() -> List[Tuple[Any, ...]]:
+        events = chain_.astream_events("x")
+        got = []
+        async for e in events:
+            got.append((e["event"], e["name"]))
+            if len(got) == 8:
+                break
+        await events.aclose()
+        assert closed == ["tap"]  # closed before aclose() returned
+        await asyncio.sleep(0.05)
+        return got
+    assert run(main()) == FIRST_EIGHT
+    assert seen == ["one"]  # as langchain_core: the run went no further than the consumer
+
+
+def test_astream_events_keeps_the_run_no_more_than_one_step_ahead() -> None:
+    produced: List[str] = []  # every event, as the run emits it
+    text = " ".join(["w"] * 500)
+    chain_ = GenericFakeChatModel(messages=iter([text])) | StrOutputParser() | RunnableLambda(len)
+
+    async def main() -> List[int]:
+        ahead = []
+        events = chain_.astream_events("x", {"callbacks": [lambda e: produced.append(e["event"])]})
+        taken = 0
+        async for _ in events:
+            taken += 1
+            await asyncio.sleep(0)  # a consumer that lets the loop run: the run must not
+            ahead.append(len(produced) - taken)
+        return ahead
+    ahead = run(main())
+    assert len(ahead) == len(produced) == 2008
+    assert max(ahead) <= 3  # the events of one step: a model chunk and its parser chunk
+
+
+def test_stream_events_keeps_the_run_within_its_window() -> None:
+    produced: List[str] = []
+    text = " ".join(["w"] * 500)
+    chain_ = GenericFakeChatModel(messages=iter([text])) | StrOutputParser() | RunnableLambda(len)
+    events = chain_.stream_events("x", {"callbacks": [lambda e: produced.append(e["event"])]})
+    next(events)
+    time.sleep(0.2)  # a slow consumer: the worker waits for it
+    assert len(produced) <= mc._EVENT_WINDOW + 1
+    rest = list(events)
+    assert 1 + len(rest) == len(produced) == 2008
+
+
+def test_the_first_event_arrives_before_the_model_has_produced_anything() -> None:
+    made: List[int] = []
+
+    class Counting(GenericFakeChatModel):
+        def _stream(self, messages: Any, **kwargs: Any) -> Iterator[AIMessageChunk]:
+            for chunk in super()._stream(messages, **kwargs):
+                made.append(1)
+                yield chunk
+    chain_ = Counting(messages=iter([" ".join(["w"] * 100_000)])) | StrOutputParser()
+    events = chain_.stream_events("x")
+    assert next(events)["event"] == "on_chain_start"
+    time.sleep(0.05)
+    assert len(made) <= mc._EVENT_WINDOW  # not 200,000: the worker waits for the consumer
+    events.close()  # type: ignore[attr-defined]  # a stream is a generator
+
+    async def main() -> int:
+        agen = chain_.astream_events("x")
+        await agen.__anext__()
+        count = len(made)
+        await agen.aclose()  # type: ignore[attr-defined]  # a stream is a generator
+        return count
+    made.clear()
+    chain_ = Counting(messages=iter([" ".join(["w"] * 100_000)])) | StrOutputParser()
+    assert run(main()) == 0
+
+
+def test_a_long_answer_is_folded_for_the_end_event_at_a_string_per_chunk() -> None:
+    import tracemalloc
+    chunks = [AIMessageChunk(f"w{i % 10}", id="lc_run--1") for i in range(20_000)]
+    tracemalloc.start()
+    fold = mc._Fold()
+    for chunk in chunks:
+        fold.add(chunk)
+    size, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert size / len(chunks) < 100  # bytes per chunk kept (the chunk objects are not)
+    assert fold.value() == AIMessageChunk.join(chunks)
+
+
+def test_a_step_that_cancels_its_own_task_gets_the_cancellation_where_it_waits() -> None:
+    # what asyncio.timeout and TaskGroup do: cancel the current task, catch it at the await
+    async def step(x: str) -> str:
+        asyncio.get_running_loop().call_later(0.02, asyncio.current_task().cancel)  # type: ignore[union-attr]
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if hasattr(task, "uncancel"):
+                task.uncancel()  # type: ignore[union-attr]
+            return "timed out"
+        return x
+
+    async def main() -> List[Tuple[Any, ...]]:
+        return [(e["event"], e["data"]) async for e in RunnableLambda(step).astream_events("x")]
+    assert run(main()) == [("on_chain_start", {"input": "x"}), ("on_chain_stream", {"chunk": "timed out"}),
+                           ("on_chain_end", {"output": "timed out"})]
+
+
+def test_cancelling_the_consumer_cancels_and_awaits_what_a_step_waits_on() -> None:
+    log: List[str] = []
+
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(5)
+        finally:
+            log.append("slow closed")
+
+    async def step(x: str) -> str:
+        await asyncio.wait_for(slow(), 10)  # a task of its own
+        return x
+
+    async def main() -> int:
+        async def consume() -> None:
+            async for _ in RunnableLambda(step).astream_events("x"):
+                pass
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert log == ["slow closed"]  # before the consumer's cancellation was over
+        return len(asyncio.all_tasks())
+    assert run(main()) == 1
+
+
+def test_cancelling_a_sync_step_waiting_on_a_stalled_async_upstream_returns_at_once() -> None:
+    closed: List[str] = []
+
+    async def source(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            async for c in chunks:
+                yield c
+                await asyncio.Event().wait()  # silent for ever
+        finally:
+            closed.append("source")
+
+    def step(chunks: Iterator[str]) -> Iterator[str]:
+        try:
+            for c in chunks:
+                yield c.upper()
+        finally:
+            closed.append("step")
+
+    async def main() -> int:
+        got: List[str] = []
+
+        async def consume() -> None:
+            async for c in (RunnableGenerator(source) | step).astream("a"):
+                got.append(c)
+        task = asyncio.ensure_future(consume())
+        while not got:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 5)
+        return len(asyncio.all_tasks())
+    assert run(main()) == 1
+    assert sorted(closed) == ["source", "step"]
+
+
+def test_breaking_out_of_stream_events_does_not_wait_for_a_silent_server(server: "Server") -> None:
+    first = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"tok"},"finish_reason":null}]}\n\n'
+    server.replies.append(Reply([first, first], silence=2.0))
+    events = ChatOpenAI(base_url=server.url + "/v1").stream_events("hi")
+    assert [next(events)["event"] for _ in range(2)] == ["on_chat_model_start", "on_chat_model_stream"]
+    started = time.monotonic()
+    events.close()  # type: ignore[attr-defined]  # a stream is a generator
+    assert time.monotonic() - started < 1.0  # not the 2 s the server stays silent
+    assert server.disconnected.wait(5)
+
+
+def test_a_listened_step_closed_on_its_first_chunk_closes_its_upstream() -> None:
+    closed: List[str] = []
+
+    async def source(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            async for c in chunks:
+                yield c
+                yield c
+        finally:
+            closed.append("source")
+
+    async def slow(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        async for c in chunks:
+            await asyncio.sleep(10)  # cancelled while it handles its first chunk
+            yield c
+
+    async def main() -> None:
+        task = asyncio.ensure_future(alist((RunnableGenerator(source) | RunnableGenerator(slow)).astream(
+            "a", {"callbacks": [lambda e: None]})))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert closed == ["source"]  # closed before the cancelled call returned
+    run(main())
+
+
+def test_a_failing_parallel_branch_stops_its_siblings() -> None:
+    after: List[str] = []
+
+    async def failing(x: str) -> str:
+        await asyncio.sleep(0.01)
+        raise Boom("left")
+
+    async def slow(x: str) -> str:
+        try:
+            await asyncio.sleep(5)
+            after.append("slow went on")
+        finally:
+            after.append("slow closed")
+        return x
+
+    async def main() -> int:
+        with pytest.raises(Boom, match="left"):
+            await RunnableParallel(a=failing, b=slow).ainvoke("x")
+        assert after == ["slow closed"]  # cancelled and awaited before the error came out
+        return len(asyncio.all_tasks())
+    assert run(main()) == 1
+
+    chunks_after: List[int] = []
+    failed = threading.Event()
+
+    def fails(x: str) -> str:
+        time.sleep(0.05)
+        failed.set()
+        raise Boom("sync")
+
+    def streams(chunks: Iterator[str]) -> Iterator[str]:
+        for i in range(100):
+            time.sleep(0.02)
+            if failed.is_set():
+                chunks_after.append(i)
+            yield "."
+    with pytest.raises(Boom, match="sync"):
+        RunnableParallel(a=fails, b=RunnableGenerator(streams)).invoke("x")
+    assert len(chunks_after) <= 1  # the running sibling stopped at its next chunk
+
+
+def test_a_failing_batch_input_stops_the_others() -> None:
+    started: List[int] = []
+
+    def work(x: int) -> int:
+        started.append(x)
+        if x == 0:
+            raise Boom("first")
+        time.sleep(0.05)
+        return x
+    with pytest.raises(Boom, match="first"):
+        RunnableLambda(work).batch(list(range(30)), {"max_concurrency": 2})
+    assert len(started) <= 3  # queued inputs never start
+
+    ran_on: List[int] = []
+
+    async def awork(x: int) -> int:
+        if x == 0:
+            raise Boom("first")
+        await asyncio.sleep(0.05)
+        ran_on.append(x)
+        return x
+
+    async def main() -> int:
+        with pytest.raises(Boom, match="first"):
+            await RunnableLambda(awork).abatch(list(range(30)))
+        await asyncio.sleep(0.1)
+        return len(asyncio.all_tasks())
+    assert run(main()) == 1
+    assert ran_on == []  # cancelled: no side effects after the error
+
+
+def test_custom_events_from_an_async_step_wait_for_the_consumer() -> None:
+    produced: List[int] = []
+
+    async def chatty(x: int) -> int:
+        for i in range(1000):
+            produced.append(i)
+            await mc.adispatch_custom_event("tick", i)
+        return x
+
+    async def main() -> int:
+        events = RunnableLambda(chatty).astream_events(1)
+        taken = 0
+        async for e in events:
+            taken += 1
+            if e["event"] == "on_custom_event" and e["data"] == 9:
+                break
+        await events.aclose()  # type: ignore[attr-defined]  # a stream is a generator
+        return len(produced)
+    assert run(main()) <= 11  # not 1,000: the step waited at each event
+
+
+def test_failing_siblings_leave_no_unretrieved_task_errors(caplog: Any) -> None:
+    async def fails(x: int) -> int:
+        await asyncio.sleep(0.01)
+        raise Boom(f"input {x}")
+
+    async def main() -> None:
+        with pytest.raises(Boom):
+            await RunnableLambda(fails).abatch([1, 2, 3])
+    with caplog.at_level("ERROR", logger="asyncio"):
+        run(main())
+        gc.collect()
+    assert caplog.records == []
+
+
+def test_a_listener_that_calls_a_runnable_does_not_hear_that_call() -> None:
+    heard: List[str] = []
+    echo = RunnableLambda(lambda x: x)
+
+    def listener(event: Dict[str, Any]) -> None:
+        heard.append(event["event"])
+        echo.invoke(1)  # a run of its own, not reported back here
+    assert (RunnableLambda(lambda x: x + 1) | RunnableLambda(lambda x: x * 2)).invoke(
+        1, {"callbacks": [listener]}) == 4
+    assert heard == ["on_chain_start", "on_chain_start", "on_chain_end", "on_chain_start",
+                     "on_chain_end", "on_chain_end"]
+
+
+def test_async_listeners_are_awaited_in_order_and_refused_in_sync_runs() -> None:
+    heard: List[str] = []
+
+    async def listener(event: Dict[str, Any]) -> None:
+        await asyncio.sleep(0)
+        heard.append(f"{event['event']}:{event['name']}")
+
+    class Handler:
+        async def on_chain_end(self, event: Dict[str, Any]) -> None:
+            heard.append("end by method")
+    seq = RunnableLambda(lambda x: x + 1, name="inc") | RunnableLambda(lambda x: x * 2, name="dbl")
+    assert run(seq.ainvoke(1, {"callbacks": [listener]})) == 4
+    assert heard == ["on_chain_start:RunnableSequence", "on_chain_start:inc", "on_chain_end:inc",
+                     "on_chain_start:dbl", "on_chain_end:dbl", "on_chain_end:RunnableSequence"]
+    heard.clear()
+    assert run(alist(seq.astream(1, {"callbacks": [Handler()]}))) == [4]
+    assert heard == ["end by method"] * 3
+    with pytest.raises(TypeError, match=r"an async listener \(callback\) cannot be awaited in the sync run "
+                                        r"'RunnableSequence' \(sync code: invoke/stream, or a sync step inside "
+                                        r"an async call\); run it with ainvoke/astream/astream_events and async "
+                                        r"steps, or pass a sync listener"):
+        seq.invoke(1, {"callbacks": [listener]})
+
+
+# -- fidelity with langchain_core 1.7.2 (each compared there) ------------------------------------
+
+def _dispatching() -> Any:
+    def f(x: int) -> int:
+        mc.dispatch_custom_event("ev", {"x": 1})
+        return x
+    return RunnableLambda(lambda x: x) | RunnableLambda(f).with_config(tags=["t"], metadata={"m": 1})
+
+
+def test_custom_events_carry_the_runs_inherited_tags_and_metadata() -> None:
+    events = list(_dispatching().stream_events(1, {"tags": ["call"], "metadata": {"c": 2}}))
+    f_start = [e for e in events if e["event"] == "on_chain_start" and e["name"] == "f"][0]
+    custom = [e for e in events if e["event"] == "on_custom_event"][0]
+    assert (f_start["tags"], list(f_start["metadata"].items())) == (["seq:step:2", "call", "t"], [("c", 2), ("m", 1)])
+    assert list(custom) == ["event", "run_id", "name", "tags", "metadata", "data", "parent_ids"]
+    assert (custom["tags"], custom["metadata"], custom["run_id"], custom["data"]) == (
+        ["call", "t"], {"c": 2, "m": 1}, f_start["run_id"], {"x": 1})
+
+
+def test_a_child_started_with_stream_shows_its_input_at_its_end() -> None:
+    inner = RunnableLambda(lambda s: s.upper())
+
+    @chain
+    def outer(x: str) -> str:
+        return "".join(inner.stream(x))
+
+    @chain
+    async def aouter(x: str) -> str:
+        return "".join([c async for c in inner.astream(x)])
+    for events in (list(outer.stream_events("ab")), run(alist(aouter.astream_events("ab")))):
+        rows = [(e["event"], e["name"], e["data"]) for e in events]
+        assert rows[1:4] == [("on_chain_start", "RunnableLambda", {}),
+                             ("on_chain_stream", "RunnableLambda", {"chunk": "AB"}),
+                             ("on_chain_end", "RunnableLambda", {"output": "AB", "input": "ab"})]
+
+
+def test_run_ids_given_as_uuid_are_strings_in_events_and_name_one_batch_run() -> None:
+    given = uuid.uuid4()
+    events = list((RunnableLambda(lambda x: x) | RunnableLambda(lambda x: x)).stream_events(1, {"run_id": given}))
+    assert events[0]["run_id"] == str(given) and events[1]["parent_ids"] == [str(given)]
+    starts: List[str] = []
+
+    def listen(e: Dict[str, Any]) -> None:
+        if e["event"] == "on_chain_start":
+            starts.append(e["run_id"])
+    with pytest.warns(RuntimeWarning, match="Provided run_id be used only for the first element of the batch."):
+        assert RunnableLambda(lambda x: x + 1).batch([1, 2, 3], {"run_id": given, "callbacks": [listen]}) == [2, 3, 4]
+    assert starts.count(str(given)) == 1 and len(set(starts)) == 3
+
+
+def test_each_event_kind_keeps_langchain_cores_key_order() -> None:
+    prompt = ChatPromptTemplate.from_template("{q}")
+    events = list((prompt | GenericFakeChatModel(messages=iter(["a"])) | StrOutputParser()).stream_events({"q": "x"}))
+    order = {(e["event"]): list(e) for e in events}
+    start = ["event", "data", "name", "tags", "run_id", "metadata", "parent_ids"]
+    stream = ["event", "run_id", "name", "tags", "metadata", "data", "parent_ids"]
+    end = ["event", "data", "run_id", "name", "tags", "metadata", "parent_ids"]
+    assert order == {"on_chain_start": start, "on_prompt_start": start, "on_prompt_end": end,
+                     "on_chat_model_start": start, "on_chat_model_stream": end,  # a nested model: data second
+                     "on_parser_start": start, "on_parser_stream": stream, "on_chain_stream": stream,
+                     "on_chat_model_end": end, "on_parser_end": end, "on_chain_end": end}
+    root = list(GenericFakeChatModel(messages=iter(["a"])).stream_events("x"))
+    assert list(root[1]) == stream  # the root model's chunks are watched like any root's
+
+
+def test_callbacks_a_tool_passes_on_by_hand_make_it_the_parent() -> None:
+    reverse_word = RunnableLambda(lambda w: w[::-1], name="reverse_word")
+
+    @tool
+    def nested_tool(word: str, callbacks: Any) -> str:
+        """Reverse a word from inside another step."""
+        bound = reverse_word.with_config({"callbacks": callbacks})
+        return cast(str, RunnableLambda(lambda w: bound.invoke(w)).invoke(word))
+    rows = [(e["event"], e["name"], len(e["parent_ids"])) for e in nested_tool.stream_events("hello")]
+    assert rows == [("on_tool_start", "nested_tool", 0), ("on_chain_start", "RunnableLambda", 1),
+                    ("on_chain_start", "reverse_word", 1), ("on_chain_end", "reverse_word", 1),
+                    ("on_chain_end", "RunnableLambda", 1), ("on_tool_end", "nested_tool", 0)]
+
+
+def test_fake_list_chat_model_batches_in_input_order() -> None:
+    model = FakeListChatModel(responses=["a", "b", "c"])
+    for _ in range(20):
+        assert [m.content for m in model.batch(["x", "y", "z"])] == ["a", "b", "c"]
+        assert [m.content for m in run(model.abatch(["x", "y", "z"]))] == ["a", "b", "c"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. astream_log
+# ---------------------------------------------------------------------------------------------
+
+def _log_ops(patches: List[Any]) -> str:
+    text = ids_out(repr([p.ops for p in patches]))
+    text = re.sub(r"'\d{4}-\d\d-\d\dT[\d:.]+\+00:00'", "TS", text)
+    return re.sub(r"'[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}'", "ID", text)
+
+
+def test_astream_log_patches_match_langchain_core() -> None:
+    chain_ = ChatPromptTemplate.from_template("hi {x}") | GenericFakeChatModel(messages=iter(["a b"])) | StrOutputParser()
+    patches = run(alist(chain_.astream_log({"x": 1})))
+    entry = ("{'id': ID, 'name': '%s', 'type': '%s', 'tags': ['seq:step:%d'], 'metadata': %s, "
+             "'start_time': TS, 'streamed_output': [], 'streamed_output_str': [], 'final_output': None, 'end_time': None}")
+    meta = "{'ls_provider': 'genericfakechatmodel', 'ls_model_type': 'chat', 'ls_integration': 'langchain_chat_model'}"
+    chunk = "AIMessageChunk(content='%s', id='lc_run--ID'%s)"
+    expected = [
+        [{"op": "replace", "path": "", "value": "{'id': ID, 'streamed_output': [], 'final_output': None, 'logs': {}, 'name': 'RunnableSequence', 'type': 'chain'}"}],
+        [{"op": "add", "path": "/logs/ChatPromptTemplate", "value": entry % ("ChatPromptTemplate", "prompt", 1, "{}")}],
+        [{"op": "add", "path": "/logs/ChatPromptTemplate/final_output", "value": "ChatPromptValue(messages=[HumanMessage(content='hi 1')])"},
+         {"op": "add", "path": "/logs/ChatPromptTemplate/end_time", "value": "TS"}],
+        [{"op": "add", "path": "/logs/GenericFakeChatModel", "value": entry % ("GenericFakeChatModel", "llm", 2, meta)}],
+        [{"op": "add", "path": "/logs/GenericFakeChatModel/streamed_output_str/-", "value": "'a'"},
+         {"op": "add", "path": "/logs/GenericFakeChatModel/streamed_output/-", "value": chunk % ("a", "")}],
+        [{"op": "add", "path": "/logs/StrOutputParser", "value": entry % ("StrOutputParser", "parser", 3, "{}")}],
+        [{"op": "add", "path": "/logs/StrOutputParser/streamed_output/-", "value": "'a'"}],
+        [{"op": "add", "path": "/streamed_output/-", "value": "'a'"}, {"op": "replace", "path": "/final_output", "value": "'a'"}],
+        [{"op": "add", "path": "/logs/GenericFakeChatModel/streamed_output_str/-", "value": "' '"},
+         {"op": "add", "path": "/logs/GenericFakeChatModel/streamed_output/-", "value": chunk % (" ", "")}],
+        [{"op": "add", "path": "/logs/StrOutputParser/streamed_output/-", "value": "' '"}],
+        [{"op": "add", "path": "/streamed_output/-", "value": "' '"}, {"op": "replace", "path": "/final_output", "value": "'a '"}],
+        [{"op": "add", "path": "/logs/GenericFakeChatModel/streamed_output_str/-", "value": "'b'"},
+         {"op": "add", "path": "/logs/GenericFakeChatModel/streamed_output/-", "value": chunk % ("b", ", chunk_position='last'")}],
+        [{"op": "add", "path": "/logs/StrOutputParser/streamed_output/-", "value": "'b'"}],
+        [{"op": "add", "path": "/streamed_output/-", "value": "'b'"}, {"op": "replace", "path": "/final_output", "value": "'a b'"}],
+        [{"op": "add", "path": "/logs/GenericFakeChatModel/final_output", "value":
+          "{'generations': [[{'text': 'a b', 'generation_info': None, 'type': 'ChatGenerationChunk', 'message': "
+          + chunk % ("a b", ", chunk_position='last'") + "}]], 'llm_output': None, 'run': None, 'type': 'LLMResult'}"},
+         {"op": "add", "path": "/logs/GenericFakeChatModel/end_time", "value": "TS"}],
+        [{"op": "add", "path": "/logs/StrOutputParser/final_output", "value": "{'output': 'a b'}"},
+         {"op": "add", "path": "/logs/StrOutputParser/end_time", "value": "TS"}],
+    ]
+    rendered = "[" + ", ".join("[" + ", ".join(
+        "{'op': '%s', 'path': '%s', 'value': %s}" % (op["op"], op["path"], op["value"]) for op in patch) + "]"
+        for patch in expected) + "]"
+    assert _log_ops(patches) == rendered
+
+
+def test_astream_log_accumulates_filters_and_names_repeats() -> None:
+    chain_ = GenericFakeChatModel(messages=iter(["a b"])) | StrOutputParser()
+    logs = run(alist(chain_.astream_log("x", diff=False, include_types=["parser"],
+                                        with_streamed_output_list=False)))
+    assert all(type(log) is mc.RunLog for log in logs)
+    final = logs[-1].state
+    assert final["final_output"] == "a b" and final["streamed_output"] == []
+    assert list(final["logs"]) == ["StrOutputParser"]
+    assert final["logs"]["StrOutputParser"]["streamed_output"] == ["a", " ", "b"]
+    assert final["logs"]["StrOutputParser"]["final_output"] == {"output": "a b"}
+    assert [log.state["final_output"] for log in logs] == [None, None, None, "a", "a", "a ", "a ", "a b", "a b"]
+    f = RunLambda = RunnableLambda(lambda x: x + 1)
+    patches = run(alist((f | f).astream_log(1)))
+    total = patches[0]
+    for p in patches[1:]:
+        total = total + p
+    assert sorted(total.state["logs"]) == ["RunnableLambda", "RunnableLambda:2"]
+    assert total.state["final_output"] == 3 and total.state["streamed_output"] == [3]
+    assert total.state["logs"]["RunnableLambda:2"]["final_output"] == {"output": 3}
+    assert RunLambda is f
+
+
+def test_astream_log_of_a_parallel_root_diffs_the_output() -> None:
+    par = RunnableParallel(a=RunnableLambda(lambda x: x + "1"))
+    patches = run(alist(par.astream_log("x", include_names=[])))
+    assert [p.ops for p in patches[1:]] == [
+        [{"op": "add", "path": "/streamed_output/-", "value": {"a": "x1"}},
+         {"op": "replace", "path": "/final_output", "value": {"a": "x1"}}]]
+    assert mc._json_diff({"a": "x"}, {"a": "xy", "b": [1]}, "/final_output") == [
+        {"op": "replace", "path": "/final_output/a", "value": "xy"},
+        {"op": "add", "path": "/final_output/b", "value": [1]}]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1523,954 +2596,8 @@ def test_parse_json_markdown_raises_json_decode_error_where_there_is_no_json() -
 
 
 # ---------------------------------------------------------------------------------------------
-# 9-10. Retrieval and tools
+# 9. Callback handlers and run listeners
 # ---------------------------------------------------------------------------------------------
-
-def test_retriever_streams_its_documents_as_one_chunk() -> None:
-    store = InMemoryVectorStore.from_texts(
-        ["harrison worked at kensho", "harrison likes spicy food"], embedding=LexicalEmbeddings(),
-        ids=["w", "s"])
-    chunks = list(store.as_retriever().stream("where did harrison work?"))
-    assert chunks == [[Document("harrison worked at kensho", id="w"), Document("harrison likes spicy food", id="s")]]
-    assert store.as_retriever(search_kwargs={"k": 1}).invoke("spicy food?") == [
-        Document("harrison likes spicy food", id="s")]
-
-
-def test_vector_store_ids_and_copies_are_langchain_cores() -> None:
-    store = InMemoryVectorStore(LexicalEmbeddings())
-    given = Document("kensho", metadata={"m": 1})
-    ids = store.add_documents([given]) + store.add_texts(["spicy"])
-    assert [uuid.UUID(i).version for i in ids] == [4, 4]  # fresh uuid4 strings
-    assert given.id is None  # the caller's document is not changed
-    found = store.similarity_search("kensho", k=1)[0]
-    assert (found.id, found.metadata) == (ids[0], {"m": 1}) and found is not given
-    found.metadata["m"] = 2  # a copy: the store keeps its own
-    assert store.similarity_search("kensho", k=1)[0].metadata == {"m": 1}
-    assert store.add_texts(["x"], ids=["mine"]) == ["mine"]
-    assert store.as_retriever().tags == ["InMemoryVectorStore", "LexicalEmbeddings"]
-    assert store.as_retriever(tags=["docs"]).tags == ["docs"]
-
-
-def test_tools_take_strings_dicts_and_tool_calls() -> None:
-    @tool
-    def multiply(a: int, b: int = 2) -> int:
-        """Multiply two numbers."""
-        return a * b
-
-    @tool
-    def echo(text: str) -> str:
-        """Echo the text."""
-        return text
-    assert multiply.invoke({"a": 3}) == 6
-    assert echo.invoke("hi") == "hi"
-    call = {"name": "multiply", "args": {"a": 2, "b": 5}, "id": "call_1", "type": "tool_call"}
-    assert multiply.invoke(call) == ToolMessage("10", name="multiply", tool_call_id="call_1")
-    assert run(multiply.ainvoke({"a": 4})) == 8
-    assert multiply.args == {"a": {"type": "integer"}, "b": {"type": "integer", "default": 2}}
-
-
-def test_tool_called_with_wrong_arguments_says_what_it_takes() -> None:
-    @tool
-    def multiply(a: int, b: int) -> int:
-        """Multiply two numbers."""
-        return a * b
-    with pytest.raises(TypeError, match=r"tool multiply was called with arguments \['a', 'c'\] but takes \['a', 'b'\]"):
-        multiply.invoke({"a": 1, "c": 2})
-    with pytest.raises(TypeError, match=r"tool multiply takes arguments \['a', 'b'\]; call it with a dict of them, not the string 'x'"):
-        multiply.invoke("x")
-
-
-def test_tool_errors_can_be_handled_into_output() -> None:
-    @tool
-    def fails(x: str) -> str:
-        """Always fails."""
-        raise mc.ToolException("no luck")
-    with pytest.raises(mc.ToolException, match="no luck"):
-        fails.invoke("a")
-    fails.handle_tool_error = True
-    assert fails.invoke("a") == "no luck"
-
-
-# ---------------------------------------------------------------------------------------------
-# 11. Events: the guide's second half, exact sequences
-# ---------------------------------------------------------------------------------------------
-
-CHAT_META = {"ls_provider": "genericfakechatmodel", "ls_model_type": "chat",
-             "ls_integration": "langchain_chat_model"}
-
-
-def test_events_of_a_chat_model_alone() -> None:
-    rows = trace(run(alist(GenericFakeChatModel(messages=iter(["hello world"])).astream_events("hello"))), meta=True)
-    assert rows == [
-        ("on_chat_model_start", "GenericFakeChatModel", "R0", [], [], "{'input': 'hello'}", CHAT_META),
-        ("on_chat_model_stream", "GenericFakeChatModel", "R0", [], [], "{'chunk': AIMessageChunk(content='hello', id='lc_run--ID')}", CHAT_META),
-        ("on_chat_model_stream", "GenericFakeChatModel", "R0", [], [], "{'chunk': AIMessageChunk(content=' ', id='lc_run--ID')}", CHAT_META),
-        ("on_chat_model_stream", "GenericFakeChatModel", "R0", [], [], "{'chunk': AIMessageChunk(content='world', id='lc_run--ID', chunk_position='last')}", CHAT_META),
-        ("on_chat_model_end", "GenericFakeChatModel", "R0", [], [], "{'output': AIMessageChunk(content='hello world', id='lc_run--ID', chunk_position='last')}", CHAT_META),
-    ]
-
-
-def _json_chain() -> Any:
-    model = GenericFakeChatModel(messages=iter(['{"countries": [{"name": "France", "population": 67413000}]}']))
-    return model | JsonOutputParser()
-
-
-def test_events_of_model_then_json_parser() -> None:
-    msg = "AIMessageChunk(content='{\"countries\": [{\"name\": \"France\", \"population\": 67413000}]}', id='lc_run--ID', chunk_position='last')"
-    final = "{'countries': [{'name': 'France', 'population': 67413000}]}"
-    model_in = "{'messages': [[HumanMessage(content='x')]]}"
-    assert events_both(_json_chain, "x") == [
-        ("on_chain_start", "RunnableSequence", "R0", [], [], "{'input': 'x'}"),
-        ("on_chat_model_start", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'input': " + model_in + "}"),
-        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content='{\"countries\":', id='lc_run--ID')}"),
-        ("on_parser_start", "JsonOutputParser", "R2", ["R0"], ["seq:step:2"], "{}"),
-        ("on_parser_stream", "JsonOutputParser", "R2", ["R0"], ["seq:step:2"], "{'chunk': {}}"),
-        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': {}}"),
-        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content=' ', id='lc_run--ID')}"),
-        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content='[{\"name\":', id='lc_run--ID')}"),
-        ("on_parser_stream", "JsonOutputParser", "R2", ["R0"], ["seq:step:2"], "{'chunk': {'countries': [{}]}}"),
-        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': {'countries': [{}]}}"),
-        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content=' ', id='lc_run--ID')}"),
-        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content='\"France\",', id='lc_run--ID')}"),
-        ("on_parser_stream", "JsonOutputParser", "R2", ["R0"], ["seq:step:2"], "{'chunk': {'countries': [{'name': 'France'}]}}"),
-        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': {'countries': [{'name': 'France'}]}}"),
-        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content=' ', id='lc_run--ID')}"),
-        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content='\"population\":', id='lc_run--ID')}"),
-        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content=' ', id='lc_run--ID')}"),
-        ("on_chat_model_stream", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'chunk': AIMessageChunk(content='67413000}]}', id='lc_run--ID', chunk_position='last')}"),
-        ("on_parser_stream", "JsonOutputParser", "R2", ["R0"], ["seq:step:2"], "{'chunk': " + final + "}"),
-        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': " + final + "}"),
-        ("on_chat_model_end", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], "{'output': " + msg + ", 'input': " + model_in + "}"),
-        ("on_parser_end", "JsonOutputParser", "R2", ["R0"], ["seq:step:2"], "{'output': " + final + ", 'input': " + msg + "}"),
-        ("on_chain_end", "RunnableSequence", "R0", [], [], "{'output': " + final + "}"),
-    ]
-
-
-def _named_chain(tags: Any = None) -> Any:
-    model = GenericFakeChatModel(messages=iter(['{"a": 1}'])).with_config({"run_name": "model"})
-    chain_ = model | JsonOutputParser().with_config({"run_name": "my_parser"})
-    return chain_.with_config({"tags": tags}) if tags else chain_
-
-
-def test_filter_by_name() -> None:
-    # deviation: langchain_core also shows the chain's input in the first kept event
-    assert events_both(_named_chain, "x", include_names=["my_parser"]) == [
-        ("on_parser_start", "my_parser", "R0", ["R1"], ["seq:step:2"], "{}"),
-        ("on_parser_stream", "my_parser", "R0", ["R1"], ["seq:step:2"], "{'chunk': {}}"),
-        ("on_parser_stream", "my_parser", "R0", ["R1"], ["seq:step:2"], "{'chunk': {'a': 1}}"),
-        ("on_parser_end", "my_parser", "R0", ["R1"], ["seq:step:2"],
-         "{'output': {'a': 1}, 'input': AIMessageChunk(content='{\"a\": 1}', id='lc_run--ID', chunk_position='last')}"),
-    ]
-
-
-def test_filter_by_type() -> None:
-    assert short(events_both(_named_chain, "x", include_types=["chat_model"])) == [
-        ("on_chat_model_start", "model"), ("on_chat_model_stream", "model"),
-        ("on_chat_model_stream", "model"), ("on_chat_model_stream", "model"),
-        ("on_chat_model_end", "model")]
-    both = events_both(_named_chain, "x", include_names=["my_parser"], include_types=["chat_model"])
-    assert {r[1] for r in both} == {"model", "my_parser"}
-
-
-def test_filter_by_tags_and_exclusions() -> None:
-    rows = events_both(lambda: _named_chain(["my_chain"]), "x", include_tags=["my_chain"])
-    assert short(rows) == [
-        ("on_chain_start", "RunnableSequence"), ("on_chat_model_start", "model"),
-        ("on_chat_model_stream", "model"), ("on_parser_start", "my_parser"),
-        ("on_parser_stream", "my_parser"), ("on_chain_stream", "RunnableSequence"),
-        ("on_chat_model_stream", "model"), ("on_chat_model_stream", "model"),
-        ("on_parser_stream", "my_parser"), ("on_chain_stream", "RunnableSequence"),
-        ("on_chat_model_end", "model"), ("on_parser_end", "my_parser"),
-        ("on_chain_end", "RunnableSequence")]
-    assert [r[4] for r in rows[:2]] == [["my_chain"], ["seq:step:1", "my_chain"]]
-    only_root = events_both(lambda: _named_chain(["my_chain"]), "x", include_tags=["my_chain"],
-                            exclude_names=["model", "my_parser"])
-    assert {r[1] for r in only_root} == {"RunnableSequence"}
-    no_model = events_both(_named_chain, "x", exclude_tags=["seq:step:1"])
-    assert "model" not in {r[1] for r in no_model} and len(no_model) == 8
-    assert events_both(_named_chain, "x", include_names=["nope"]) == []
-
-
-def test_filters_given_a_string_or_an_unknown_version_are_errors() -> None:
-    with pytest.raises(TypeError, match=r"include_names must be a list of strings, not the str 'model'; write include_names=\['model'\]"):
-        RunnableLambda(str).astream_events("x", include_names="model")
-    with pytest.raises(ValueError, match=r"unknown event version 'v1'; minichain streams the v2 event schema only"):
-        RunnableLambda(str).stream_events("x", version="v1")
-
-
-def test_events_of_a_chain_broken_by_a_non_streaming_function() -> None:
-    def make() -> Any:
-        model = GenericFakeChatModel(messages=iter(['{"countries": [{"name": "France"}, {"name": "Spain"}]}']))
-        return model | JsonOutputParser() | _extract_country_names
-    rows = events_both(make, "x")
-    assert short(rows)[:7] == [
-        ("on_chain_start", "RunnableSequence"), ("on_chat_model_start", "GenericFakeChatModel"),
-        ("on_chat_model_stream", "GenericFakeChatModel"), ("on_parser_start", "JsonOutputParser"),
-        ("on_parser_stream", "JsonOutputParser"), ("on_chain_start", "_extract_country_names"),
-        ("on_chat_model_stream", "GenericFakeChatModel")]
-    assert [r[0] for r in rows].count("on_chat_model_stream") == 9
-    assert [r[0] for r in rows].count("on_parser_stream") == 5
-    assert rows[-6:] == [
-        ("on_chat_model_end", "GenericFakeChatModel", "R1", ["R0"], ["seq:step:1"], rows[-6][5]),
-        ("on_parser_end", "JsonOutputParser", "R2", ["R0"], ["seq:step:2"], rows[-5][5]),
-        ("on_chain_stream", "_extract_country_names", "R3", ["R0"], ["seq:step:3"], "{'chunk': ['France', 'Spain']}"),
-        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': ['France', 'Spain']}"),
-        ("on_chain_end", "_extract_country_names", "R3", ["R0"], ["seq:step:3"],
-         "{'output': ['France', 'Spain'], 'input': {'countries': [{'name': 'France'}, {'name': 'Spain'}]}}"),
-        ("on_chain_end", "RunnableSequence", "R0", [], [], "{'output': ['France', 'Spain']}"),
-    ]
-
-
-def _reverse_word() -> Any:
-    def reverse_word(word: str) -> str:
-        return word[::-1]
-    return RunnableLambda(reverse_word)
-
-
-def test_bad_tool_and_correct_tool_both_report_the_nested_run() -> None:
-    reverse_word = _reverse_word()
-
-    @tool
-    def bad_tool(word: str) -> str:
-        """Custom tool that doesn't propagate callbacks."""
-        return cast(str, reverse_word.invoke(word))
-
-    @tool
-    def correct_tool(word: str, callbacks: Any) -> str:
-        """A tool that correctly propagates callbacks."""
-        return cast(str, reverse_word.invoke(word, {"callbacks": callbacks}))
-    for t in (bad_tool, correct_tool):
-        assert events_both(t, "hello") == [
-            ("on_tool_start", t.name, "R0", [], [], "{'input': 'hello'}"),
-            ("on_chain_start", "reverse_word", "R1", ["R0"], [], "{'input': 'hello'}"),
-            ("on_chain_end", "reverse_word", "R1", ["R0"], [], "{'output': 'olleh', 'input': 'hello'}"),
-            ("on_tool_end", t.name, "R0", [], [], "{'output': 'olleh'}"),
-        ]
-
-
-def test_reverse_and_double_as_lambda_and_as_chain() -> None:
-    reverse_word = _reverse_word()
-
-    async def reverse_and_double(word: str) -> str:
-        return cast(str, await reverse_word.ainvoke(word)) * 2
-    expected: List[Tuple[Any, ...]] = [
-        ("on_chain_start", "reverse_and_double", "R0", [], [], "{'input': '1234'}"),
-        ("on_chain_start", "reverse_word", "R1", ["R0"], [], "{'input': '1234'}"),
-        ("on_chain_end", "reverse_word", "R1", ["R0"], [], "{'output': '4321', 'input': '1234'}"),
-        ("on_chain_stream", "reverse_and_double", "R0", [], [], "{'chunk': '43214321'}"),
-        ("on_chain_end", "reverse_and_double", "R0", [], [], "{'output': '43214321'}"),
-    ]
-    for runnable in (RunnableLambda(reverse_and_double), chain(reverse_and_double)):  # async-only
-        assert trace(run(alist(runnable.astream_events("1234")))) == expected
-
-
-RETRIEVER_TAGS = ["map:key:context", "InMemoryVectorStore", "LexicalEmbeddings"]  # as langchain_core
-
-
-def test_events_of_the_retrieval_chain() -> None:
-    store = InMemoryVectorStore.from_texts(["harrison worked at kensho"], embedding=LexicalEmbeddings(), ids=["k"])
-    retriever = store.as_retriever()
-    prompt = ChatPromptTemplate.from_template("Context: {context}\nQ: {question}")
-    model = GenericFakeChatModel(messages=iter(["kensho"]))
-    chain_ = {"context": retriever, "question": RunnablePassthrough()} | prompt | model | StrOutputParser()
-    events = run(alist(chain_.astream_events("where did harrison work?")))
-    rows = trace(events)
-    retriever_rows = [r for r in rows if r[0].startswith("on_retriever")]
-    assert retriever_rows == [
-        ("on_retriever_start", "VectorStoreRetriever", "R2", ["R0", "R1"], RETRIEVER_TAGS, "{'input': {'query': 'where did harrison work?'}}"),
-        ("on_retriever_end", "VectorStoreRetriever", "R2", ["R0", "R1"], RETRIEVER_TAGS,
-         "{'output': [Document(id='k', metadata={}, page_content='harrison worked at kensho')], 'input': {'query': 'where did harrison work?'}}"),
-    ]
-    meta = [e["metadata"] for e in events if e["event"] == "on_retriever_start"][0]
-    assert meta == {"ls_retriever_name": "vectorstore", "ls_vector_store_provider": "InMemoryVectorStore",
-                    "ls_embedding_provider": "LexicalEmbeddings"}
-    assert rows[-1] == ("on_chain_end", "RunnableSequence", "R0", [], [], "{'output': 'kensho'}")
-    assert [r[0] for r in rows].count("on_prompt_end") == 1
-
-
-def test_sync_stream_events_gives_the_same_sequence_as_astream_events() -> None:
-    def make() -> Any:
-        prompt = ChatPromptTemplate.from_messages([("system", "s"), ("human", "{topic}")])
-        model = GenericFakeChatModel(messages=iter(["ha ha"]))
-        return (prompt | model | StrOutputParser()).with_config(tags=["T"], metadata={"k": 1})
-    sync = trace(list(make().stream_events({"topic": "cats"})), meta=True)
-    asyn = trace(run(alist(make().astream_events({"topic": "cats"}))), meta=True)
-    assert sync == asyn
-    assert short(sync) == [
-        ("on_chain_start", "RunnableSequence"), ("on_prompt_start", "ChatPromptTemplate"),
-        ("on_prompt_end", "ChatPromptTemplate"), ("on_chat_model_start", "GenericFakeChatModel"),
-        ("on_chat_model_stream", "GenericFakeChatModel"), ("on_parser_start", "StrOutputParser"),
-        ("on_parser_stream", "StrOutputParser"), ("on_chain_stream", "RunnableSequence"),
-        ("on_chat_model_stream", "GenericFakeChatModel"), ("on_parser_stream", "StrOutputParser"),
-        ("on_chain_stream", "RunnableSequence"), ("on_chat_model_stream", "GenericFakeChatModel"),
-        ("on_parser_stream", "StrOutputParser"), ("on_chain_stream", "RunnableSequence"),
-        ("on_chat_model_end", "GenericFakeChatModel"), ("on_parser_end", "StrOutputParser"),
-        ("on_chain_end", "RunnableSequence")]
-    assert sync[3][4:] == (["seq:step:2", "T"], "{'input': {'messages': [[SystemMessage(content='s'), HumanMessage(content='cats')]]}}",
-                           {"k": 1, **CHAT_META})
-
-
-def test_events_are_live_from_inside_a_sync_and_an_async_function() -> None:
-    for use_async in (False, True):
-        model = GenericFakeChatModel(messages=iter(["a b c"]), sleep=0.05)
-        returned = []
-
-        def outer(x: str) -> str:
-            out = model.invoke(x).text
-            returned.append(time.monotonic())
-            return out
-
-        async def aouter(x: str) -> str:
-            out = (await model.ainvoke(x)).text
-            returned.append(time.monotonic())
-            return out
-
-        async def main() -> List[Any]:
-            seen = []
-            async for e in RunnableLambda(aouter if use_async else outer).astream_events("q"):
-                seen.append((e["event"], time.monotonic(), e["parent_ids"]))
-            return seen
-        seen = run(main())
-        first_token = [s for s in seen if s[0] == "on_chat_model_stream"][0]
-        assert first_token[1] < returned[0] - 0.05  # arrived while the function still ran
-        assert len(first_token[2]) == 1  # parented under the lambda
-        model = GenericFakeChatModel(messages=iter(["a b c"]), sleep=0.05)
-        sync_seen = []
-        for e in RunnableLambda(outer).stream_events("q"):
-            sync_seen.append((e["event"], time.monotonic()))
-        tokens = [s for s in sync_seen if s[0] == "on_chat_model_stream"]
-        assert tokens[0][1] < returned[-1] - 0.05
-
-
-def test_custom_events_are_parented_to_the_dispatching_run() -> None:
-    @chain
-    async def slow_thing(some_input: str) -> str:
-        await mc.adispatch_custom_event("progress_event", {"message": "Finished step 1 of 3"})
-        return "Done"
-    assert trace(run(alist(slow_thing.astream_events("some_input")))) == [  # async-only
-        ("on_chain_start", "slow_thing", "R0", [], [], "{'input': 'some_input'}"),
-        ("on_custom_event", "progress_event", "R0", [], [], "{'message': 'Finished step 1 of 3'}"),
-        ("on_chain_stream", "slow_thing", "R0", [], [], "{'chunk': 'Done'}"),
-        ("on_chain_end", "slow_thing", "R0", [], [], "{'output': 'Done'}"),
-    ]
-    assert run(alist(slow_thing.astream("x"))) == ["Done"]
-
-    @chain
-    def sync_thing(x: str) -> str:
-        mc.dispatch_custom_event("progress_event", "half")
-        return x
-    rows = trace(list(sync_thing.stream_events("x", include_types=["progress_event"])))
-    assert rows == [("on_custom_event", "progress_event", "R0", [], [], "'half'")]
-    with pytest.raises(RuntimeError, match=r"dispatch_custom_event\('e'\) was called outside any runnable"):
-        mc.dispatch_custom_event("e", 1)
-
-
-def test_callbacks_get_the_same_events_from_every_method() -> None:
-    def make() -> Any:
-        return GenericFakeChatModel(messages=iter(["a b"])) | StrOutputParser()
-    reference = trace(list(make().stream_events("x")))
-
-    class Recorder:
-        def __init__(self) -> None:
-            self.events: List[Dict[str, Any]] = []
-
-        def on_chain_start(self, event: Dict[str, Any]) -> None:
-            self.events.append(event)
-
-        def on_chat_model_stream(self, event: Dict[str, Any]) -> None:
-            self.events.append(event)
-    got: List[Dict[str, Any]] = []
-    list(make().stream("x", {"callbacks": [got.append]}))
-    assert trace(got) == reference
-    got = []
-    run(alist(make().astream("x", {"callbacks": [got.append]})))
-    assert trace(got) == reference
-    rec = Recorder()
-    list(make().stream("x", {"callbacks": [rec]}))
-    assert short(trace(rec.events)) == [("on_chain_start", "RunnableSequence")] + \
-        [("on_chat_model_stream", "GenericFakeChatModel")] * 3
-    invoked: List[Dict[str, Any]] = []
-    assert make().invoke("x", {"callbacks": [invoked.append]}) == "a b"
-    # invoke runs the steps one after another: the model streams tokens, the parser does not
-    assert short(trace(invoked)) == [
-        ("on_chain_start", "RunnableSequence"), ("on_chat_model_start", "GenericFakeChatModel"),
-        ("on_chat_model_stream", "GenericFakeChatModel"), ("on_chat_model_stream", "GenericFakeChatModel"),
-        ("on_chat_model_stream", "GenericFakeChatModel"), ("on_chat_model_end", "GenericFakeChatModel"),
-        ("on_parser_start", "StrOutputParser"), ("on_parser_end", "StrOutputParser"),
-        ("on_chain_end", "RunnableSequence")]
-    batched: List[Dict[str, Any]] = []
-    make_two = GenericFakeChatModel(messages=iter(["a", "b"]))
-    assert [m.content for m in make_two.batch(["x", "y"], {"callbacks": [batched.append]})] in (["a", "b"], ["b", "a"])
-    assert [e["event"] for e in batched].count("on_chat_model_end") == 2
-    abatched: List[Dict[str, Any]] = []
-    run(GenericFakeChatModel(messages=iter(["a", "b"])).abatch(["x", "y"], {"callbacks": [abatched.append]}))
-    assert [e["event"] for e in abatched].count("on_chat_model_start") == 2
-
-
-def test_no_event_work_when_no_one_listens(monkeypatch: Any) -> None:
-    made = []
-    real_init = mc.Run.__init__
-
-    def counting_init(self: Any, *args: Any, **kwargs: Any) -> None:
-        made.append(1)
-        real_init(self, *args, **kwargs)
-    monkeypatch.setattr(mc.Run, "__init__", counting_init)
-    chain_ = ChatPromptTemplate.from_template("{q}") | GenericFakeChatModel(messages=iter(["a b", "c"])) | StrOutputParser()
-    assert list(chain_.stream({"q": "x"})) == ["a", " ", "b"]
-    assert chain_.invoke({"q": "x"}) == "c"
-    assert made == []
-
-
-def test_an_exception_mid_stream_reaches_the_consumer_after_earlier_events() -> None:
-    def boom(chunks: Iterator[str]) -> Iterator[str]:
-        for c in chunks:
-            if c == "c":
-                raise ValueError("boom at c")
-            yield c
-    def make() -> Any:
-        return GenericFakeChatModel(messages=iter(["a b c d"])) | StrOutputParser() | boom
-    for events in (lambda: make().stream_events("x"), lambda: _sync(make().astream_events("x"))):
-        seen = []
-        with pytest.raises(ValueError, match="boom at c") as info:
-            for e in events():
-                seen.append(e["event"])
-        assert "on_chain_end" not in seen and seen.count("on_parser_stream") == 5
-        assert type(info.value) is ValueError
-
-
-def _sync(aiter: AsyncIterator[Any]) -> Iterator[Any]:
-    async def collect() -> List[Any]:
-        out = []
-        try:
-            async for x in aiter:
-                out.append(x)
-        except BaseException as exc:
-            out.append(exc)
-        return out
-    for item in run(collect()):
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-
-
-def test_tool_errors_are_the_only_error_events() -> None:
-    @tool
-    def fails(x: str) -> str:
-        """Always fails."""
-        raise ValueError("bad")
-    seen = []
-    with pytest.raises(ValueError, match="bad"):
-        for e in fails.stream_events({"x": "a"}):
-            seen.append(e)
-    assert [e["event"] for e in seen] == ["on_tool_start", "on_tool_error"]
-    assert repr(seen[1]["data"]) == "{'error': ValueError('bad'), 'input': {'x': 'a'}, 'tool_call_id': None}"
-    nested = [e for e in _events_or_error((RunnableLambda(lambda x: x) | fails).stream_events("a"))
-              if e["event"] == "on_tool_error"]
-    assert repr(nested[0]["data"]) == "{'error': ValueError('bad'), 'input': None, 'tool_call_id': None}"
-
-
-def _events_or_error(events: Iterator[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    seen: List[Dict[str, Any]] = []
-    try:
-        for e in events:
-            seen.append(e)
-    except Exception:
-        pass
-    return seen
-
-
-def _forever_step(closed: List[bool]) -> Any:
-    """An async generator step that never ends by itself; notes when it is closed."""
-    async def forever(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-        try:
-            async for c in chunks:
-                while True:
-                    await asyncio.sleep(0.001)
-                    yield c
-        finally:
-            closed.append(True)
-    return forever
-
-
-def test_closing_astream_events_stops_the_run_with_no_pending_task() -> None:
-    closed: List[bool] = []
-    forever = _forever_step(closed)
-
-    async def main() -> int:
-        events = (RunnableLambda(lambda x: x) | forever).astream_events("x")
-        async for e in events:
-            if e["event"] == "on_chain_stream" and e["name"] == "forever":
-                break
-        await events.aclose()
-        return len(asyncio.all_tasks())
-    assert run(main()) == 1 and closed == [True]
-
-
-def test_closing_stream_events_stops_the_worker_and_closes_every_step() -> None:
-    closed = []
-
-    def forever(chunks: Iterator[str]) -> Iterator[str]:
-        try:
-            for c in chunks:
-                while True:
-                    time.sleep(0.001)
-                    yield c
-        finally:
-            closed.append(True)
-    events = (RunnableLambda(lambda x: x) | forever).stream_events("x")
-    for e in events:
-        if e["event"] == "on_chain_stream":
-            break
-    events.close()  # type: ignore[attr-defined]  # a stream is a generator
-    assert closed == [True]
-    assert not [t for t in threading.enumerate() if t.name == "minichain-events"]
-
-
-def _make_json_chain() -> Any:
-    return _json_chain()
-
-
-def _make_broken_chain() -> Any:
-    model = GenericFakeChatModel(messages=iter(['{"countries": [{"name": "France"}]}']))
-    return model | JsonOutputParser() | _extract_country_names
-
-
-def _make_tool_chain() -> Any:
-    reverse_word = _reverse_word()
-
-    @tool
-    def bad_tool(word: str) -> str:
-        """Reverse a word."""
-        return cast(str, reverse_word.invoke(word))
-    return RunnableLambda(lambda x: x + "!") | bad_tool
-
-
-def _make_nested_seq() -> Any:
-    inner = (RunnableLambda(lambda x: x) | RunnableLambda(lambda x: x * 2)).with_config(tags=["inner_tag"])
-    return RunnableParallel(a=inner).with_config(tags=["user_tag"])
-
-
-@pytest.mark.parametrize("make", [_make_json_chain, _make_broken_chain, _make_tool_chain, _make_nested_seq])
-def test_sync_and_async_event_streams_agree(make: Any) -> None:
-    assert trace(list(make().stream_events("x")), meta=True) == \
-        trace(run(alist(make().astream_events("x"))), meta=True)
-
-
-def test_positional_tags_are_local_and_user_tags_inherited() -> None:
-    rows = trace(list(_make_nested_seq().stream_events("x", include_types=["chain"])))
-    starts = {(r[1], tuple(r[4])) for r in rows if r[0] == "on_chain_start"}
-    assert starts == {("RunnableParallel<a>", ("user_tag",)),
-                      ("RunnableSequence", ("map:key:a", "inner_tag", "user_tag")),
-                      ("RunnableLambda", ("seq:step:1", "inner_tag", "user_tag")),
-                      ("RunnableLambda", ("seq:step:2", "inner_tag", "user_tag"))}
-    model = GenericFakeChatModel(messages=iter(["a"]), tags=["model-own", "b-own"])
-    rows = trace(list((RunnableLambda(lambda x: x) | model).with_config(tags=["zz", "aa"]).stream_events("x")))
-    assert [r[4] for r in rows if r[0].endswith("start")] == [
-        ["aa", "zz"], ["seq:step:1", "aa", "zz"], ["seq:step:2", "aa", "zz", "model-own", "b-own"]]
-
-
-def test_call_time_run_name_names_the_root_only() -> None:
-    rows = trace(list((RunnableLambda(lambda x: x) | RunnableLambda(lambda x: x)).stream_events(
-        1, {"run_name": "ROOT"})))
-    assert [r[1] for r in rows if r[0].endswith("start")] == ["ROOT", "RunnableLambda", "RunnableLambda"]
-
-
-def test_llm_events_with_and_without_streaming() -> None:
-    class Letters(mc.BaseLLM):
-        def _stream(self, prompt: str, **kwargs: Any) -> Iterator[str]:
-            yield from prompt[:2]
-    rows = trace(list((PromptTemplate.from_template("{q}") | Letters()).stream_events({"q": "ok!"})))
-    assert [r for r in rows if r[1] == "Letters"] == [
-        ("on_llm_start", "Letters", "R2", ["R0"], ["seq:step:2"], "{'input': {'prompts': ['ok!']}}"),
-        ("on_llm_stream", "Letters", "R2", ["R0"], ["seq:step:2"], "{'chunk': 'o'}"),
-        ("on_llm_stream", "Letters", "R2", ["R0"], ["seq:step:2"], "{'chunk': 'k'}"),
-        ("on_llm_end", "Letters", "R2", ["R0"], ["seq:step:2"],
-         "{'output': {'generations': [[{'text': 'ok', 'generation_info': None, 'type': 'Generation'}]], "
-         "'llm_output': None}, 'input': {'prompts': ['ok!']}}")]
-    plain = trace(list(FakeListLLM(responses=["hi"]).stream_events("q")))
-    assert short(plain) == [("on_llm_start", "FakeListLLM"), ("on_llm_end", "FakeListLLM")]
-
-
-def test_cancelling_the_consumer_task_closes_the_run_without_warnings(caplog: Any) -> None:
-    closed: List[bool] = []
-    forever = _forever_step(closed)
-
-    async def consume(started: asyncio.Event) -> None:
-        async for e in (RunnableLambda(lambda x: x) | forever).astream_events("x"):
-            if e["name"] == "forever":
-                started.set()
-
-    async def main() -> int:
-        started = asyncio.Event()
-        task = asyncio.ensure_future(consume(started))
-        await started.wait()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return len(asyncio.all_tasks())
-    with caplog.at_level("WARNING", logger="asyncio"):
-        assert run(main()) == 1
-        gc.collect()
-    assert closed == [True] and caplog.records == []
-
-
-# ---------------------------------------------------------------------------------------------
-# Event streams under pressure: backpressure, stop, structured concurrency, safe listeners
-# ---------------------------------------------------------------------------------------------
-
-FIRST_EIGHT = [("on_chain_start", "RunnableSequence"), ("on_chat_model_start", "GenericFakeChatModel"),
-               ("on_chat_model_stream", "GenericFakeChatModel"), ("on_parser_start", "StrOutputParser"),
-               ("on_parser_stream", "StrOutputParser"), ("on_chain_start", "tap"),
-               ("on_chain_stream", "tap"), ("on_chain_stream", "RunnableSequence")]
-
-
-def _tap_steps(seen: List[str], closed: List[str]) -> List[Any]:
-    """The same recording step as a sync and as an async generator, both named `tap`."""
-    def tap(chunks: Iterator[str]) -> Iterator[str]:
-        try:
-            for c in chunks:
-                seen.append(c)
-                yield c
-        finally:
-            closed.append("tap")
-
-    async def atap(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-        try:
-            async for c in chunks:
-                seen.append(c)
-                yield c
-        finally:
-            closed.append("tap")
-    return [tap, RunnableGenerator(atap, name="tap")]
-
-
-@pytest.mark.parametrize("kind", ["sync step", "async step"])
-def test_breaking_out_of_astream_events_stops_the_run_at_its_next_chunk(kind: str) -> None:
-    seen: List[str] = []
-    closed: List[str] = []
-    step = _tap_steps(seen, closed)[kind == "async step"]
-    chain_ = GenericFakeChatModel(messages=iter(["one two three four five"])) | StrOutputParser() | step
-
-    async def main() -> List[Tuple[Any, ...]]:
-        events = chain_.astream_events("x")
-        got = []
-        async for e in events:
-            got.append((e["event"], e["name"]))
-            if len(got) == 8:
-                break
-        await events.aclose()
-        assert closed == ["tap"]  # closed before aclose() returned
-        await asyncio.sleep(0.05)
-        return got
-    assert run(main()) == FIRST_EIGHT
-    assert seen == ["one"]  # as langchain_core: the run went no further than the consumer
-
-
-def test_astream_events_keeps_the_run_no_more_than_one_step_ahead() -> None:
-    produced: List[str] = []  # every event, as the run emits it
-    text = " ".join(["w"] * 500)
-    chain_ = GenericFakeChatModel(messages=iter([text])) | StrOutputParser() | RunnableLambda(len)
-
-    async def main() -> List[int]:
-        ahead = []
-        events = chain_.astream_events("x", {"callbacks": [lambda e: produced.append(e["event"])]})
-        taken = 0
-        async for _ in events:
-            taken += 1
-            await asyncio.sleep(0)  # a consumer that lets the loop run: the run must not
-            ahead.append(len(produced) - taken)
-        return ahead
-    ahead = run(main())
-    assert len(ahead) == len(produced) == 2008
-    assert max(ahead) <= 3  # the events of one step: a model chunk and its parser chunk
-
-
-def test_stream_events_keeps_the_run_within_its_window() -> None:
-    produced: List[str] = []
-    text = " ".join(["w"] * 500)
-    chain_ = GenericFakeChatModel(messages=iter([text])) | StrOutputParser() | RunnableLambda(len)
-    events = chain_.stream_events("x", {"callbacks": [lambda e: produced.append(e["event"])]})
-    next(events)
-    time.sleep(0.2)  # a slow consumer: the worker waits for it
-    assert len(produced) <= mc._EVENT_WINDOW + 1
-    rest = list(events)
-    assert 1 + len(rest) == len(produced) == 2008
-
-
-def test_the_first_event_arrives_before_the_model_has_produced_anything() -> None:
-    made: List[int] = []
-
-    class Counting(GenericFakeChatModel):
-        def _stream(self, messages: Any, **kwargs: Any) -> Iterator[AIMessageChunk]:
-            for chunk in super()._stream(messages, **kwargs):
-                made.append(1)
-                yield chunk
-    chain_ = Counting(messages=iter([" ".join(["w"] * 100_000)])) | StrOutputParser()
-    events = chain_.stream_events("x")
-    assert next(events)["event"] == "on_chain_start"
-    time.sleep(0.05)
-    assert len(made) <= mc._EVENT_WINDOW  # not 200,000: the worker waits for the consumer
-    events.close()  # type: ignore[attr-defined]  # a stream is a generator
-
-    async def main() -> int:
-        agen = chain_.astream_events("x")
-        await agen.__anext__()
-        count = len(made)
-        await agen.aclose()  # type: ignore[attr-defined]  # a stream is a generator
-        return count
-    made.clear()
-    chain_ = Counting(messages=iter([" ".join(["w"] * 100_000)])) | StrOutputParser()
-    assert run(main()) == 0
-
-
-def test_a_long_answer_is_folded_for_the_end_event_at_a_string_per_chunk() -> None:
-    import tracemalloc
-    chunks = [AIMessageChunk(f"w{i % 10}", id="lc_run--1") for i in range(20_000)]
-    tracemalloc.start()
-    fold = mc._Fold()
-    for chunk in chunks:
-        fold.add(chunk)
-    size, _ = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    assert size / len(chunks) < 100  # bytes per chunk kept (the chunk objects are not)
-    assert fold.value() == AIMessageChunk.join(chunks)
-
-
-def test_a_step_that_cancels_its_own_task_gets_the_cancellation_where_it_waits() -> None:
-    # what asyncio.timeout and TaskGroup do: cancel the current task, catch it at the await
-    async def step(x: str) -> str:
-        asyncio.get_running_loop().call_later(0.02, asyncio.current_task().cancel)  # type: ignore[union-attr]
-        try:
-            await asyncio.sleep(5)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if hasattr(task, "uncancel"):
-                task.uncancel()  # type: ignore[union-attr]
-            return "timed out"
-        return x
-
-    async def main() -> List[Tuple[Any, ...]]:
-        return [(e["event"], e["data"]) async for e in RunnableLambda(step).astream_events("x")]
-    assert run(main()) == [("on_chain_start", {"input": "x"}), ("on_chain_stream", {"chunk": "timed out"}),
-                           ("on_chain_end", {"output": "timed out"})]
-
-
-def test_cancelling_the_consumer_cancels_and_awaits_what_a_step_waits_on() -> None:
-    log: List[str] = []
-
-    async def slow() -> None:
-        try:
-            await asyncio.sleep(5)
-        finally:
-            log.append("slow closed")
-
-    async def step(x: str) -> str:
-        await asyncio.wait_for(slow(), 10)  # a task of its own
-        return x
-
-    async def main() -> int:
-        async def consume() -> None:
-            async for _ in RunnableLambda(step).astream_events("x"):
-                pass
-        task = asyncio.ensure_future(consume())
-        await asyncio.sleep(0.05)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        assert log == ["slow closed"]  # before the consumer's cancellation was over
-        return len(asyncio.all_tasks())
-    assert run(main()) == 1
-
-
-def test_cancelling_a_sync_step_waiting_on_a_stalled_async_upstream_returns_at_once() -> None:
-    closed: List[str] = []
-
-    async def source(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-        try:
-            async for c in chunks:
-                yield c
-                await asyncio.Event().wait()  # silent for ever
-        finally:
-            closed.append("source")
-
-    def step(chunks: Iterator[str]) -> Iterator[str]:
-        try:
-            for c in chunks:
-                yield c.upper()
-        finally:
-            closed.append("step")
-
-    async def main() -> int:
-        got: List[str] = []
-
-        async def consume() -> None:
-            async for c in (RunnableGenerator(source) | step).astream("a"):
-                got.append(c)
-        task = asyncio.ensure_future(consume())
-        while not got:
-            await asyncio.sleep(0.01)
-        task.cancel()
-        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 5)
-        return len(asyncio.all_tasks())
-    assert run(main()) == 1
-    assert sorted(closed) == ["source", "step"]
-
-
-def test_breaking_out_of_stream_events_does_not_wait_for_a_silent_server(server: "Server") -> None:
-    first = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"tok"},"finish_reason":null}]}\n\n'
-    server.replies.append(Reply([first, first], silence=2.0))
-    events = ChatOpenAI(base_url=server.url + "/v1").stream_events("hi")
-    assert [next(events)["event"] for _ in range(2)] == ["on_chat_model_start", "on_chat_model_stream"]
-    started = time.monotonic()
-    events.close()  # type: ignore[attr-defined]  # a stream is a generator
-    assert time.monotonic() - started < 1.0  # not the 2 s the server stays silent
-    assert server.disconnected.wait(5)
-
-
-def test_a_listened_step_closed_on_its_first_chunk_closes_its_upstream() -> None:
-    closed: List[str] = []
-
-    async def source(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-        try:
-            async for c in chunks:
-                yield c
-                yield c
-        finally:
-            closed.append("source")
-
-    async def slow(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-        async for c in chunks:
-            await asyncio.sleep(10)  # cancelled while it handles its first chunk
-            yield c
-
-    async def main() -> None:
-        task = asyncio.ensure_future(alist((RunnableGenerator(source) | RunnableGenerator(slow)).astream(
-            "a", {"callbacks": [lambda e: None]})))
-        await asyncio.sleep(0.05)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        assert closed == ["source"]  # closed before the cancelled call returned
-    run(main())
-
-
-def test_a_failing_parallel_branch_stops_its_siblings() -> None:
-    after: List[str] = []
-
-    async def failing(x: str) -> str:
-        await asyncio.sleep(0.01)
-        raise Boom("left")
-
-    async def slow(x: str) -> str:
-        try:
-            await asyncio.sleep(5)
-            after.append("slow went on")
-        finally:
-            after.append("slow closed")
-        return x
-
-    async def main() -> int:
-        with pytest.raises(Boom, match="left"):
-            await RunnableParallel(a=failing, b=slow).ainvoke("x")
-        assert after == ["slow closed"]  # cancelled and awaited before the error came out
-        return len(asyncio.all_tasks())
-    assert run(main()) == 1
-
-    chunks_after: List[int] = []
-    failed = threading.Event()
-
-    def fails(x: str) -> str:
-        time.sleep(0.05)
-        failed.set()
-        raise Boom("sync")
-
-    def streams(chunks: Iterator[str]) -> Iterator[str]:
-        for i in range(100):
-            time.sleep(0.02)
-            if failed.is_set():
-                chunks_after.append(i)
-            yield "."
-    with pytest.raises(Boom, match="sync"):
-        RunnableParallel(a=fails, b=RunnableGenerator(streams)).invoke("x")
-    assert len(chunks_after) <= 1  # the running sibling stopped at its next chunk
-
-
-def test_a_failing_batch_input_stops_the_others() -> None:
-    started: List[int] = []
-
-    def work(x: int) -> int:
-        started.append(x)
-        if x == 0:
-            raise Boom("first")
-        time.sleep(0.05)
-        return x
-    with pytest.raises(Boom, match="first"):
-        RunnableLambda(work).batch(list(range(30)), {"max_concurrency": 2})
-    assert len(started) <= 3  # queued inputs never start
-
-    ran_on: List[int] = []
-
-    async def awork(x: int) -> int:
-        if x == 0:
-            raise Boom("first")
-        await asyncio.sleep(0.05)
-        ran_on.append(x)
-        return x
-
-    async def main() -> int:
-        with pytest.raises(Boom, match="first"):
-            await RunnableLambda(awork).abatch(list(range(30)))
-        await asyncio.sleep(0.1)
-        return len(asyncio.all_tasks())
-    assert run(main()) == 1
-    assert ran_on == []  # cancelled: no side effects after the error
-
-
-def test_custom_events_from_an_async_step_wait_for_the_consumer() -> None:
-    produced: List[int] = []
-
-    async def chatty(x: int) -> int:
-        for i in range(1000):
-            produced.append(i)
-            await mc.adispatch_custom_event("tick", i)
-        return x
-
-    async def main() -> int:
-        events = RunnableLambda(chatty).astream_events(1)
-        taken = 0
-        async for e in events:
-            taken += 1
-            if e["event"] == "on_custom_event" and e["data"] == 9:
-                break
-        await events.aclose()  # type: ignore[attr-defined]  # a stream is a generator
-        return len(produced)
-    assert run(main()) <= 11  # not 1,000: the step waited at each event
-
-
-def test_failing_siblings_leave_no_unretrieved_task_errors(caplog: Any) -> None:
-    async def fails(x: int) -> int:
-        await asyncio.sleep(0.01)
-        raise Boom(f"input {x}")
-
-    async def main() -> None:
-        with pytest.raises(Boom):
-            await RunnableLambda(fails).abatch([1, 2, 3])
-    with caplog.at_level("ERROR", logger="asyncio"):
-        run(main())
-        gc.collect()
-    assert caplog.records == []
-
-
-def test_a_listener_that_calls_a_runnable_does_not_hear_that_call() -> None:
-    heard: List[str] = []
-    echo = RunnableLambda(lambda x: x)
-
-    def listener(event: Dict[str, Any]) -> None:
-        heard.append(event["event"])
-        echo.invoke(1)  # a run of its own, not reported back here
-    assert (RunnableLambda(lambda x: x + 1) | RunnableLambda(lambda x: x * 2)).invoke(
-        1, {"callbacks": [listener]}) == 4
-    assert heard == ["on_chain_start", "on_chain_start", "on_chain_end", "on_chain_start",
-                     "on_chain_end", "on_chain_end"]
-
 
 class _Recorder(mc.BaseCallbackHandler):
     """Records every handler call: method, positional args, and the ids and tags it got."""
@@ -2614,196 +2741,119 @@ def test_with_listeners_gets_run_trees_at_start_end_and_error() -> None:
     assert RunnableLambda(lambda x: x).with_listeners(on_end=lambda r: seen.append(r.outputs)).batch([1, 2]) == [1, 2]
 
 
-def test_async_listeners_are_awaited_in_order_and_refused_in_sync_runs() -> None:
-    heard: List[str] = []
+def test_a_stream_left_early_tells_handlers_and_listeners_and_forgets_the_run() -> None:
+    def make() -> Any:
+        return ChatPromptTemplate.from_template("{q}") | GenericFakeChatModel(messages=iter(["a b c"])) | StrOutputParser()
+    h = _Recorder()
+    for _ in make().stream({"q": "x"}, {"callbacks": [h]}):
+        break
+    assert [(c[0], c[1]) for c in h.calls if c[0].endswith("_error")] == [
+        ("on_chain_error", "(GeneratorExit(),)"), ("on_chain_error", "(GeneratorExit(),)"),
+        ("on_llm_error", "(GeneratorExit(),)")]  # deviation: sync langchain_core ends them with None
+    errors: List[Any] = []
+    listened = make().with_listeners(on_error=lambda run: errors.append(run.error))
+    tracker = cast(Any, listened).config["callbacks"][0]
+    for _ in range(3):
+        def again() -> Any:
+            return ChatPromptTemplate.from_template("{q}") | GenericFakeChatModel(messages=iter(["a b c"])) | StrOutputParser()
+        chain_ = again().with_listeners(on_error=lambda run: errors.append(run.error))
+        for _ in chain_.stream({"q": "x"}):
+            break
 
-    async def listener(event: Dict[str, Any]) -> None:
-        await asyncio.sleep(0)
-        heard.append(f"{event['event']}:{event['name']}")
+    async def leave() -> None:
+        chunks = listened.astream({"q": "x"})
+        async for _ in chunks:
+            break
+        await chunks.aclose()
+    run(leave())
+    assert errors == ["GeneratorExit()"] * 4 and tracker.runs == {}
 
-    class Handler:
-        async def on_chain_end(self, event: Dict[str, Any]) -> None:
-            heard.append("end by method")
-    seq = RunnableLambda(lambda x: x + 1, name="inc") | RunnableLambda(lambda x: x * 2, name="dbl")
-    assert run(seq.ainvoke(1, {"callbacks": [listener]})) == 4
-    assert heard == ["on_chain_start:RunnableSequence", "on_chain_start:inc", "on_chain_end:inc",
-                     "on_chain_start:dbl", "on_chain_end:dbl", "on_chain_end:RunnableSequence"]
-    heard.clear()
-    assert run(alist(seq.astream(1, {"callbacks": [Handler()]}))) == [4]
-    assert heard == ["end by method"] * 3
-    with pytest.raises(TypeError, match=r"an async listener \(callback\) cannot be awaited in the sync run "
-                                        r"'RunnableSequence' \(sync code: invoke/stream, or a sync step inside "
-                                        r"an async call\); run it with ainvoke/astream/astream_events and async "
-                                        r"steps, or pass a sync listener"):
-        seq.invoke(1, {"callbacks": [listener]})
+def test_a_failing_tool_tells_each_listener_once() -> None:
+    @tool
+    def boom(a: int) -> int:
+        """Boom."""
+        raise ValueError("tool boom")
+    errors: List[Any] = []
 
-
-# -- fidelity with langchain_core 1.7.2 (each compared there) ------------------------------------
-
-def _dispatching() -> Any:
-    def f(x: int) -> int:
-        mc.dispatch_custom_event("ev", {"x": 1})
-        return x
-    return RunnableLambda(lambda x: x) | RunnableLambda(f).with_config(tags=["t"], metadata={"m": 1})
-
-
-def test_custom_events_carry_the_runs_inherited_tags_and_metadata() -> None:
-    events = list(_dispatching().stream_events(1, {"tags": ["call"], "metadata": {"c": 2}}))
-    f_start = [e for e in events if e["event"] == "on_chain_start" and e["name"] == "f"][0]
-    custom = [e for e in events if e["event"] == "on_custom_event"][0]
-    assert (f_start["tags"], list(f_start["metadata"].items())) == (["seq:step:2", "call", "t"], [("c", 2), ("m", 1)])
-    assert list(custom) == ["event", "run_id", "name", "tags", "metadata", "data", "parent_ids"]
-    assert (custom["tags"], custom["metadata"], custom["run_id"], custom["data"]) == (
-        ["call", "t"], {"c": 2, "m": 1}, f_start["run_id"], {"x": 1})
-
-
-def test_a_child_started_with_stream_shows_its_input_at_its_end() -> None:
-    inner = RunnableLambda(lambda s: s.upper())
-
-    @chain
-    def outer(x: str) -> str:
-        return "".join(inner.stream(x))
-
-    @chain
-    async def aouter(x: str) -> str:
-        return "".join([c async for c in inner.astream(x)])
-    for events in (list(outer.stream_events("ab")), run(alist(aouter.astream_events("ab")))):
-        rows = [(e["event"], e["name"], e["data"]) for e in events]
-        assert rows[1:4] == [("on_chain_start", "RunnableLambda", {}),
-                             ("on_chain_stream", "RunnableLambda", {"chunk": "AB"}),
-                             ("on_chain_end", "RunnableLambda", {"output": "AB", "input": "ab"})]
+    class Errors(mc.BaseCallbackHandler):
+        def on_tool_error(self, error: BaseException, **kwargs: Any) -> None:
+            errors.append(error)
+    with pytest.raises(ValueError, match="tool boom"):
+        boom.invoke({"a": 1}, {"callbacks": [Errors()]})
+    assert [repr(e) for e in errors] == ["ValueError('tool boom')"]
+    runs: List[Any] = []
+    with pytest.raises(ValueError, match="tool boom"):
+        boom.with_listeners(on_error=runs.append).invoke({"a": 1})
+    assert [r.error for r in runs] == ["ValueError('tool boom')"]
 
 
-def test_run_ids_given_as_uuid_are_strings_in_events_and_name_one_batch_run() -> None:
-    given = uuid.uuid4()
-    events = list((RunnableLambda(lambda x: x) | RunnableLambda(lambda x: x)).stream_events(1, {"run_id": given}))
-    assert events[0]["run_id"] == str(given) and events[1]["parent_ids"] == [str(given)]
-    starts: List[str] = []
+# ---------------------------------------------------------------------------------------------
+# 10-11. Retrieval and tools
+# ---------------------------------------------------------------------------------------------
 
-    def listen(e: Dict[str, Any]) -> None:
-        if e["event"] == "on_chain_start":
-            starts.append(e["run_id"])
-    with pytest.warns(RuntimeWarning, match="Provided run_id be used only for the first element of the batch."):
-        assert RunnableLambda(lambda x: x + 1).batch([1, 2, 3], {"run_id": given, "callbacks": [listen]}) == [2, 3, 4]
-    assert starts.count(str(given)) == 1 and len(set(starts)) == 3
-
-
-def test_each_event_kind_keeps_langchain_cores_key_order() -> None:
-    prompt = ChatPromptTemplate.from_template("{q}")
-    events = list((prompt | GenericFakeChatModel(messages=iter(["a"])) | StrOutputParser()).stream_events({"q": "x"}))
-    order = {(e["event"]): list(e) for e in events}
-    start = ["event", "data", "name", "tags", "run_id", "metadata", "parent_ids"]
-    stream = ["event", "run_id", "name", "tags", "metadata", "data", "parent_ids"]
-    end = ["event", "data", "run_id", "name", "tags", "metadata", "parent_ids"]
-    assert order == {"on_chain_start": start, "on_prompt_start": start, "on_prompt_end": end,
-                     "on_chat_model_start": start, "on_chat_model_stream": end,  # a nested model: data second
-                     "on_parser_start": start, "on_parser_stream": stream, "on_chain_stream": stream,
-                     "on_chat_model_end": end, "on_parser_end": end, "on_chain_end": end}
-    root = list(GenericFakeChatModel(messages=iter(["a"])).stream_events("x"))
-    assert list(root[1]) == stream  # the root model's chunks are watched like any root's
+def test_retriever_streams_its_documents_as_one_chunk() -> None:
+    store = InMemoryVectorStore.from_texts(
+        ["harrison worked at kensho", "harrison likes spicy food"], embedding=LexicalEmbeddings(),
+        ids=["w", "s"])
+    chunks = list(store.as_retriever().stream("where did harrison work?"))
+    assert chunks == [[Document("harrison worked at kensho", id="w"), Document("harrison likes spicy food", id="s")]]
+    assert store.as_retriever(search_kwargs={"k": 1}).invoke("spicy food?") == [
+        Document("harrison likes spicy food", id="s")]
 
 
-def test_callbacks_a_tool_passes_on_by_hand_make_it_the_parent() -> None:
-    reverse_word = RunnableLambda(lambda w: w[::-1], name="reverse_word")
+def test_vector_store_ids_and_copies_are_langchain_cores() -> None:
+    store = InMemoryVectorStore(LexicalEmbeddings())
+    given = Document("kensho", metadata={"m": 1})
+    ids = store.add_documents([given]) + store.add_texts(["spicy"])
+    assert [uuid.UUID(i).version for i in ids] == [4, 4]  # fresh uuid4 strings
+    assert given.id is None  # the caller's document is not changed
+    found = store.similarity_search("kensho", k=1)[0]
+    assert (found.id, found.metadata) == (ids[0], {"m": 1}) and found is not given
+    found.metadata["m"] = 2  # a copy: the store keeps its own
+    assert store.similarity_search("kensho", k=1)[0].metadata == {"m": 1}
+    assert store.add_texts(["x"], ids=["mine"]) == ["mine"]
+    assert store.as_retriever().tags == ["InMemoryVectorStore", "LexicalEmbeddings"]
+    assert store.as_retriever(tags=["docs"]).tags == ["docs"]
+
+
+def test_tools_take_strings_dicts_and_tool_calls() -> None:
+    @tool
+    def multiply(a: int, b: int = 2) -> int:
+        """Multiply two numbers."""
+        return a * b
 
     @tool
-    def nested_tool(word: str, callbacks: Any) -> str:
-        """Reverse a word from inside another step."""
-        bound = reverse_word.with_config({"callbacks": callbacks})
-        return cast(str, RunnableLambda(lambda w: bound.invoke(w)).invoke(word))
-    rows = [(e["event"], e["name"], len(e["parent_ids"])) for e in nested_tool.stream_events("hello")]
-    assert rows == [("on_tool_start", "nested_tool", 0), ("on_chain_start", "RunnableLambda", 1),
-                    ("on_chain_start", "reverse_word", 1), ("on_chain_end", "reverse_word", 1),
-                    ("on_chain_end", "RunnableLambda", 1), ("on_tool_end", "nested_tool", 0)]
+    def echo(text: str) -> str:
+        """Echo the text."""
+        return text
+    assert multiply.invoke({"a": 3}) == 6
+    assert echo.invoke("hi") == "hi"
+    call = {"name": "multiply", "args": {"a": 2, "b": 5}, "id": "call_1", "type": "tool_call"}
+    assert multiply.invoke(call) == ToolMessage("10", name="multiply", tool_call_id="call_1")
+    assert run(multiply.ainvoke({"a": 4})) == 8
+    assert multiply.args == {"a": {"type": "integer"}, "b": {"type": "integer", "default": 2}}
 
 
-def test_fake_list_chat_model_batches_in_input_order() -> None:
-    model = FakeListChatModel(responses=["a", "b", "c"])
-    for _ in range(20):
-        assert [m.content for m in model.batch(["x", "y", "z"])] == ["a", "b", "c"]
-        assert [m.content for m in run(model.abatch(["x", "y", "z"]))] == ["a", "b", "c"]
+def test_tool_called_with_wrong_arguments_says_what_it_takes() -> None:
+    @tool
+    def multiply(a: int, b: int) -> int:
+        """Multiply two numbers."""
+        return a * b
+    with pytest.raises(TypeError, match=r"tool multiply was called with arguments \['a', 'c'\] but takes \['a', 'b'\]"):
+        multiply.invoke({"a": 1, "c": 2})
+    with pytest.raises(TypeError, match=r"tool multiply takes arguments \['a', 'b'\]; call it with a dict of them, not the string 'x'"):
+        multiply.invoke("x")
 
 
-# ---------------------------------------------------------------------------------------------
-# astream_log
-# ---------------------------------------------------------------------------------------------
-
-def _log_ops(patches: List[Any]) -> str:
-    text = ids_out(repr([p.ops for p in patches]))
-    text = re.sub(r"'\d{4}-\d\d-\d\dT[\d:.]+\+00:00'", "TS", text)
-    return re.sub(r"'[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}'", "ID", text)
-
-
-def test_astream_log_patches_match_langchain_core() -> None:
-    chain_ = ChatPromptTemplate.from_template("hi {x}") | GenericFakeChatModel(messages=iter(["a b"])) | StrOutputParser()
-    patches = run(alist(chain_.astream_log({"x": 1})))
-    entry = ("{'id': ID, 'name': '%s', 'type': '%s', 'tags': ['seq:step:%d'], 'metadata': %s, "
-             "'start_time': TS, 'streamed_output': [], 'streamed_output_str': [], 'final_output': None, 'end_time': None}")
-    meta = "{'ls_provider': 'genericfakechatmodel', 'ls_model_type': 'chat', 'ls_integration': 'langchain_chat_model'}"
-    chunk = "AIMessageChunk(content='%s', id='lc_run--ID'%s)"
-    expected = [
-        [{"op": "replace", "path": "", "value": "{'id': ID, 'streamed_output': [], 'final_output': None, 'logs': {}, 'name': 'RunnableSequence', 'type': 'chain'}"}],
-        [{"op": "add", "path": "/logs/ChatPromptTemplate", "value": entry % ("ChatPromptTemplate", "prompt", 1, "{}")}],
-        [{"op": "add", "path": "/logs/ChatPromptTemplate/final_output", "value": "ChatPromptValue(messages=[HumanMessage(content='hi 1')])"},
-         {"op": "add", "path": "/logs/ChatPromptTemplate/end_time", "value": "TS"}],
-        [{"op": "add", "path": "/logs/GenericFakeChatModel", "value": entry % ("GenericFakeChatModel", "llm", 2, meta)}],
-        [{"op": "add", "path": "/logs/GenericFakeChatModel/streamed_output_str/-", "value": "'a'"},
-         {"op": "add", "path": "/logs/GenericFakeChatModel/streamed_output/-", "value": chunk % ("a", "")}],
-        [{"op": "add", "path": "/logs/StrOutputParser", "value": entry % ("StrOutputParser", "parser", 3, "{}")}],
-        [{"op": "add", "path": "/logs/StrOutputParser/streamed_output/-", "value": "'a'"}],
-        [{"op": "add", "path": "/streamed_output/-", "value": "'a'"}, {"op": "replace", "path": "/final_output", "value": "'a'"}],
-        [{"op": "add", "path": "/logs/GenericFakeChatModel/streamed_output_str/-", "value": "' '"},
-         {"op": "add", "path": "/logs/GenericFakeChatModel/streamed_output/-", "value": chunk % (" ", "")}],
-        [{"op": "add", "path": "/logs/StrOutputParser/streamed_output/-", "value": "' '"}],
-        [{"op": "add", "path": "/streamed_output/-", "value": "' '"}, {"op": "replace", "path": "/final_output", "value": "'a '"}],
-        [{"op": "add", "path": "/logs/GenericFakeChatModel/streamed_output_str/-", "value": "'b'"},
-         {"op": "add", "path": "/logs/GenericFakeChatModel/streamed_output/-", "value": chunk % ("b", ", chunk_position='last'")}],
-        [{"op": "add", "path": "/logs/StrOutputParser/streamed_output/-", "value": "'b'"}],
-        [{"op": "add", "path": "/streamed_output/-", "value": "'b'"}, {"op": "replace", "path": "/final_output", "value": "'a b'"}],
-        [{"op": "add", "path": "/logs/GenericFakeChatModel/final_output", "value":
-          "{'generations': [[{'text': 'a b', 'generation_info': None, 'type': 'ChatGenerationChunk', 'message': "
-          + chunk % ("a b", ", chunk_position='last'") + "}]], 'llm_output': None, 'run': None, 'type': 'LLMResult'}"},
-         {"op": "add", "path": "/logs/GenericFakeChatModel/end_time", "value": "TS"}],
-        [{"op": "add", "path": "/logs/StrOutputParser/final_output", "value": "{'output': 'a b'}"},
-         {"op": "add", "path": "/logs/StrOutputParser/end_time", "value": "TS"}],
-    ]
-    rendered = "[" + ", ".join("[" + ", ".join(
-        "{'op': '%s', 'path': '%s', 'value': %s}" % (op["op"], op["path"], op["value"]) for op in patch) + "]"
-        for patch in expected) + "]"
-    assert _log_ops(patches) == rendered
-
-
-def test_astream_log_accumulates_filters_and_names_repeats() -> None:
-    chain_ = GenericFakeChatModel(messages=iter(["a b"])) | StrOutputParser()
-    logs = run(alist(chain_.astream_log("x", diff=False, include_types=["parser"],
-                                        with_streamed_output_list=False)))
-    assert all(type(log) is mc.RunLog for log in logs)
-    final = logs[-1].state
-    assert final["final_output"] == "a b" and final["streamed_output"] == []
-    assert list(final["logs"]) == ["StrOutputParser"]
-    assert final["logs"]["StrOutputParser"]["streamed_output"] == ["a", " ", "b"]
-    assert final["logs"]["StrOutputParser"]["final_output"] == {"output": "a b"}
-    assert [log.state["final_output"] for log in logs] == [None, None, None, "a", "a", "a ", "a ", "a b", "a b"]
-    f = RunLambda = RunnableLambda(lambda x: x + 1)
-    patches = run(alist((f | f).astream_log(1)))
-    total = patches[0]
-    for p in patches[1:]:
-        total = total + p
-    assert sorted(total.state["logs"]) == ["RunnableLambda", "RunnableLambda:2"]
-    assert total.state["final_output"] == 3 and total.state["streamed_output"] == [3]
-    assert total.state["logs"]["RunnableLambda:2"]["final_output"] == {"output": 3}
-    assert RunLambda is f
-
-
-def test_astream_log_of_a_parallel_root_diffs_the_output() -> None:
-    par = RunnableParallel(a=RunnableLambda(lambda x: x + "1"))
-    patches = run(alist(par.astream_log("x", include_names=[])))
-    assert [p.ops for p in patches[1:]] == [
-        [{"op": "add", "path": "/streamed_output/-", "value": {"a": "x1"}},
-         {"op": "replace", "path": "/final_output", "value": {"a": "x1"}}]]
-    assert mc._json_diff({"a": "x"}, {"a": "xy", "b": [1]}, "/final_output") == [
-        {"op": "replace", "path": "/final_output/a", "value": "xy"},
-        {"op": "add", "path": "/final_output/b", "value": [1]}]
+def test_tool_errors_can_be_handled_into_output() -> None:
+    @tool
+    def fails(x: str) -> str:
+        """Always fails."""
+        raise mc.ToolException("no luck")
+    with pytest.raises(mc.ToolException, match="no luck"):
+        fails.invoke("a")
+    fails.handle_tool_error = True
+    assert fails.invoke("a") == "no luck"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3272,637 +3322,6 @@ def test_keys_and_urls_come_from_the_environment(monkeypatch: Any) -> None:
         ChatAnthropic().invoke("hi")
     with pytest.raises(ValueError, match=r"OpenAI URL 'ftp://x/chat/completions' is not an http\(s\) URL"):
         ChatOpenAI(base_url="ftp://x").invoke("hi")
-
-
-# ---------------------------------------------------------------------------------------------
-# Modes agree; examples run
-# ---------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("make,value,expected", [
-    (lambda: RunnableLambda(lambda x: x * 2), 3, 6),
-    (lambda: GenericFakeChatModel(messages=iter(["a b"])) | StrOutputParser(), "x", "a b"),
-    (lambda: RunnableParallel(a=lambda x: x + 1, b=RunnablePassthrough()), 1, {"a": 2, "b": 1}),
-    (lambda: RunnablePassthrough.assign(n=lambda d: len(d["q"])), {"q": "ab"}, {"q": "ab", "n": 2}),
-    (lambda: ChatPromptTemplate.from_template("{q}") | FakeListChatModel(responses=['{"a": [1, 2]}'])
-     | JsonOutputParser(), {"q": "x"}, {"a": [1, 2]}),
-])
-def test_invoke_equals_the_fold_of_stream_in_every_mode(make: Any, value: Any, expected: Any) -> None:
-    out = every_mode(make, value)
-    assert out["invoke"] == out["ainvoke"] == expected
-    assert mc._fold(out["stream"]) == mc._fold(out["astream"]) == expected
-    assert out["stream_events_output"] == [expected]
-
-
-EXAMPLES = sorted((HERE / "examples").glob("[0-9][0-9]_*.py"))
-SERVER_ENV = ("OPENAI_BASE_URL", "OPENAI_API_KEY", "OLLAMA_HOST", "ANTHROPIC_API_KEY")  # examples use the fakes
-
-
-@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
-def test_examples_print_what_they_promise(path: Path) -> None:
-    expected = (path.with_suffix(".out")).read_text()
-    env = {k: v for k, v in os.environ.items() if k not in SERVER_ENV}
-    env["PYTHONPATH"] = str(HERE)
-    got = subprocess.run([sys.executable, "-W", "error", "-X", "dev", str(path)], capture_output=True,
-                         text=True, timeout=60, cwd=HERE, env=env)
-    assert got.returncode == 0, got.stderr
-    assert ids_out(got.stdout) == expected
-
-
-def _readme_blocks() -> List[Any]:
-    text = (HERE / "README.md").read_text()
-    return re.findall(r"```python\n(.*?)```", text, re.S)
-
-
-@pytest.mark.parametrize("block", _readme_blocks())
-def test_readme_examples_print_what_they_show(block: str) -> None:
-    code = "\n".join(l for l in block.splitlines() if not l.startswith("# "))
-    expected = [l[2:] for l in block.splitlines() if l.startswith("# ")]
-    env = {**os.environ, "PYTHONPATH": str(HERE)}
-    got = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True,
-                         text=True, timeout=60, env=env)
-    assert got.returncode == 0, got.stderr
-    assert [l.rstrip() for l in got.stdout.splitlines()] == expected
-
-
-def test_every_public_name_has_a_doctest() -> None:
-    aliases = {"RunnableConfig"}  # a type alias (Dict[str, Any]); documented where defined
-    missing = [name for name in mc.__all__
-               if name not in aliases and ">>>" not in (getattr(mc, name).__doc__ or "")]
-    assert missing == []
-
-
-# ---------------------------------------------------------------------------------------------
-# Runs where it is put: vendored, doctested on its own
-# ---------------------------------------------------------------------------------------------
-
-VENDORED_APP = """
-import asyncio, os, sys
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I leaves it off on 3.11+
-import minichain
-from minichain import ChatPromptTemplate, GenericFakeChatModel, StrOutputParser
-
-chain = (ChatPromptTemplate.from_template("joke about {topic}")
-         | GenericFakeChatModel(messages=iter(["a parrot joke", "two"])) | StrOutputParser())
-print("|".join(chain.stream({"topic": "parrot"})))
-
-async def main():
-    return [e["event"] async for e in chain.astream_events({"topic": "x"}, include_types=["parser"])]
-print(asyncio.run(main()))
-print(sorted(m for m in sys.modules if m.split(".")[0] not in sys.stdlib_module_names
-             and not m.startswith("_")) if hasattr(sys, "stdlib_module_names") else ["minichain"])
-"""
-
-
-def test_a_vendored_copy_runs_with_nothing_installed(tmp_path: Path) -> None:
-    (tmp_path / "minichain.py").write_bytes((HERE / "minichain.py").read_bytes())
-    (tmp_path / "app.py").write_text(VENDORED_APP)
-    got = subprocess.run([sys.executable, "-I", "-S", "-W", "error", str(tmp_path / "app.py")],
-                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert got.returncode == 0, got.stderr
-    assert got.stdout.splitlines() == [
-        "a| |parrot| |joke", "['on_parser_start', 'on_parser_stream', 'on_parser_end']", "['minichain']"]
-
-
-def test_a_vendored_copy_runs_under_python_s_with_no_path_set_up(tmp_path: Path) -> None:
-    (tmp_path / "minichain.py").write_bytes((HERE / "minichain.py").read_bytes())
-    (tmp_path / "app.py").write_text(VENDORED_APP.replace("sys.path.insert(0,", "(None,"))
-    got = subprocess.run([sys.executable, "-S", "-W", "error", str(tmp_path / "app.py")],
-                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert got.returncode == 0, got.stderr
-    isolated = subprocess.run([sys.executable, "-I", "-S", str(tmp_path / "app.py")],
-                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert "No module named 'minichain'" in isolated.stderr  # what the README warns about
-
-
-def test_the_doctests_pass_with_plain_doctest_and_include_the_tour() -> None:
-    assert ">>> chain = prompt | model | StrOutputParser()" in (mc.__doc__ or "")
-    got = subprocess.run([sys.executable, "-m", "doctest", "minichain.py"], capture_output=True,
-                         text=True, timeout=120, cwd=HERE,
-                         env={k: v for k, v in os.environ.items() if k not in SERVER_ENV})
-    assert got.returncode == 0, got.stdout + got.stderr
-
-
-def test_importing_loads_no_module_that_only_some_users_need() -> None:
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import minichain; "
-            "print([m for m in ('asyncio', 'http.client', 'ssl', 'inspect', 'json', "
-            "'concurrent.futures', 'urllib.parse', 'socket', 'queue') if m in sys.modules])")
-    got = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(HERE)], capture_output=True,
-                         text=True, timeout=60)
-    assert got.returncode == 0, got.stderr
-    assert got.stdout.strip() == "[]"
-
-
-# ---------------------------------------------------------------------------------------------
-# Reliability: failures mid-stream, cancellation, concurrency, invariants
-# ---------------------------------------------------------------------------------------------
-
-class Boom(Exception):
-    """The error the failing steps raise; tests check the very same object reaches them."""
-
-
-RAISED: List[Boom] = []
-
-
-def _raise(where: str) -> None:
-    RAISED.append(Boom(f"boom at {where}"))
-    raise RAISED[-1]
-
-
-def _words(chunks: Iterator[str]) -> Iterator[str]:
-    for c in chunks:
-        yield from c.split()
-
-
-def _fail_first(chunks: Iterator[str]) -> Iterator[str]:
-    for _ in chunks:
-        _raise("first chunk")
-        yield ""
-
-
-def _fail_middle(chunks: Iterator[str]) -> Iterator[str]:
-    count = 0
-    for c in chunks:
-        for ch in c:
-            count += 1
-            if count == 3:
-                _raise("middle")
-            yield ch
-
-
-def _fail_after_last(chunks: Iterator[str]) -> Iterator[str]:
-    yield from chunks
-    _raise("after the last chunk")
-
-
-def _fail_nested(x: str) -> str:
-    return "".join((RunnableLambda(lambda s: s) | _fail_middle).stream(x))
-
-
-FAILING: Dict[str, Callable[[], Any]] = {
-    "first chunk": lambda: RunnableLambda(lambda x: x) | _words | _fail_first,
-    "middle": lambda: RunnableLambda(lambda x: x) | _words | _fail_middle,
-    "after the last chunk": lambda: RunnableLambda(lambda x: x) | _words | _fail_after_last,
-    "parallel branch": lambda: RunnableParallel(ok=RunnableLambda(lambda x: x), bad=RunnableLambda(lambda x: x) | _words | _fail_middle),
-    "nested call in a lambda": lambda: RunnableLambda(lambda x: x.split()) | RunnableLambda(_fail_nested),
-}
-METHODS: Dict[str, Callable[[Any, Any], Any]] = {
-    "invoke": lambda r, x: r.invoke(x),
-    "stream": lambda r, x: list(r.stream(x)),
-    "astream": lambda r, x: run(alist(r.astream(x))),
-    "ainvoke": lambda r, x: run(r.ainvoke(x)),
-    "stream_events": lambda r, x: list(r.stream_events(x)),
-    "astream_events": lambda r, x: run(alist(r.astream_events(x))),
-    "batch": lambda r, x: r.batch([x, x]),
-    "abatch": lambda r, x: run(r.abatch([x, x])),
-}
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("where", FAILING)
-def test_an_exception_anywhere_reaches_every_method_unchanged(where: str, method: str) -> None:
-    with pytest.raises(Boom) as info:
-        METHODS[method](FAILING[where](), "a b c d")
-    assert info.value is RAISED[-1] or info.value in RAISED
-    assert str(info.value).startswith("boom at ")
-
-
-@pytest.mark.parametrize("where", FAILING)
-def test_batch_returns_each_exception_in_its_place(where: str) -> None:
-    ok = RunnableLambda(lambda x: x)
-    for out in (FAILING[where]().batch(["a b c d", "x"], return_exceptions=True),
-                run(FAILING[where]().abatch(["a b c d"], return_exceptions=True))):
-        assert isinstance(out[0], Boom) and out[0] in RAISED
-    assert ok.batch(["a"], return_exceptions=True) == ["a"]
-
-
-@pytest.mark.parametrize("where", ["first chunk", "middle", "after the last chunk"])
-def test_every_event_emitted_before_a_failure_is_delivered(where: str) -> None:
-    for events_of in (lambda r, cfg: r.stream_events("a b c d", cfg),
-                      lambda r, cfg: _sync(r.astream_events("a b c d", cfg))):
-        emitted: List[Dict[str, Any]] = []
-        delivered: List[Dict[str, Any]] = []
-        with pytest.raises(Boom):
-            for e in events_of(FAILING[where](), {"callbacks": [emitted.append]}):
-                delivered.append(e)
-        assert trace(delivered) == trace(emitted) and delivered
-        assert not [e for e in delivered if e["event"] == "on_chain_end" and not e["parent_ids"]]
-
-
-def test_a_failing_branch_stops_and_closes_the_others() -> None:
-    closed: List[str] = []
-
-    def slow(chunks: Iterator[str]) -> Iterator[str]:
-        try:
-            for c in chunks:
-                for _ in range(1000):
-                    time.sleep(0.002)
-                    yield c
-        finally:
-            closed.append("slow")
-
-    async def aslow(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-        try:
-            async for c in chunks:
-                for _ in range(1000):
-                    await asyncio.sleep(0.002)
-                    yield c
-        finally:
-            closed.append("aslow")
-    bad = RunnableLambda(lambda x: x) | _words | _fail_middle
-    with pytest.raises(Boom):
-        list(RunnableParallel(slow=RunnableLambda(lambda x: x) | slow, bad=bad).stream("a b c d"))
-    assert closed == ["slow"]
-    with pytest.raises(Boom):
-        run(alist(RunnableParallel(slow=RunnableLambda(lambda x: x) | aslow, bad=bad).astream("a b c d")))
-    assert closed == ["slow", "aslow"]
-
-
-def _tracked_pipeline(closed: List[str]) -> Any:
-    def step(name: str) -> Any:
-        def gen(chunks: Iterator[str]) -> Iterator[str]:
-            try:
-                for c in chunks:
-                    for i in range(5):
-                        yield f"{c}{i}"
-            finally:
-                closed.append(name)
-        gen.__name__ = name
-        return gen
-
-    def astep(name: str) -> Any:
-        async def agen(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-            try:
-                async for c in chunks:
-                    for i in range(5):
-                        await asyncio.sleep(0)
-                        yield f"{c}{i}"
-            finally:
-                closed.append(name)
-        agen.__name__ = name
-        return agen
-    return step, astep
-
-
-def test_stopping_after_any_chunk_closes_every_step() -> None:
-    for stop_after in range(0, 12):
-        closed: List[str] = []
-        step, astep = _tracked_pipeline(closed)
-        chain_ = RunnableLambda(lambda x: x) | step("one") | step("two")
-        stream = chain_.stream("a")
-        for _ in zip(range(stop_after), stream):
-            pass
-        stream.close()
-        assert sorted(closed) == (["one", "two"] if stop_after else []), stop_after
-
-        closed.clear()
-        achain = RunnableLambda(lambda x: x) | astep("one") | astep("two")
-
-        async def consume_then_cancel() -> int:
-            async def consume() -> None:
-                async for _ in achain.astream("a"):
-                    await asyncio.sleep(0)
-            task = asyncio.ensure_future(consume())
-            for _ in range(stop_after):
-                await asyncio.sleep(0)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            return len(asyncio.all_tasks())
-        assert run(consume_then_cancel()) == 1
-        assert sorted(closed) in ([], ["one", "two"]) and (stop_after < 3 or closed), stop_after
-
-
-def test_a_thousand_concurrent_event_streams_get_only_their_own_events() -> None:
-    import itertools
-    chain_ = ChatPromptTemplate.from_template("{topic}") | \
-        GenericFakeChatModel(messages=itertools.repeat("x y")) | StrOutputParser()
-
-    async def one(i: int) -> List[Dict[str, Any]]:
-        return [e async for e in chain_.astream_events({"topic": f"t{i}"})]
-
-    async def main() -> List[List[Dict[str, Any]]]:
-        return await asyncio.gather(*(one(i) for i in range(1000)))
-    results = run(main())
-    for i, events in enumerate(results):
-        assert len(events) == 17
-        root = events[0]["run_id"]
-        assert all(e["run_id"] == root or e["parent_ids"] == [root] for e in events)
-        assert events[0]["data"] == {"input": {"topic": f"t{i}"}}
-        prompt_end = [e for e in events if e["event"] == "on_prompt_end"][0]
-        assert prompt_end["data"]["output"].to_messages() == [HumanMessage(f"t{i}")]
-    assert len({e["run_id"] for events in results for e in events}) == 4000
-
-
-def test_batch_threads_keep_each_inputs_context() -> None:
-    seen = []
-
-    def inner(x: str, config: Dict[str, Any]) -> str:
-        seen.append((x, config.get("tags"), config.get("metadata")))
-        return x
-    outer = RunnableLambda(lambda x: RunnableLambda(inner).invoke(x))
-    configs = [{"tags": [f"t{i}"], "metadata": {"i": i}} for i in range(8)]
-    assert outer.batch([f"x{i}" for i in range(8)], configs) == [f"x{i}" for i in range(8)]
-    assert sorted(seen) == [(f"x{i}", [f"t{i}"], {"i": i}) for i in range(8)]
-
-
-def test_a_listener_that_raises_is_logged_and_the_run_goes_on(caplog: Any) -> None:
-    def broken(event: Dict[str, Any]) -> None:
-        raise RuntimeError("listener bug")
-    with caplog.at_level("WARNING", logger="minichain"):
-        assert RunnableLambda(str.upper).invoke("a", {"callbacks": [broken]}) == "A"
-    assert [r.getMessage().split(" failed on ")[1] for r in caplog.records] == [
-        "on_chain_start and was skipped: RuntimeError('listener bug') (set raise_error = True on it to raise instead)",
-        "on_chain_end and was skipped: RuntimeError('listener bug') (set raise_error = True on it to raise instead)"]
-
-    class Strict:
-        raise_error = True
-
-        def on_chain_start(self, event: Dict[str, Any]) -> None:
-            raise RuntimeError("strict listener")
-    with pytest.raises(RuntimeError, match="strict listener"):
-        RunnableLambda(str.upper).invoke("a", {"callbacks": [Strict()]})
-
-
-def _random_chunk(rng: random.Random) -> AIMessageChunk:
-    kwargs: Dict[str, Any] = {}
-    if rng.random() < 0.3:
-        kwargs["tool_call_chunks"] = [{"name": rng.choice([None, "f", "g"]), "args": rng.choice(["", '{"a"', ": 1}"]),
-                                       "id": rng.choice([None, "c1"]), "index": rng.choice([0, 1])}]
-    if rng.random() < 0.3:
-        kwargs["usage_metadata"] = {"input_tokens": rng.randint(0, 5), "output_tokens": rng.randint(0, 5), "total_tokens": 3}
-    if rng.random() < 0.3:
-        kwargs["response_metadata"] = {rng.choice(["a", "b"]): rng.choice(["x", "y"])}
-    content: Any = rng.choice(["", "hi", " ", "é"]) if rng.random() < 0.8 else [{"type": "text", "text": "blk"}]
-    return AIMessageChunk(content, id=rng.choice([None, "lc_run--1", "prov-2"]),
-                          chunk_position=rng.choice([None, None, "last"]), **kwargs)
-
-
-def test_chunk_addition_is_associative_and_join_agrees() -> None:
-    rng = random.Random(11)
-    for _ in range(500):
-        a, b, c = (_random_chunk(rng) for _ in range(3))
-        assert (a + b) + c == a + (b + c) == AIMessageChunk.join([a, b, c])
-
-
-def _twice(x: str) -> Iterator[str]:
-    yield x
-    yield x
-
-
-INVOKE_KINDS: Dict[str, Callable[[], Any]] = {
-    "lambda": lambda: RunnableLambda(lambda x: x * 2),
-    "generator lambda": lambda: RunnableLambda(_twice),
-    "generator step": lambda: RunnableLambda(lambda x: x) | _words,
-    "sequence": lambda: RunnableLambda(lambda x: x) | RunnableLambda(str.upper),
-    "parallel": lambda: RunnableParallel(a=RunnableLambda(str.upper), b=_words),
-    "passthrough": lambda: RunnablePassthrough(),
-    "assign": lambda: RunnableLambda(lambda x: {"q": x}) | RunnablePassthrough.assign(n=lambda d: len(d["q"])),
-    "prompt": lambda: PromptTemplate.from_template("Q: {q}"),
-    "chat model": lambda: GenericFakeChatModel(messages=iter(["a b", "a b", "a b", "a b", "a b"])),
-    "llm": lambda: FakeListLLM(responses=["ok"]),
-    "str parser": lambda: RunnableLambda(lambda x: AIMessageChunk(x)) | StrOutputParser(),
-    "json parser": lambda: RunnableLambda(lambda x: '{"a": [1, 2]}') | JsonOutputParser(),
-    "retriever": lambda: InMemoryVectorStore.from_texts(["a b", "c"], embedding=LexicalEmbeddings(), ids=["1", "2"]).as_retriever(),
-    "tool": lambda: tool(lambda q: q + "!", name="bang", description="Add a bang."),
-    "bound": lambda: RunnableLambda(str.upper).with_config(tags=["t"]),
-}
-
-
-@pytest.mark.parametrize("kind", INVOKE_KINDS)
-def test_invoke_equals_the_fold_of_stream_for_every_kind(kind: str) -> None:
-    make = INVOKE_KINDS[kind]
-    value = "a b"
-    whole = make().invoke(value)
-    folded = mc._fold(make().stream(value))
-    afolded = mc._fold(run(alist(make().astream(value))))
-    if isinstance(whole, AIMessage):  # invoke gives the whole message; streams give chunks
-        folded, afolded = folded.to_message(), afolded.to_message()
-        whole.id = folded.id = afolded.id = None
-    assert whole == folded == afolded
-    if kind != "chat model":  # (a fake model answers each call with the next message)
-        assert run(make().ainvoke(value)) == whole
-
-
-def test_memory_stays_flat_when_no_one_listens() -> None:
-    import tracemalloc
-
-    class Counting(mc.BaseChatModel):
-        def __init__(self, n: int) -> None:
-            super().__init__()
-            self.n = n
-
-        def _stream(self, messages: List[Any], **kwargs: Any) -> Iterator[AIMessageChunk]:
-            for _ in range(self.n):
-                yield AIMessageChunk("tok ")
-
-    def peak(n: int) -> int:
-        chain_ = ChatPromptTemplate.from_template("{q}") | Counting(n) | StrOutputParser()
-        tracemalloc.start()
-        count = sum(1 for _ in chain_.stream({"q": "x"}))
-        size = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        assert count == n + 1
-        return size
-    small, large = peak(20_000), peak(200_000)
-    assert large < small * 1.5 + 50_000, (small, large)
-
-
-def test_extra_prompt_keys_are_ignored_and_a_misspelt_one_shows_in_the_error() -> None:
-    prompt = PromptTemplate.from_template("Q: {question}")
-    assert prompt.invoke({"question": "why?", "context": "passed along"}).to_string() == "Q: why?"
-    with pytest.raises(KeyError, match=r"missing variable 'question'; the template expects \['question'\] and got \['questoin'\]"):
-        prompt.invoke({"questoin": "why?"})
-
-
-@pytest.mark.parametrize("key, message", [
-    ("sk-secret\n", r"the Authorization header has a newline \(\\n\) at its end; strip it \(a key read from a file often ends with one: key.strip\(\)\)"),
-    ("sk-secret\r\nX-Injected: yes", r"the Authorization header has a carriage return \(\\r\) inside it"),
-])
-def test_header_values_with_control_characters_are_refused_before_connecting(server: "Server", key: str, message: str) -> None:
-    model = ChatOpenAI(api_key=key, base_url=server.url + "/v1")
-    for call in (lambda: model.invoke("hi"), lambda: run(model.ainvoke("hi"))):
-        with pytest.raises(ValueError, match="^OpenAI: " + message) as caught:
-            call()
-        assert "sk-secret" not in str(caught.value)  # the secret never lands in an error
-    anthropic = ChatAnthropic(api_key=key, base_url=server.url)
-    with pytest.raises(ValueError, match=r"the x-api-key header has"):
-        anthropic.invoke("hi")
-    assert server.requests == []  # refused before any connection
-
-
-class RawServer:
-    """A TCP server on 127.0.0.1 (or ::1) that reads each request's head and body and then runs
-    `answer(connection)`: for answers no HTTP server would give. Counts connections."""
-
-    def __init__(self, answer: Any, host: str = "127.0.0.1") -> None:
-        import socket
-        self.answer, self.connections, self.heads = answer, 0, []  # type: ignore[var-annotated]
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.bind((host, 0))
-        self.sock.listen(8)
-        self.sock.settimeout(0.05)
-        self.running = True
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-        port = self.sock.getsockname()[1]
-        self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-    def _serve(self) -> None:
-        import socket
-        while self.running:
-            try:
-                conn, _ = self.sock.accept()
-            except (socket.timeout, OSError):
-                continue
-            self.connections += 1
-            with conn:
-                conn.settimeout(5)
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    data += conn.recv(65536)
-                head, _, body = data.partition(b"\r\n\r\n")
-                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
-                while len(body) < length:
-                    body += conn.recv(65536)
-                self.heads.append(head.decode("latin-1"))
-                try:
-                    self.answer(conn)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.running = False
-        self.thread.join()
-        self.sock.close()
-
-
-def _reset(conn: Any) -> None:
-    """Close with a TCP reset instead of a clean end."""
-    import socket
-    import struct
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
-SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
-ONE_TOKEN = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"tok"},"finish_reason":null}]}\n\n'
-
-
-def _both_raise(model: Any, error: Any, match: str) -> None:
-    with pytest.raises(error, match=match):
-        list(model.stream("hi"))
-    with pytest.raises(error, match=match):
-        run(alist(model.astream("hi")))
-
-
-def test_every_transport_failure_is_an_api_error_with_its_cause() -> None:
-    def reset_mid_stream(conn: Any) -> None:
-        conn.sendall(SSE_HEAD + ONE_TOKEN)
-        time.sleep(0.05)
-        _reset(conn)
-    cases = [
-        (reset_mid_stream, mc.IncompleteStreamError, r"broke off mid-stream"),
-        (lambda conn: conn.sendall(b"garbage\r\n\r\n"), mc.APIConnectionError, r"did not answer in HTTP/1.1"),
-        (lambda conn: conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"),
-         mc.IncompleteStreamError, r"broke off mid-stream"),
-        (lambda conn: conn.sendall(SSE_HEAD + b'data: {"id":"c","choi'), mc.IncompleteStreamError,
-         r"the stream ended in the middle of an event"),
-    ]
-    for answer, error, match in cases:
-        raw = RawServer(answer)
-        try:
-            _both_raise(ChatOpenAI(base_url=raw.url + "/v1", max_retries=2), error, match)
-            assert raw.connections == 2  # one per call: none of these is retried
-        finally:
-            raw.close()
-
-
-def test_a_connection_closed_before_the_answer_is_retried_the_same_by_both_transports() -> None:
-    raw = RawServer(lambda conn: None)  # reads the request, closes without a word
-    try:
-        _both_raise(ChatOpenAI(base_url=raw.url + "/v1", max_retries=1), mc.APIConnectionError,
-                    r"closed before the answer")
-        assert raw.connections == 4  # each transport: the first try and one retry
-    finally:
-        raw.close()
-
-
-def test_name_and_certificate_failures_are_not_retried(monkeypatch: Any) -> None:
-    import socket
-    import ssl
-    calls: List[str] = []
-
-    def no_such_host(*args: Any, **kwargs: Any) -> Any:
-        calls.append(args[0])
-        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
-    model = ChatOpenAI(base_url="http://no-such-host.invalid/v1", max_retries=3)
-    _both_raise(model, mc.APIConnectionError, r"cannot resolve the host name 'no-such-host.invalid'")
-    assert len(calls) == 2  # once per call
-    req = mc._Request("https://example.com/v1", {}, {}, (1.0, 1.0), 3, "OpenAI")
-    error = mc._broken(ssl.SSLCertVerificationError("certificate verify failed"), req)
-    assert not error.retryable and "TLS certificate of example.com:443 does not verify" in str(error)
-    with pytest.raises(mc.APIConnectionError):
-        mc._retry_after(error, 0, req)
-
-
-def test_what_a_server_sends_is_capped(server: "Server") -> None:
-    import tracemalloc
-    line = b"data: " + b"x" * (4 * 2 ** 20)  # 4 MiB with no line end
-    server.replies.extend([Reply([line], chunked=False)] * 2)
-    model = ChatOpenAI(base_url=server.url + "/v1", max_event_bytes=2 ** 18, max_retries=0)
-    tracemalloc.start()
-    with pytest.raises(mc.APIError, match=r"a stream line or event over 262144 bytes; .* max_event_bytes="):
-        list(model.stream("hi"))
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    assert peak < 8 * 2 ** 18  # a small multiple of the cap, not of the line
-    with pytest.raises(mc.APIError, match=r"over 262144 bytes"):
-        run(model.ainvoke("hi"))
-    page = b"<html>" + b"x" * 2 ** 20
-    server.replies.extend([Reply([page], status=502, chunked=False)] * 2)
-    for call in (lambda: model.invoke("hi"), lambda: run(model.ainvoke("hi"))):
-        with pytest.raises(mc.APIError, match=r"HTTP 502: <html>x+\.\.\. \(the body is over 65536 characters\)") as caught:
-            call()
-        assert len(caught.value.body) == 65536  # a bounded prefix is kept
-    records = b'{"message":{"content":"' + b"y" * 2 ** 19 + b'"}}\n'
-    server.replies.append(Reply([records]))
-    with pytest.raises(mc.APIError, match=r"over 1024 bytes"):
-        ChatOllama(base_url=server.url, max_event_bytes=1024, max_retries=0).invoke("hi")
-
-
-def test_read_sse_reports_a_cut_event() -> None:
-    with pytest.raises(mc.IncompleteStreamError, match="the stream ended in the middle of an event"):
-        list(mc.read_sse([b'event: data\ndata: "a"\n\nevent: data\ndata: "b']))
-
-
-def test_ipv6_hosts_are_bracketed_and_ollama_defaults_its_port(monkeypatch: Any) -> None:
-    raw = RawServer(lambda conn: conn.sendall(SSE_HEAD + ONE_TOKEN + b"data: [DONE]\n\n"), host="::1")
-    try:
-        model = ChatOpenAI(base_url=raw.url + "/v1", max_retries=0)
-        list(model.stream("hi"))
-        run(alist(model.astream("hi")))
-        port = raw.url.rsplit(":", 1)[1]
-        assert [re.search(r"(?im)^host: (.*?)\r?$", h).group(1) for h in raw.heads] == [f"[::1]:{port}"] * 2  # type: ignore[union-attr]
-    finally:
-        raw.close()
-    for host, url in [("gpu-box", "http://gpu-box:11434"), ("gpu-box:8000", "http://gpu-box:8000"),
-                      ("[::1]", "http://[::1]:11434"), ("https://ollama.example", "https://ollama.example")]:
-        monkeypatch.setenv("OLLAMA_HOST", host)
-        assert ChatOllama().base_url == url
-
-
-@pytest.mark.parametrize("call, message", [
-    (lambda: RunnableLambda(str).batch(None), r"batch takes a list of inputs, not NoneType: None; for one input use invoke"),  # type: ignore[arg-type]
-    (lambda: run(RunnableLambda(str).abatch("ab")), r"abatch takes a list of inputs, not str: 'ab'; for one input use ainvoke"),  # type: ignore[arg-type]
-    (lambda: RunnableLambda(str).with_config(callbacks=print), r"config callbacks must be a list of listeners, not a single builtin_function_or_method; write callbacks=\[print\]"),
-    (lambda: RunnableLambda(str).invoke(1, {"tags": 5}), r"config tags must be a list of str, not 5"),
-    (lambda: RunnableLambda(str).invoke(1, {"metadata": [1]}), r"config metadata must be a dict, not list: \[1\]"),
-    (lambda: RunnableLambda(str).batch([1], {"max_concurrency": 0}), r"config max_concurrency must be an int >= 1, not 0"),
-    (lambda: ChatOpenAI(base_url="http://x/v1", max_retries=None), r"ChatOpenAI: max_retries must be an int >= 0, not None"),
-])
-def test_bad_arguments_fail_at_the_call_that_received_them(call: Any, message: str) -> None:
-    with pytest.raises(TypeError, match="^" + message):
-        call()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4728,48 +4147,632 @@ def test_remote_runnable_turns_malformed_answers_into_api_errors() -> None:
         server.close()
 
 
-def test_a_failing_tool_tells_each_listener_once() -> None:
-    @tool
-    def boom(a: int) -> int:
-        """Boom."""
-        raise ValueError("tool boom")
-    errors: List[Any] = []
+# ---------------------------------------------------------------------------------------------
+# Across sections: modes agree; examples run
+# ---------------------------------------------------------------------------------------------
 
-    class Errors(mc.BaseCallbackHandler):
-        def on_tool_error(self, error: BaseException, **kwargs: Any) -> None:
-            errors.append(error)
-    with pytest.raises(ValueError, match="tool boom"):
-        boom.invoke({"a": 1}, {"callbacks": [Errors()]})
-    assert [repr(e) for e in errors] == ["ValueError('tool boom')"]
-    runs: List[Any] = []
-    with pytest.raises(ValueError, match="tool boom"):
-        boom.with_listeners(on_error=runs.append).invoke({"a": 1})
-    assert [r.error for r in runs] == ["ValueError('tool boom')"]
+@pytest.mark.parametrize("make,value,expected", [
+    (lambda: RunnableLambda(lambda x: x * 2), 3, 6),
+    (lambda: GenericFakeChatModel(messages=iter(["a b"])) | StrOutputParser(), "x", "a b"),
+    (lambda: RunnableParallel(a=lambda x: x + 1, b=RunnablePassthrough()), 1, {"a": 2, "b": 1}),
+    (lambda: RunnablePassthrough.assign(n=lambda d: len(d["q"])), {"q": "ab"}, {"q": "ab", "n": 2}),
+    (lambda: ChatPromptTemplate.from_template("{q}") | FakeListChatModel(responses=['{"a": [1, 2]}'])
+     | JsonOutputParser(), {"q": "x"}, {"a": [1, 2]}),
+])
+def test_invoke_equals_the_fold_of_stream_in_every_mode(make: Any, value: Any, expected: Any) -> None:
+    out = every_mode(make, value)
+    assert out["invoke"] == out["ainvoke"] == expected
+    assert mc._fold(out["stream"]) == mc._fold(out["astream"]) == expected
+    assert out["stream_events_output"] == [expected]
 
 
-def test_a_stream_left_early_tells_handlers_and_listeners_and_forgets_the_run() -> None:
-    def make() -> Any:
-        return ChatPromptTemplate.from_template("{q}") | GenericFakeChatModel(messages=iter(["a b c"])) | StrOutputParser()
-    h = _Recorder()
-    for _ in make().stream({"q": "x"}, {"callbacks": [h]}):
-        break
-    assert [(c[0], c[1]) for c in h.calls if c[0].endswith("_error")] == [
-        ("on_chain_error", "(GeneratorExit(),)"), ("on_chain_error", "(GeneratorExit(),)"),
-        ("on_llm_error", "(GeneratorExit(),)")]  # deviation: sync langchain_core ends them with None
-    errors: List[Any] = []
-    listened = make().with_listeners(on_error=lambda run: errors.append(run.error))
-    tracker = cast(Any, listened).config["callbacks"][0]
-    for _ in range(3):
-        def again() -> Any:
-            return ChatPromptTemplate.from_template("{q}") | GenericFakeChatModel(messages=iter(["a b c"])) | StrOutputParser()
-        chain_ = again().with_listeners(on_error=lambda run: errors.append(run.error))
-        for _ in chain_.stream({"q": "x"}):
-            break
+EXAMPLES = sorted((HERE / "examples").glob("[0-9][0-9]_*.py"))
+SERVER_ENV = ("OPENAI_BASE_URL", "OPENAI_API_KEY", "OLLAMA_HOST", "ANTHROPIC_API_KEY")  # examples use the fakes
 
-    async def leave() -> None:
-        chunks = listened.astream({"q": "x"})
-        async for _ in chunks:
-            break
-        await chunks.aclose()
-    run(leave())
-    assert errors == ["GeneratorExit()"] * 4 and tracker.runs == {}
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_examples_print_what_they_promise(path: Path) -> None:
+    expected = (path.with_suffix(".out")).read_text()
+    env = {k: v for k, v in os.environ.items() if k not in SERVER_ENV}
+    env["PYTHONPATH"] = str(HERE)
+    got = subprocess.run([sys.executable, "-W", "error", "-X", "dev", str(path)], capture_output=True,
+                         text=True, timeout=60, cwd=HERE, env=env)
+    assert got.returncode == 0, got.stderr
+    assert ids_out(got.stdout) == expected
+
+
+def _readme_blocks() -> List[Any]:
+    text = (HERE / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+@pytest.mark.parametrize("block", _readme_blocks())
+def test_readme_examples_print_what_they_show(block: str) -> None:
+    code = "\n".join(l for l in block.splitlines() if not l.startswith("# "))
+    expected = [l[2:] for l in block.splitlines() if l.startswith("# ")]
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    got = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert got.returncode == 0, got.stderr
+    assert [l.rstrip() for l in got.stdout.splitlines()] == expected
+
+
+def test_every_public_name_has_a_doctest() -> None:
+    aliases = {"RunnableConfig"}  # a type alias (Dict[str, Any]); documented where defined
+    missing = [name for name in mc.__all__
+               if name not in aliases and ">>>" not in (getattr(mc, name).__doc__ or "")]
+    assert missing == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Across sections: reliability (failures mid-stream, cancellation, concurrency, invariants)
+# ---------------------------------------------------------------------------------------------
+
+class Boom(Exception):
+    """The error the failing steps raise; tests check the very same object reaches them."""
+
+
+RAISED: List[Boom] = []
+
+
+def _raise(where: str) -> None:
+    RAISED.append(Boom(f"boom at {where}"))
+    raise RAISED[-1]
+
+
+def _words(chunks: Iterator[str]) -> Iterator[str]:
+    for c in chunks:
+        yield from c.split()
+
+
+def _fail_first(chunks: Iterator[str]) -> Iterator[str]:
+    for _ in chunks:
+        _raise("first chunk")
+        yield ""
+
+
+def _fail_middle(chunks: Iterator[str]) -> Iterator[str]:
+    count = 0
+    for c in chunks:
+        for ch in c:
+            count += 1
+            if count == 3:
+                _raise("middle")
+            yield ch
+
+
+def _fail_after_last(chunks: Iterator[str]) -> Iterator[str]:
+    yield from chunks
+    _raise("after the last chunk")
+
+
+def _fail_nested(x: str) -> str:
+    return "".join((RunnableLambda(lambda s: s) | _fail_middle).stream(x))
+
+
+FAILING: Dict[str, Callable[[], Any]] = {
+    "first chunk": lambda: RunnableLambda(lambda x: x) | _words | _fail_first,
+    "middle": lambda: RunnableLambda(lambda x: x) | _words | _fail_middle,
+    "after the last chunk": lambda: RunnableLambda(lambda x: x) | _words | _fail_after_last,
+    "parallel branch": lambda: RunnableParallel(ok=RunnableLambda(lambda x: x), bad=RunnableLambda(lambda x: x) | _words | _fail_middle),
+    "nested call in a lambda": lambda: RunnableLambda(lambda x: x.split()) | RunnableLambda(_fail_nested),
+}
+METHODS: Dict[str, Callable[[Any, Any], Any]] = {
+    "invoke": lambda r, x: r.invoke(x),
+    "stream": lambda r, x: list(r.stream(x)),
+    "astream": lambda r, x: run(alist(r.astream(x))),
+    "ainvoke": lambda r, x: run(r.ainvoke(x)),
+    "stream_events": lambda r, x: list(r.stream_events(x)),
+    "astream_events": lambda r, x: run(alist(r.astream_events(x))),
+    "batch": lambda r, x: r.batch([x, x]),
+    "abatch": lambda r, x: run(r.abatch([x, x])),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("where", FAILING)
+def test_an_exception_anywhere_reaches_every_method_unchanged(where: str, method: str) -> None:
+    with pytest.raises(Boom) as info:
+        METHODS[method](FAILING[where](), "a b c d")
+    assert info.value is RAISED[-1] or info.value in RAISED
+    assert str(info.value).startswith("boom at ")
+
+
+@pytest.mark.parametrize("where", FAILING)
+def test_batch_returns_each_exception_in_its_place(where: str) -> None:
+    ok = RunnableLambda(lambda x: x)
+    for out in (FAILING[where]().batch(["a b c d", "x"], return_exceptions=True),
+                run(FAILING[where]().abatch(["a b c d"], return_exceptions=True))):
+        assert isinstance(out[0], Boom) and out[0] in RAISED
+    assert ok.batch(["a"], return_exceptions=True) == ["a"]
+
+
+@pytest.mark.parametrize("where", ["first chunk", "middle", "after the last chunk"])
+def test_every_event_emitted_before_a_failure_is_delivered(where: str) -> None:
+    for events_of in (lambda r, cfg: r.stream_events("a b c d", cfg),
+                      lambda r, cfg: _sync(r.astream_events("a b c d", cfg))):
+        emitted: List[Dict[str, Any]] = []
+        delivered: List[Dict[str, Any]] = []
+        with pytest.raises(Boom):
+            for e in events_of(FAILING[where](), {"callbacks": [emitted.append]}):
+                delivered.append(e)
+        assert trace(delivered) == trace(emitted) and delivered
+        assert not [e for e in delivered if e["event"] == "on_chain_end" and not e["parent_ids"]]
+
+
+def test_a_failing_branch_stops_and_closes_the_others() -> None:
+    closed: List[str] = []
+
+    def slow(chunks: Iterator[str]) -> Iterator[str]:
+        try:
+            for c in chunks:
+                for _ in range(1000):
+                    time.sleep(0.002)
+                    yield c
+        finally:
+            closed.append("slow")
+
+    async def aslow(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            async for c in chunks:
+                for _ in range(1000):
+                    await asyncio.sleep(0.002)
+                    yield c
+        finally:
+            closed.append("aslow")
+    bad = RunnableLambda(lambda x: x) | _words | _fail_middle
+    with pytest.raises(Boom):
+        list(RunnableParallel(slow=RunnableLambda(lambda x: x) | slow, bad=bad).stream("a b c d"))
+    assert closed == ["slow"]
+    with pytest.raises(Boom):
+        run(alist(RunnableParallel(slow=RunnableLambda(lambda x: x) | aslow, bad=bad).astream("a b c d")))
+    assert closed == ["slow", "aslow"]
+
+
+def _tracked_pipeline(closed: List[str]) -> Any:
+    def step(name: str) -> Any:
+        def gen(chunks: Iterator[str]) -> Iterator[str]:
+            try:
+                for c in chunks:
+                    for i in range(5):
+                        yield f"{c}{i}"
+            finally:
+                closed.append(name)
+        gen.__name__ = name
+        return gen
+
+    def astep(name: str) -> Any:
+        async def agen(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+            try:
+                async for c in chunks:
+                    for i in range(5):
+                        await asyncio.sleep(0)
+                        yield f"{c}{i}"
+            finally:
+                closed.append(name)
+        agen.__name__ = name
+        return agen
+    return step, astep
+
+
+def test_stopping_after_any_chunk_closes_every_step() -> None:
+    for stop_after in range(0, 12):
+        closed: List[str] = []
+        step, astep = _tracked_pipeline(closed)
+        chain_ = RunnableLambda(lambda x: x) | step("one") | step("two")
+        stream = chain_.stream("a")
+        for _ in zip(range(stop_after), stream):
+            pass
+        stream.close()
+        assert sorted(closed) == (["one", "two"] if stop_after else []), stop_after
+
+        closed.clear()
+        achain = RunnableLambda(lambda x: x) | astep("one") | astep("two")
+
+        async def consume_then_cancel() -> int:
+            async def consume() -> None:
+                async for _ in achain.astream("a"):
+                    await asyncio.sleep(0)
+            task = asyncio.ensure_future(consume())
+            for _ in range(stop_after):
+                await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return len(asyncio.all_tasks())
+        assert run(consume_then_cancel()) == 1
+        assert sorted(closed) in ([], ["one", "two"]) and (stop_after < 3 or closed), stop_after
+
+
+def test_a_thousand_concurrent_event_streams_get_only_their_own_events() -> None:
+    import itertools
+    chain_ = ChatPromptTemplate.from_template("{topic}") | \
+        GenericFakeChatModel(messages=itertools.repeat("x y")) | StrOutputParser()
+
+    async def one(i: int) -> List[Dict[str, Any]]:
+        return [e async for e in chain_.astream_events({"topic": f"t{i}"})]
+
+    async def main() -> List[List[Dict[str, Any]]]:
+        return await asyncio.gather(*(one(i) for i in range(1000)))
+    results = run(main())
+    for i, events in enumerate(results):
+        assert len(events) == 17
+        root = events[0]["run_id"]
+        assert all(e["run_id"] == root or e["parent_ids"] == [root] for e in events)
+        assert events[0]["data"] == {"input": {"topic": f"t{i}"}}
+        prompt_end = [e for e in events if e["event"] == "on_prompt_end"][0]
+        assert prompt_end["data"]["output"].to_messages() == [HumanMessage(f"t{i}")]
+    assert len({e["run_id"] for events in results for e in events}) == 4000
+
+
+def test_batch_threads_keep_each_inputs_context() -> None:
+    seen = []
+
+    def inner(x: str, config: Dict[str, Any]) -> str:
+        seen.append((x, config.get("tags"), config.get("metadata")))
+        return x
+    outer = RunnableLambda(lambda x: RunnableLambda(inner).invoke(x))
+    configs = [{"tags": [f"t{i}"], "metadata": {"i": i}} for i in range(8)]
+    assert outer.batch([f"x{i}" for i in range(8)], configs) == [f"x{i}" for i in range(8)]
+    assert sorted(seen) == [(f"x{i}", [f"t{i}"], {"i": i}) for i in range(8)]
+
+
+def test_a_listener_that_raises_is_logged_and_the_run_goes_on(caplog: Any) -> None:
+    def broken(event: Dict[str, Any]) -> None:
+        raise RuntimeError("listener bug")
+    with caplog.at_level("WARNING", logger="minichain"):
+        assert RunnableLambda(str.upper).invoke("a", {"callbacks": [broken]}) == "A"
+    assert [r.getMessage().split(" failed on ")[1] for r in caplog.records] == [
+        "on_chain_start and was skipped: RuntimeError('listener bug') (set raise_error = True on it to raise instead)",
+        "on_chain_end and was skipped: RuntimeError('listener bug') (set raise_error = True on it to raise instead)"]
+
+    class Strict:
+        raise_error = True
+
+        def on_chain_start(self, event: Dict[str, Any]) -> None:
+            raise RuntimeError("strict listener")
+    with pytest.raises(RuntimeError, match="strict listener"):
+        RunnableLambda(str.upper).invoke("a", {"callbacks": [Strict()]})
+
+
+def _random_chunk(rng: random.Random) -> AIMessageChunk:
+    kwargs: Dict[str, Any] = {}
+    if rng.random() < 0.3:
+        kwargs["tool_call_chunks"] = [{"name": rng.choice([None, "f", "g"]), "args": rng.choice(["", '{"a"', ": 1}"]),
+                                       "id": rng.choice([None, "c1"]), "index": rng.choice([0, 1])}]
+    if rng.random() < 0.3:
+        kwargs["usage_metadata"] = {"input_tokens": rng.randint(0, 5), "output_tokens": rng.randint(0, 5), "total_tokens": 3}
+    if rng.random() < 0.3:
+        kwargs["response_metadata"] = {rng.choice(["a", "b"]): rng.choice(["x", "y"])}
+    content: Any = rng.choice(["", "hi", " ", "é"]) if rng.random() < 0.8 else [{"type": "text", "text": "blk"}]
+    return AIMessageChunk(content, id=rng.choice([None, "lc_run--1", "prov-2"]),
+                          chunk_position=rng.choice([None, None, "last"]), **kwargs)
+
+
+def test_chunk_addition_is_associative_and_join_agrees() -> None:
+    rng = random.Random(11)
+    for _ in range(500):
+        a, b, c = (_random_chunk(rng) for _ in range(3))
+        assert (a + b) + c == a + (b + c) == AIMessageChunk.join([a, b, c])
+
+
+def _twice(x: str) -> Iterator[str]:
+    yield x
+    yield x
+
+
+INVOKE_KINDS: Dict[str, Callable[[], Any]] = {
+    "lambda": lambda: RunnableLambda(lambda x: x * 2),
+    "generator lambda": lambda: RunnableLambda(_twice),
+    "generator step": lambda: RunnableLambda(lambda x: x) | _words,
+    "sequence": lambda: RunnableLambda(lambda x: x) | RunnableLambda(str.upper),
+    "parallel": lambda: RunnableParallel(a=RunnableLambda(str.upper), b=_words),
+    "passthrough": lambda: RunnablePassthrough(),
+    "assign": lambda: RunnableLambda(lambda x: {"q": x}) | RunnablePassthrough.assign(n=lambda d: len(d["q"])),
+    "prompt": lambda: PromptTemplate.from_template("Q: {q}"),
+    "chat model": lambda: GenericFakeChatModel(messages=iter(["a b", "a b", "a b", "a b", "a b"])),
+    "llm": lambda: FakeListLLM(responses=["ok"]),
+    "str parser": lambda: RunnableLambda(lambda x: AIMessageChunk(x)) | StrOutputParser(),
+    "json parser": lambda: RunnableLambda(lambda x: '{"a": [1, 2]}') | JsonOutputParser(),
+    "retriever": lambda: InMemoryVectorStore.from_texts(["a b", "c"], embedding=LexicalEmbeddings(), ids=["1", "2"]).as_retriever(),
+    "tool": lambda: tool(lambda q: q + "!", name="bang", description="Add a bang."),
+    "bound": lambda: RunnableLambda(str.upper).with_config(tags=["t"]),
+}
+
+
+@pytest.mark.parametrize("kind", INVOKE_KINDS)
+def test_invoke_equals_the_fold_of_stream_for_every_kind(kind: str) -> None:
+    make = INVOKE_KINDS[kind]
+    value = "a b"
+    whole = make().invoke(value)
+    folded = mc._fold(make().stream(value))
+    afolded = mc._fold(run(alist(make().astream(value))))
+    if isinstance(whole, AIMessage):  # invoke gives the whole message; streams give chunks
+        folded, afolded = folded.to_message(), afolded.to_message()
+        whole.id = folded.id = afolded.id = None
+    assert whole == folded == afolded
+    if kind != "chat model":  # (a fake model answers each call with the next message)
+        assert run(make().ainvoke(value)) == whole
+
+
+def test_memory_stays_flat_when_no_one_listens() -> None:
+    import tracemalloc
+
+    class Counting(mc.BaseChatModel):
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.n = n
+
+        def _stream(self, messages: List[Any], **kwargs: Any) -> Iterator[AIMessageChunk]:
+            for _ in range(self.n):
+                yield AIMessageChunk("tok ")
+
+    def peak(n: int) -> int:
+        chain_ = ChatPromptTemplate.from_template("{q}") | Counting(n) | StrOutputParser()
+        tracemalloc.start()
+        count = sum(1 for _ in chain_.stream({"q": "x"}))
+        size = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert count == n + 1
+        return size
+    small, large = peak(20_000), peak(200_000)
+    assert large < small * 1.5 + 50_000, (small, large)
+
+
+def test_extra_prompt_keys_are_ignored_and_a_misspelt_one_shows_in_the_error() -> None:
+    prompt = PromptTemplate.from_template("Q: {question}")
+    assert prompt.invoke({"question": "why?", "context": "passed along"}).to_string() == "Q: why?"
+    with pytest.raises(KeyError, match=r"missing variable 'question'; the template expects \['question'\] and got \['questoin'\]"):
+        prompt.invoke({"questoin": "why?"})
+
+
+@pytest.mark.parametrize("key, message", [
+    ("sk-secret\n", r"the Authorization header has a newline \(\\n\) at its end; strip it \(a key read from a file often ends with one: key.strip\(\)\)"),
+    ("sk-secret\r\nX-Injected: yes", r"the Authorization header has a carriage return \(\\r\) inside it"),
+])
+def test_header_values_with_control_characters_are_refused_before_connecting(server: "Server", key: str, message: str) -> None:
+    model = ChatOpenAI(api_key=key, base_url=server.url + "/v1")
+    for call in (lambda: model.invoke("hi"), lambda: run(model.ainvoke("hi"))):
+        with pytest.raises(ValueError, match="^OpenAI: " + message) as caught:
+            call()
+        assert "sk-secret" not in str(caught.value)  # the secret never lands in an error
+    anthropic = ChatAnthropic(api_key=key, base_url=server.url)
+    with pytest.raises(ValueError, match=r"the x-api-key header has"):
+        anthropic.invoke("hi")
+    assert server.requests == []  # refused before any connection
+
+
+class RawServer:
+    """A TCP server on 127.0.0.1 (or ::1) that reads each request's head and body and then runs
+    `answer(connection)`: for answers no HTTP server would give. Counts connections."""
+
+    def __init__(self, answer: Any, host: str = "127.0.0.1") -> None:
+        import socket
+        self.answer, self.connections, self.heads = answer, 0, []  # type: ignore[var-annotated]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.bind((host, 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.05)
+        self.running = True
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        port = self.sock.getsockname()[1]
+        self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def _serve(self) -> None:
+        import socket
+        while self.running:
+            try:
+                conn, _ = self.sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            self.connections += 1
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+                while len(body) < length:
+                    body += conn.recv(65536)
+                self.heads.append(head.decode("latin-1"))
+                try:
+                    self.answer(conn)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join()
+        self.sock.close()
+
+
+def _reset(conn: Any) -> None:
+    """Close with a TCP reset instead of a clean end."""
+    import socket
+    import struct
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+ONE_TOKEN = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"tok"},"finish_reason":null}]}\n\n'
+
+
+def _both_raise(model: Any, error: Any, match: str) -> None:
+    with pytest.raises(error, match=match):
+        list(model.stream("hi"))
+    with pytest.raises(error, match=match):
+        run(alist(model.astream("hi")))
+
+
+def test_every_transport_failure_is_an_api_error_with_its_cause() -> None:
+    def reset_mid_stream(conn: Any) -> None:
+        conn.sendall(SSE_HEAD + ONE_TOKEN)
+        time.sleep(0.05)
+        _reset(conn)
+    cases = [
+        (reset_mid_stream, mc.IncompleteStreamError, r"broke off mid-stream"),
+        (lambda conn: conn.sendall(b"garbage\r\n\r\n"), mc.APIConnectionError, r"did not answer in HTTP/1.1"),
+        (lambda conn: conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"),
+         mc.IncompleteStreamError, r"broke off mid-stream"),
+        (lambda conn: conn.sendall(SSE_HEAD + b'data: {"id":"c","choi'), mc.IncompleteStreamError,
+         r"the stream ended in the middle of an event"),
+    ]
+    for answer, error, match in cases:
+        raw = RawServer(answer)
+        try:
+            _both_raise(ChatOpenAI(base_url=raw.url + "/v1", max_retries=2), error, match)
+            assert raw.connections == 2  # one per call: none of these is retried
+        finally:
+            raw.close()
+
+
+def test_a_connection_closed_before_the_answer_is_retried_the_same_by_both_transports() -> None:
+    raw = RawServer(lambda conn: None)  # reads the request, closes without a word
+    try:
+        _both_raise(ChatOpenAI(base_url=raw.url + "/v1", max_retries=1), mc.APIConnectionError,
+                    r"closed before the answer")
+        assert raw.connections == 4  # each transport: the first try and one retry
+    finally:
+        raw.close()
+
+
+def test_name_and_certificate_failures_are_not_retried(monkeypatch: Any) -> None:
+    import socket
+    import ssl
+    calls: List[str] = []
+
+    def no_such_host(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[0])
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
+    model = ChatOpenAI(base_url="http://no-such-host.invalid/v1", max_retries=3)
+    _both_raise(model, mc.APIConnectionError, r"cannot resolve the host name 'no-such-host.invalid'")
+    assert len(calls) == 2  # once per call
+    req = mc._Request("https://example.com/v1", {}, {}, (1.0, 1.0), 3, "OpenAI")
+    error = mc._broken(ssl.SSLCertVerificationError("certificate verify failed"), req)
+    assert not error.retryable and "TLS certificate of example.com:443 does not verify" in str(error)
+    with pytest.raises(mc.APIConnectionError):
+        mc._retry_after(error, 0, req)
+
+
+def test_what_a_server_sends_is_capped(server: "Server") -> None:
+    import tracemalloc
+    line = b"data: " + b"x" * (4 * 2 ** 20)  # 4 MiB with no line end
+    server.replies.extend([Reply([line], chunked=False)] * 2)
+    model = ChatOpenAI(base_url=server.url + "/v1", max_event_bytes=2 ** 18, max_retries=0)
+    tracemalloc.start()
+    with pytest.raises(mc.APIError, match=r"a stream line or event over 262144 bytes; .* max_event_bytes="):
+        list(model.stream("hi"))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 8 * 2 ** 18  # a small multiple of the cap, not of the line
+    with pytest.raises(mc.APIError, match=r"over 262144 bytes"):
+        run(model.ainvoke("hi"))
+    page = b"<html>" + b"x" * 2 ** 20
+    server.replies.extend([Reply([page], status=502, chunked=False)] * 2)
+    for call in (lambda: model.invoke("hi"), lambda: run(model.ainvoke("hi"))):
+        with pytest.raises(mc.APIError, match=r"HTTP 502: <html>x+\.\.\. \(the body is over 65536 characters\)") as caught:
+            call()
+        assert len(caught.value.body) == 65536  # a bounded prefix is kept
+    records = b'{"message":{"content":"' + b"y" * 2 ** 19 + b'"}}\n'
+    server.replies.append(Reply([records]))
+    with pytest.raises(mc.APIError, match=r"over 1024 bytes"):
+        ChatOllama(base_url=server.url, max_event_bytes=1024, max_retries=0).invoke("hi")
+
+
+def test_read_sse_reports_a_cut_event() -> None:
+    with pytest.raises(mc.IncompleteStreamError, match="the stream ended in the middle of an event"):
+        list(mc.read_sse([b'event: data\ndata: "a"\n\nevent: data\ndata: "b']))
+
+
+def test_ipv6_hosts_are_bracketed_and_ollama_defaults_its_port(monkeypatch: Any) -> None:
+    raw = RawServer(lambda conn: conn.sendall(SSE_HEAD + ONE_TOKEN + b"data: [DONE]\n\n"), host="::1")
+    try:
+        model = ChatOpenAI(base_url=raw.url + "/v1", max_retries=0)
+        list(model.stream("hi"))
+        run(alist(model.astream("hi")))
+        port = raw.url.rsplit(":", 1)[1]
+        assert [re.search(r"(?im)^host: (.*?)\r?$", h).group(1) for h in raw.heads] == [f"[::1]:{port}"] * 2  # type: ignore[union-attr]
+    finally:
+        raw.close()
+    for host, url in [("gpu-box", "http://gpu-box:11434"), ("gpu-box:8000", "http://gpu-box:8000"),
+                      ("[::1]", "http://[::1]:11434"), ("https://ollama.example", "https://ollama.example")]:
+        monkeypatch.setenv("OLLAMA_HOST", host)
+        assert ChatOllama().base_url == url
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: RunnableLambda(str).batch(None), r"batch takes a list of inputs, not NoneType: None; for one input use invoke"),  # type: ignore[arg-type]
+    (lambda: run(RunnableLambda(str).abatch("ab")), r"abatch takes a list of inputs, not str: 'ab'; for one input use ainvoke"),  # type: ignore[arg-type]
+    (lambda: RunnableLambda(str).with_config(callbacks=print), r"config callbacks must be a list of listeners, not a single builtin_function_or_method; write callbacks=\[print\]"),
+    (lambda: RunnableLambda(str).invoke(1, {"tags": 5}), r"config tags must be a list of str, not 5"),
+    (lambda: RunnableLambda(str).invoke(1, {"metadata": [1]}), r"config metadata must be a dict, not list: \[1\]"),
+    (lambda: RunnableLambda(str).batch([1], {"max_concurrency": 0}), r"config max_concurrency must be an int >= 1, not 0"),
+    (lambda: ChatOpenAI(base_url="http://x/v1", max_retries=None), r"ChatOpenAI: max_retries must be an int >= 0, not None"),
+])
+def test_bad_arguments_fail_at_the_call_that_received_them(call: Any, message: str) -> None:
+    with pytest.raises(TypeError, match="^" + message):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------
+# Across sections: runs where it is put, vendored, doctested on its own
+# ---------------------------------------------------------------------------------------------
+
+VENDORED_APP = """
+import asyncio, os, sys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I leaves it off on 3.11+
+import minichain
+from minichain import ChatPromptTemplate, GenericFakeChatModel, StrOutputParser
+
+chain = (ChatPromptTemplate.from_template("joke about {topic}")
+         | GenericFakeChatModel(messages=iter(["a parrot joke", "two"])) | StrOutputParser())
+print("|".join(chain.stream({"topic": "parrot"})))
+
+async def main():
+    return [e["event"] async for e in chain.astream_events({"topic": "x"}, include_types=["parser"])]
+print(asyncio.run(main()))
+print(sorted(m for m in sys.modules if m.split(".")[0] not in sys.stdlib_module_names
+             and not m.startswith("_")) if hasattr(sys, "stdlib_module_names") else ["minichain"])
+"""
+
+
+def test_a_vendored_copy_runs_with_nothing_installed(tmp_path: Path) -> None:
+    (tmp_path / "minichain.py").write_bytes((HERE / "minichain.py").read_bytes())
+    (tmp_path / "app.py").write_text(VENDORED_APP)
+    got = subprocess.run([sys.executable, "-I", "-S", "-W", "error", str(tmp_path / "app.py")],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.splitlines() == [
+        "a| |parrot| |joke", "['on_parser_start', 'on_parser_stream', 'on_parser_end']", "['minichain']"]
+
+
+def test_a_vendored_copy_runs_under_python_s_with_no_path_set_up(tmp_path: Path) -> None:
+    (tmp_path / "minichain.py").write_bytes((HERE / "minichain.py").read_bytes())
+    (tmp_path / "app.py").write_text(VENDORED_APP.replace("sys.path.insert(0,", "(None,"))
+    got = subprocess.run([sys.executable, "-S", "-W", "error", str(tmp_path / "app.py")],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert got.returncode == 0, got.stderr
+    isolated = subprocess.run([sys.executable, "-I", "-S", str(tmp_path / "app.py")],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert "No module named 'minichain'" in isolated.stderr  # what the README warns about
+
+
+def test_the_doctests_pass_with_plain_doctest_and_include_the_tour() -> None:
+    assert ">>> chain = prompt | model | StrOutputParser()" in (mc.__doc__ or "")
+    got = subprocess.run([sys.executable, "-m", "doctest", "minichain.py"], capture_output=True,
+                         text=True, timeout=120, cwd=HERE,
+                         env={k: v for k, v in os.environ.items() if k not in SERVER_ENV})
+    assert got.returncode == 0, got.stdout + got.stderr
+
+
+def test_importing_loads_no_module_that_only_some_users_need() -> None:
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import minichain; "
+            "print([m for m in ('asyncio', 'http.client', 'ssl', 'inspect', 'json', "
+            "'concurrent.futures', 'urllib.parse', 'socket', 'queue') if m in sys.modules])")
+    got = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(HERE)], capture_output=True,
+                         text=True, timeout=60)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.strip() == "[]"
