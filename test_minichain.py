@@ -4072,6 +4072,9 @@ def test_remote_runnable_refuses_a_hostile_servers_json() -> None:
 ])
 def test_asgi_app_answers_422_for_values_that_cannot_be_what_they_say(endpoint: str, body: bytes, detail: Any) -> None:
     status, headers, got = asgi_call(mc.asgi_app({"/echo": RunnableLambda(lambda x: x)}), "POST", f"/echo/{endpoint}", body)
+    if detail is None:  # 600 levels: past the stack on some builds (422), within it on others (200)
+        assert status in (200, 422) and headers[b"content-type"] == b"application/json", got
+        return
     assert (status, headers[b"content-type"]) == (422, b"application/json"), got
     if isinstance(detail, str):  # a message the constructor refused, named in the detail
         assert json.loads(got)["detail"][0]["type"] == "value_error" and detail in json.loads(got)["detail"][0]["msg"]
