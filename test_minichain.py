@@ -4036,8 +4036,10 @@ def test_asgi_app_refuses_hostile_json_without_a_traceback(body: bytes) -> None:
     app = mc.asgi_app({"/echo": RunnableLambda(lambda x: x)}, max_body_bytes=1 << 20)
     for endpoint in ("invoke", "stream"):
         status, _, got = asgi_call(app, "POST", f"/echo/{endpoint}", body)
-        assert status == 422 and json.loads(got)["detail"] in (["Invalid JSON body"], [
-            {"type": "model_type", "loc": [], "msg": "Input should be a valid dictionary or object to extract fields from"}])
+        detail = json.loads(got)["detail"]  # where the nesting is refused depends on the build
+        assert status == 422 and detail in (["Invalid JSON body"], [
+            {"type": "model_type", "loc": [], "msg": "Input should be a valid dictionary or object to extract fields from"}],
+            [{"type": "value_error", "loc": ["input"], "msg": "maximum recursion depth exceeded"}]), detail
 
 
 def test_remote_runnable_refuses_a_hostile_servers_json() -> None:
