@@ -7506,6 +7506,29 @@ class RemoteRunnable(Runnable[Any, Any]):
             raise APIError(f"the answer holds a malformed value: {exc!r}",
                            provider=self._provider()) from None
 
+    def _capped(self, body: Iterable[bytes]) -> bytes:
+        """A JSON answer's bytes, read no further than `max_event_bytes` (as a stream's events)."""
+        parts, size = [], 0
+        for data in body:
+            size += len(data)
+            if size > self.max_event_bytes:
+                _close(body)
+                raise _too_large(self.max_event_bytes, self._provider())
+            parts.append(data)
+        return b"".join(parts)
+
+    async def _acapped(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """`body` until it passes `max_event_bytes` (`_capped` raises then)."""
+        size = 0
+        try:
+            async for data in body:
+                yield data
+                size += len(data)
+                if size > self.max_event_bytes:
+                    return
+        finally:
+            await _aclose(body)
+
     def _batch_body(self, inputs: List[Any], config: Any) -> Dict[str, Any]:
         return {"inputs": _dump(inputs), "kwargs": {},
                 "config": [self._config(c) for c in _batch_configs(config, len(inputs))]}
@@ -7514,11 +7537,11 @@ class RemoteRunnable(Runnable[Any, Any]):
 
     def _invoke_transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
         request = self._request("invoke", self._body(_fold(inputs), config))
-        yield self._output(b"".join(_post_stream(request)))
+        yield self._output(self._capped(_post_stream(request)))
 
     async def _ainvoke_transform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
         request = self._request("invoke", self._body(await _afold(inputs), config))
-        yield self._output(b"".join([data async for data in _apost_stream(request)]))
+        yield self._output(self._capped([data async for data in self._acapped(_apost_stream(request))]))
 
     def batch(self, inputs: List[Any], config: Union[RunnableConfig, List[RunnableConfig], None] = None,
               *, return_exceptions: bool = False, **kwargs: Any) -> List[Any]:
@@ -7528,7 +7551,7 @@ class RemoteRunnable(Runnable[Any, Any]):
         if return_exceptions or not inputs:
             return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
         request = self._request("batch", self._batch_body(inputs, config))
-        return cast(List[Any], self._output(b"".join(_post_stream(request)), len(inputs)))
+        return cast(List[Any], self._output(self._capped(_post_stream(request)), len(inputs)))
 
     async def abatch(self, inputs: List[Any], config: Union[RunnableConfig, List[RunnableConfig], None] = None,
                      *, return_exceptions: bool = False, **kwargs: Any) -> List[Any]:
@@ -7537,7 +7560,8 @@ class RemoteRunnable(Runnable[Any, Any]):
         if return_exceptions or not inputs:
             return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
         request = self._request("batch", self._batch_body(inputs, config))
-        return cast(List[Any], self._output(b"".join([d async for d in _apost_stream(request)]), len(inputs)))
+        body = [data async for data in self._acapped(_apost_stream(request))]
+        return cast(List[Any], self._output(self._capped(body), len(inputs)))
 
     # -- streams: server-sent events -----------------------------------------------------------
 

@@ -4781,3 +4781,21 @@ def test_importing_loads_no_module_that_only_some_users_need() -> None:
                          text=True, timeout=60)
     assert got.returncode == 0, got.stderr
     assert got.stdout.strip() == "[]"
+
+
+def test_remote_runnable_reads_a_json_answer_no_further_than_its_cap() -> None:
+    class Big(Replay):
+        def answer(self) -> bytes:
+            body = b'{"output": "' + b"x" * 50_000 + b'"}'
+            return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+    server = Big()
+    try:
+        remote = mc.RemoteRunnable(f"{server.url}/x", max_event_bytes=10_000)
+        message = r"the server sent a stream line or event over 10000 bytes; minichain stopped reading there"
+        with pytest.raises(mc.APIError, match=message):
+            remote.invoke(1)
+        with pytest.raises(mc.APIError, match=message):
+            run(remote.abatch([1]))
+        assert len(mc.RemoteRunnable(f"{server.url}/x").invoke(1)) == 50_000  # the default: 8 MiB
+    finally:
+        server.close()
