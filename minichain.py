@@ -1680,14 +1680,12 @@ class Runnable(Generic[Input, Output]):
             value = _fold(inputs)
             if value is _MISSING:
                 return
-            self._start_folded(run, value, known)
-            inputs = iter([value])
+            inputs = iter(self._begin(run, known, invoked, value))
         else:
             first = next(inputs, _MISSING)
             if first is _MISSING:
                 return
-            # the input is shown where the call gave it whole: the root, or a nested invoke
-            run.start({"input": known} if known is not _MISSING and (run.root or invoked) else {})
+            self._begin(run, known, invoked)
             inputs = _tap(first, inputs, run)
             if isinstance(source, _Snapshots):  # the step before streams snapshots
                 run.inputs, inputs = _Latest(), _Snapshots(inputs)
@@ -1695,14 +1693,11 @@ class Runnable(Generic[Input, Output]):
             run.refuse_async()
         child = _child_config(config, run)
         chunks = _scoped(transform(inputs, child), child)
-        held = []  # a run that does not stream ends before its output moves on (langchain_core)
+        held: List[Any] = []
         try:
             for chunk in chunks:
-                run.chunk(chunk)
-                if run.streams or self._passes_through:
+                if self._passes(run, chunk, held):
                     yield chunk
-                else:
-                    held.append(chunk)
         except BaseException as exc:  # failed, or left early: closed, stopped, cancelled
             run.fail(exc)
             raise
@@ -1714,14 +1709,30 @@ class Runnable(Generic[Input, Output]):
             run.refuse_async()
         yield from held
 
-    def _end(self, run: Run, invoked: bool) -> None:
-        output = run.outputs.value()
-        run.end(self._event_output(self._invoked(output) if invoked else output))
-
-    def _start_folded(self, run: Run, value: Any, known: Any) -> None:
+    def _begin(self, run: Run, known: Any, invoked: bool, value: Any = _MISSING) -> List[Any]:
+        """Start the run; its input shows where the call gave it whole (the root, or a nested
+        invoke), or, for a step that folds its input first, as `_event_input` says. Returns
+        the folded input as the one input chunk."""
+        if value is _MISSING:
+            run.start({"input": known} if known is not _MISSING and (run.root or invoked) else {})
+            return []
         run.input = self._event_input(value, end=True)
         shown = known if run.root and known is not _MISSING else self._event_input(value, end=False)
         run.start({"input": shown})
+        return [value]
+
+    def _passes(self, run: Run, chunk: Any, held: List[Any]) -> bool:
+        """Fold one output chunk into the run; whether it moves on now. A run that does not
+        stream ends before its output moves on (as in langchain_core): it is held till then."""
+        run.chunk(chunk)
+        if run.streams or self._passes_through:
+            return True
+        held.append(chunk)
+        return False
+
+    def _end(self, run: Run, invoked: bool) -> None:
+        output = run.outputs.value()
+        run.end(self._event_output(self._invoked(output) if invoked else output))
 
     def _astream_run(self, inputs: AsyncIterator[Any], config: RunnableConfig,
                      tag: Optional[str] = None, known: Any = _MISSING,
@@ -1746,20 +1757,20 @@ class Runnable(Generic[Input, Output]):
             value = await _afold(inputs)
             if value is _MISSING:
                 return
-            self._start_folded(run, value, known)
-            inputs = _aiter([value])
+            inputs = _aiter(self._begin(run, known, invoked, value))
         else:
             try:
                 first = await inputs.__anext__()
             except StopAsyncIteration:
                 return
-            run.start({"input": known} if known is not _MISSING and (run.root or invoked) else {})
+            self._begin(run, known, invoked)
             inputs = _atap(first, inputs, run)
             if isinstance(source, _ASnapshots):
                 run.inputs, inputs = _Latest(), _ASnapshots(inputs)
         child = _child_config(config, run)
         agen = _ascoped(transform(inputs, child), child)
-        channel, held = run.channel, []
+        channel = run.channel
+        held: List[Any] = []
         try:
             while True:
                 if run.pending:
@@ -1770,13 +1781,10 @@ class Runnable(Generic[Input, Output]):
                     chunk = await agen.__anext__()
                 except StopAsyncIteration:
                     break
-                run.chunk(chunk)
-                if run.streams or self._passes_through:
+                if self._passes(run, chunk, held):
                     if run.pending:
                         await run.settle()
                     yield chunk
-                else:
-                    held.append(chunk)
         except BaseException as exc:  # failed, or left early: closed, stopped, cancelled
             run.fail(exc)
             try:
@@ -7586,9 +7594,12 @@ class RemoteRunnable(Runnable[Any, Any]):
         finally:
             await _aclose(chunks)
 
-    def _filters(self, config: Optional[RunnableConfig], **filters: Any) -> Dict[str, Any]:
-        return self._body(None, _resolve(config), **{k: list(v) if v is not None else None
-                                                      for k, v in filters.items()})
+    def _filtered(self, input: Any, config: Optional[RunnableConfig], kwargs: Dict[str, Any],
+                  **filters: Any) -> Dict[str, Any]:
+        """The body of a `/stream_events` or `/stream_log` request: the filters go along."""
+        self._check_kwargs(kwargs)
+        return self._body(input, _resolve(config), **{
+            k: list(v) if isinstance(v, (list, tuple, set)) else v for k, v in filters.items()})
 
     def astream_events(self, input: Any, config: Optional[RunnableConfig] = None, *,
                        version: str = "v2", include_names: Optional[Sequence[str]] = None,
@@ -7599,12 +7610,10 @@ class RemoteRunnable(Runnable[Any, Any]):
                        exclude_tags: Optional[Sequence[str]] = None, **kwargs: Any) -> AsyncIterator[Event]:
         """The server's own events, as its `astream_events` makes them (filtered there): its
         run ids, the root named after its path, data decoded. (`version` is the server's.)"""
-        self._check_kwargs(kwargs)
-        body = {**self._filters(config, include_names=include_names, include_types=include_types,
-                                include_tags=include_tags, exclude_names=exclude_names,
-                                exclude_types=exclude_types, exclude_tags=exclude_tags),
-                "input": _dump(input)}
-        return self._aread("stream_events", body)
+        return self._aread("stream_events", self._filtered(
+            input, config, kwargs, include_names=include_names, include_types=include_types,
+            include_tags=include_tags, exclude_names=exclude_names, exclude_types=exclude_types,
+            exclude_tags=exclude_tags))
 
     def stream_events(self, input: Any, config: Optional[RunnableConfig] = None, *,
                       version: str = "v2", include_names: Optional[Sequence[str]] = None,
@@ -7614,12 +7623,10 @@ class RemoteRunnable(Runnable[Any, Any]):
                       exclude_types: Optional[Sequence[str]] = None,
                       exclude_tags: Optional[Sequence[str]] = None, **kwargs: Any) -> Iterator[Event]:
         """The events `astream_events` gives, synchronously."""
-        self._check_kwargs(kwargs)
-        body = {**self._filters(config, include_names=include_names, include_types=include_types,
-                                include_tags=include_tags, exclude_names=exclude_names,
-                                exclude_types=exclude_types, exclude_tags=exclude_tags),
-                "input": _dump(input)}
-        return self._read("stream_events", body)
+        return self._read("stream_events", self._filtered(
+            input, config, kwargs, include_names=include_names, include_types=include_types,
+            include_tags=include_tags, exclude_names=exclude_names, exclude_types=exclude_types,
+            exclude_tags=exclude_tags))
 
     async def astream_log(self, input: Any, config: Optional[RunnableConfig] = None, *,
                           diff: bool = True, with_streamed_output_list: bool = True,
@@ -7630,11 +7637,10 @@ class RemoteRunnable(Runnable[Any, Any]):
                           exclude_types: Optional[Sequence[str]] = None,
                           exclude_tags: Optional[Sequence[str]] = None, **kwargs: Any) -> AsyncIterator[Any]:
         """The server's run log (`/stream_log`) as `RunLogPatch`es (`RunLog`s with `diff=False`)."""
-        self._check_kwargs(kwargs)
-        body = {**self._filters(config, include_names=include_names, include_types=include_types,
-                                include_tags=include_tags, exclude_names=exclude_names,
-                                exclude_types=exclude_types, exclude_tags=exclude_tags),
-                "input": _dump(input), "diff": True}
+        body = self._filtered(input, config, kwargs, include_names=include_names,
+                              include_types=include_types, include_tags=include_tags,
+                              exclude_names=exclude_names, exclude_types=exclude_types,
+                              exclude_tags=exclude_tags, diff=True)
         log: Optional[RunLog] = None
         patches = self._aread("stream_log", body)
         try:
