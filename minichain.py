@@ -5502,6 +5502,8 @@ def _callback_calls(h: BaseCallbackHandler) -> Callable[[Event], Any]:
     def call(event: Event) -> Any:
         kind, data = event["event"], event["data"]
         family, phase = kind[3:kind.rindex("_")], kind[kind.rindex("_") + 1:]
+        if phase == "stream" and family not in ("chat_model", "llm"):
+            return None  # a chain's chunks: no handler method (the common case: returned first)
         ids = {"run_id": _uuid(event["run_id"]), "tags": event["tags"],
                "parent_run_id": _uuid(event["parent_ids"][-1]) if event["parent_ids"] else None}
         if kind == "on_custom_event":
@@ -5546,7 +5548,7 @@ def _callback_calls(h: BaseCallbackHandler) -> Callable[[Event], Any]:
         if phase == "stream":
             # deviation: an invoked chat model streams too, so its tokens reach the handler
             # (langchain_core calls on_llm_new_token only when the model was streamed)
-            if family not in ("chat_model", "llm") or h.ignore_llm:
+            if h.ignore_llm:
                 return None
             chunk = data["chunk"]
             wrapped = ChatGenerationChunk(message=chunk) if family == "chat_model" \
