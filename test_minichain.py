@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
+from typing import Any, AsyncIterator, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, cast
 
 import pytest
 
@@ -101,12 +101,20 @@ def short(rows: List[Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
 
 
 def every_mode(make: Any, value: Any) -> Dict[str, Any]:
-    """Run a fresh runnable through every mode; return what each gave."""
+    """Run a fresh runnable through every mode; return what each gave. batch and abatch
+    must give what invoke gave, and astream_events what stream_events gave (checked here;
+    run and message ids aside)."""
     out = {"invoke": make().invoke(value), "stream": list(make().stream(value)),
            "astream": run(alist(make().astream(value))),
            "ainvoke": run(make().ainvoke(value))}
-    out["stream_events_output"] = [e["data"]["output"] for e in make().stream_events(value)
-                                   if e["event"].endswith("_end") and not e["parent_ids"]]
+
+    def root_outputs(events: Iterable[Dict[str, Any]]) -> List[Any]:
+        return [e["data"]["output"] for e in events if e["event"].endswith("_end") and not e["parent_ids"]]
+    out["stream_events_output"] = root_outputs(make().stream_events(value))
+    def same(x: Any) -> str:
+        return ids_out(repr(x))
+    assert same(root_outputs(run(alist(make().astream_events(value))))) == same(out["stream_events_output"])
+    assert same(make().batch([value])) == same(run(make().abatch([value]))) == same([out["invoke"]])
     return out
 
 
@@ -2727,7 +2735,7 @@ def test_with_listeners_gets_run_trees_at_start_end_and_error() -> None:
         on_start=note("start"), on_end=note("end"), on_error=note("error"))
     assert every_mode(listened, 1) == {"invoke": 4, "stream": [4], "astream": [4], "ainvoke": 4,
                                        "stream_events_output": [4]}
-    assert seen == 5 * [("start", "RunnableSequence", "chain", {"input": 1}, {}, None, [], False),
+    assert seen == 8 * [("start", "RunnableSequence", "chain", {"input": 1}, {}, None, [], False),
                         ("end", "RunnableSequence", "chain", {"input": 1}, {"output": 4}, None,
                          ["RunnableLambda", "RunnableLambda"], True)]
     seen.clear()
