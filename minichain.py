@@ -2859,16 +2859,22 @@ class RunnableWithFallbacks(Runnable[Input, Output]):
                             f"input to add the error to, got {type(value).__name__}: {_short(value)}")
         return {**value, self.exception_key: error}
 
-    def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
-        value, first, error = _fold(inputs), None, None
+    def _tries(self, value: Any, errors: List[BaseException]) -> Iterator[Tuple[Runnable[Any, Any], Any]]:
+        """Each runnable in turn with its input (with `exception_key`, the last of `errors`
+        added); when all have failed, the first error is raised."""
         for runnable in self.runnables:
-            arg = self._input(value, error)
+            yield runnable, self._input(value, errors[-1] if errors else None)
+        raise errors[0]
+
+    def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        errors: List[BaseException] = []
+        for runnable, arg in self._tries(_fold(inputs), errors):
             chunks = runnable._stream_run(iter([arg]), config, None, arg)
             try:
                 head = next(chunks, _MISSING)
             except self.exceptions_to_handle as exc:
                 _close(chunks)
-                first, error = first or exc, exc
+                errors.append(exc)
                 continue
             try:
                 if head is not _MISSING:
@@ -2877,12 +2883,10 @@ class RunnableWithFallbacks(Runnable[Input, Output]):
             finally:
                 _close(chunks)
             return
-        raise cast(BaseException, first)
 
     async def _atransform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
-        value, first, error = await _afold(inputs), None, None
-        for runnable in self.runnables:
-            arg = self._input(value, error)
+        errors: List[BaseException] = []
+        for runnable, arg in self._tries(await _afold(inputs), errors):
             chunks = runnable._astream_run(_aiter([arg]), config, None, arg)
             try:
                 head = await chunks.__anext__()
@@ -2890,7 +2894,7 @@ class RunnableWithFallbacks(Runnable[Input, Output]):
                 return
             except self.exceptions_to_handle as exc:
                 await _aclose(chunks)
-                first, error = first or exc, exc
+                errors.append(exc)
                 continue
             try:
                 yield head
@@ -2899,33 +2903,28 @@ class RunnableWithFallbacks(Runnable[Input, Output]):
             finally:
                 await _aclose(chunks)
             return
-        raise cast(BaseException, first)
 
     def _invoke_transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
-        value, first, error = _fold(inputs), None, None
-        for runnable in self.runnables:  # invoke falls back on a failure at any point
-            arg = self._input(value, error)
+        errors: List[BaseException] = []
+        for runnable, arg in self._tries(_fold(inputs), errors):  # a failure at any point
             try:
                 out = runnable._invoke(arg, config)
             except self.exceptions_to_handle as exc:
-                first, error = first or exc, exc
+                errors.append(exc)
                 continue
             yield out
             return
-        raise cast(BaseException, first)
 
     async def _ainvoke_transform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
-        value, first, error = await _afold(inputs), None, None
-        for runnable in self.runnables:
-            arg = self._input(value, error)
+        errors: List[BaseException] = []
+        for runnable, arg in self._tries(await _afold(inputs), errors):
             try:
                 out = await runnable._ainvoke(arg, config)
             except self.exceptions_to_handle as exc:
-                first, error = first or exc, exc
+                errors.append(exc)
                 continue
             yield out
             return
-        raise cast(BaseException, first)
 
     def __repr__(self) -> str:
         return f"{self.runnable!r}.with_fallbacks({self.fallbacks!r})"
