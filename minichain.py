@@ -708,9 +708,9 @@ _current: "contextvars.ContextVar[Optional[RunnableConfig]]" = contextvars.Conte
 
 
 class _Snapshots(Iterator[Any]):
-    """The output chunks of a step whose every chunk is its whole output so far (a snapshot,
-    as `JsonOutputParser` streams them), marked so that a step folding them keeps the last
-    instead of adding them up. Only such steps' chunks pass through it.
+    """The output chunks (sync or async) of a step whose every chunk is its whole output so
+    far (a snapshot, as `JsonOutputParser` streams them), marked so that a step folding them
+    keeps the last instead of adding them up. Only such steps' chunks pass through it.
 
     >>> _fold(_Snapshots(iter([[10], [10, 20], [10, 20, 30]]))), _fold(iter([[10], [20]]))
     ([10, 20, 30], [10, 20])
@@ -718,33 +718,23 @@ class _Snapshots(Iterator[Any]):
 
     __slots__ = ("chunks",)
 
-    def __init__(self, chunks: Iterator[Any]) -> None:
+    def __init__(self, chunks: Any) -> None:
         self.chunks = chunks
 
     def __next__(self) -> Any:
         return next(self.chunks)
 
-    def close(self) -> None:
-        close = getattr(self.chunks, "close", None)
-        if close is not None:
-            close()
-
-
-class _ASnapshots(AsyncIterator[Any]):
-    """The async twin of `_Snapshots`."""
-
-    __slots__ = ("chunks",)
-
-    def __init__(self, chunks: AsyncIterator[Any]) -> None:
-        self.chunks = chunks
+    def __aiter__(self) -> "_Snapshots":
+        return self
 
     async def __anext__(self) -> Any:
         return await self.chunks.__anext__()
 
+    def close(self) -> None:
+        _close(self.chunks)
+
     async def aclose(self) -> None:
-        aclose = getattr(self.chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await _aclose(self.chunks)
 
 
 def _fold(chunks: Iterable[Any]) -> Any:
@@ -1370,7 +1360,7 @@ async def _atap(first: Any, rest: AsyncIterator[Any], run: Run) -> AsyncIterator
 async def _afold(chunks: AsyncIterator[Any]) -> Any:
     """All chunks of an async iterator `+`-ed together (`_MISSING` for none); of snapshots,
     the last."""
-    fold = _Latest() if isinstance(chunks, _ASnapshots) else _Fold()
+    fold = _Latest() if isinstance(chunks, _Snapshots) else _Fold()
     try:
         async for chunk in chunks:
             fold.add(chunk)
@@ -1383,6 +1373,14 @@ async def _aiter(items: Iterable[T]) -> AsyncIterator[T]:
     """An async iterator over a plain iterable."""
     for item in items:
         yield item
+
+
+async def _anext(it: AsyncIterator[T]) -> Any:
+    """The next item of an async iterator, or `_MISSING` at its end (`next(it, _MISSING)`)."""
+    try:
+        return await it.__anext__()
+    except StopAsyncIteration:
+        return _MISSING
 
 
 def _in_thread(make: Callable[[], Iterator[T]], source: "Optional[_SyncInput[Any]]" = None) -> AsyncIterator[T]:
@@ -1659,9 +1657,7 @@ class Runnable(Generic[Input, Output]):
                     known: Any = _MISSING, invoked: bool = False) -> Iterator[Any]:
         """Run `_transform` over `inputs` as one run of this runnable, reporting its events."""
         transform = self._invoke_transform if invoked else self._transform
-        # a subclass's own `invoke` reports no run of its own, as in langchain_core
-        run = _open_run(self, config, tag, self._streams(invoked)) \
-            if config.get("callbacks") and not self._opaque else None
+        run = self._open(config, tag, invoked)
         if run is not None:
             chunks = self._traced(transform, inputs, config, run, known, invoked)
         else:
@@ -1675,24 +1671,14 @@ class Runnable(Generic[Input, Output]):
 
     def _traced(self, transform: Callable[..., Iterator[Any]], inputs: Iterator[Any],
                 config: RunnableConfig, run: Run, known: Any, invoked: bool) -> Iterator[Any]:
-        source = inputs  # closed with this run, even if its transform never started
-        if self.input_in_start:
-            value = _fold(inputs)
-            if value is _MISSING:
-                return
-            inputs = iter(self._begin(run, known, invoked, value))
-        else:
-            first = next(inputs, _MISSING)
-            if first is _MISSING:
-                return
-            self._begin(run, known, invoked)
-            inputs = _tap(first, inputs, run)
-            if isinstance(source, _Snapshots):  # the step before streams snapshots
-                run.inputs, inputs = _Latest(), _Snapshots(inputs)
+        first = _fold(inputs) if self.input_in_start else next(inputs, _MISSING)
+        if first is _MISSING:
+            return
+        tapped = self._begin(run, known, invoked, first, inputs, _tap)
         if run.pending:
             run.refuse_async()
         child = _child_config(config, run)
-        chunks = _scoped(transform(inputs, child), child)
+        chunks = _scoped(transform(tapped, child), child)
         held: List[Any] = []
         try:
             for chunk in chunks:
@@ -1701,25 +1687,39 @@ class Runnable(Generic[Input, Output]):
         except BaseException as exc:  # failed, or left early: closed, stopped, cancelled
             run.fail(exc)
             raise
-        finally:
+        finally:  # the input closes with this run, even if its transform never started
             _close(chunks)
-            _close(source)
+            _close(inputs)
         self._end(run, invoked)
         if run.pending:
             run.refuse_async()
         yield from held
 
-    def _begin(self, run: Run, known: Any, invoked: bool, value: Any = _MISSING) -> List[Any]:
-        """Start the run; its input shows where the call gave it whole (the root, or a nested
-        invoke), or, for a step that folds its input first, as `_event_input` says. Returns
-        the folded input as the one input chunk."""
-        if value is _MISSING:
-            run.start({"input": known} if known is not _MISSING and (run.root or invoked) else {})
-            return []
-        run.input = self._event_input(value, end=True)
-        shown = known if run.root and known is not _MISSING else self._event_input(value, end=False)
-        run.start({"input": shown})
-        return [value]
+    # The parts of a run that do not wait, for both drivers (`_traced`, `_atraced`).
+
+    def _open(self, config: RunnableConfig, tag: Optional[str], invoked: bool) -> Optional[Run]:
+        """This call's run, where someone listens. A subclass's own `invoke` reports no run of
+        its own, as in langchain_core."""
+        if not config.get("callbacks") or self._opaque:
+            return None
+        return _open_run(self, config, tag, self._streams(invoked))
+
+    def _begin(self, run: Run, known: Any, invoked: bool, first: Any, rest: Any,
+               tap: Callable[[Any, Any, Run], Any]) -> Any:
+        """Start the run, given its first input chunk (for a step with `input_in_start`, its
+        whole input); return the input chunks for its transform, `tap`ped to fold them. The
+        start event shows the input where the call gave it whole (the root, or a nested
+        invoke), or as `_event_input` says."""
+        if self.input_in_start:
+            run.input = self._event_input(first, end=True)
+            shown = known if run.root and known is not _MISSING else self._event_input(first, end=False)
+            run.start({"input": shown})
+            return tap(first, rest, run)  # `rest` is spent: the whole input is one chunk
+        run.start({"input": known} if known is not _MISSING and (run.root or invoked) else {})
+        chunks = tap(first, rest, run)
+        if isinstance(rest, _Snapshots):  # the step before streams snapshots
+            run.inputs, chunks = _Latest(), _Snapshots(chunks)
+        return chunks
 
     def _passes(self, run: Run, chunk: Any, held: List[Any]) -> bool:
         """Fold one output chunk into the run; whether it moves on now. A run that does not
@@ -1739,36 +1739,24 @@ class Runnable(Generic[Input, Output]):
                      invoked: bool = False) -> AsyncIterator[Any]:
         """Async twin of `_stream_run`."""
         transform = self._ainvoke_transform if invoked else self._atransform
-        run = _open_run(self, config, tag, self._streams(invoked)) \
-            if config.get("callbacks") and not self._opaque else None
+        run = self._open(config, tag, invoked)
         if run is not None:
             chunks = self._atraced(transform, inputs, config, run, known, invoked)
         else:
             child = _child_config(config, None)
             chunks = _ascoped(transform(inputs, child), child) if child or self._user_code \
                 else transform(inputs, child)
-        return _ASnapshots(chunks) if self._cumulative else chunks
+        return _Snapshots(chunks) if self._cumulative else chunks
 
     async def _atraced(self, transform: Callable[..., AsyncIterator[Any]],
                        inputs: AsyncIterator[Any], config: RunnableConfig, run: Run, known: Any,
                        invoked: bool) -> AsyncIterator[Any]:
-        source = inputs
-        if self.input_in_start:
-            value = await _afold(inputs)
-            if value is _MISSING:
-                return
-            inputs = _aiter(self._begin(run, known, invoked, value))
-        else:
-            try:
-                first = await inputs.__anext__()
-            except StopAsyncIteration:
-                return
-            self._begin(run, known, invoked)
-            inputs = _atap(first, inputs, run)
-            if isinstance(source, _ASnapshots):
-                run.inputs, inputs = _Latest(), _ASnapshots(inputs)
+        first = await (_afold(inputs) if self.input_in_start else _anext(inputs))
+        if first is _MISSING:
+            return
+        tapped = self._begin(run, known, invoked, first, inputs, _atap)
         child = _child_config(config, run)
-        agen = _ascoped(transform(inputs, child), child)
+        agen = _ascoped(transform(tapped, child), child)
         channel = run.channel
         held: List[Any] = []
         try:
@@ -1777,9 +1765,8 @@ class Runnable(Generic[Input, Output]):
                     await run.settle()
                 if channel is not None and channel.buffer:  # backpressure: the consumer first
                     await channel.pause()
-                try:
-                    chunk = await agen.__anext__()
-                except StopAsyncIteration:
+                chunk = await _anext(agen)
+                if chunk is _MISSING:
                     break
                 if self._passes(run, chunk, held):
                     if run.pending:
@@ -1794,7 +1781,7 @@ class Runnable(Generic[Input, Output]):
             raise
         finally:
             await _aclose(agen)
-            await _aclose(source)
+            await _aclose(inputs)
         self._end(run, invoked)
         await run.settle()
         for chunk in held:
@@ -2347,48 +2334,51 @@ class RunnableSequence(Runnable[Input, Output]):
 
 
 class _Tee:
-    """Copies of one input iterator for several consumers, safe across threads."""
+    """Copies of one input iterator, sync or async, for several consumers: a consumer whose
+    copy is empty pulls the next item for all, holding `lock` (a thread's lock for `branch`,
+    the event loop's for `abranch`)."""
 
-    def __init__(self, source: Iterator[Any], n: int) -> None:
+    def __init__(self, source: Any, n: int, lock: Any) -> None:
         import collections
-        self.source, self.lock = source, threading.Lock()
+        self.source, self.lock = source, lock
         self.buffers: List[Any] = [collections.deque() for _ in range(n)]
+
+    def _deal(self, i: int, item: Any) -> Any:
+        """Give a freshly pulled item to every copy; return copy `i`'s (`_MISSING` at the end)."""
+        if item is _MISSING:
+            return _MISSING
+        for b in self.buffers:
+            b.append(item)
+        return self.buffers[i].popleft()
 
     def branch(self, i: int) -> Iterator[Any]:
         buffer = self.buffers[i]
         while True:
             with self.lock:
-                if not buffer:
-                    item = next(self.source, _MISSING)
-                    if item is _MISSING:
-                        return
-                    for b in self.buffers:
-                        b.append(item)
-                chunk = buffer.popleft()
+                chunk = buffer.popleft() if buffer else self._deal(i, next(self.source, _MISSING))
+            if chunk is _MISSING:
+                return
             yield chunk
 
-
-class _ATee:
-    """The async twin of `_Tee` (one event loop, so a lock around each pull suffices)."""
-
-    def __init__(self, source: AsyncIterator[Any], n: int) -> None:
-        import collections
-        self.source, self.lock = source, asyncio.Lock()
-        self.buffers: List[Any] = [collections.deque() for _ in range(n)]
-
-    async def branch(self, i: int) -> AsyncIterator[Any]:
+    async def abranch(self, i: int) -> AsyncIterator[Any]:
         buffer = self.buffers[i]
         while True:
             async with self.lock:
-                if not buffer:
-                    try:
-                        item = await self.source.__anext__()
-                    except StopAsyncIteration:
-                        return
-                    for b in self.buffers:
-                        b.append(item)
-                chunk = buffer.popleft()
+                chunk = buffer.popleft() if buffer else self._deal(i, await _anext(self.source))
+            if chunk is _MISSING:
+                return
             yield chunk
+
+
+def _arrived(done: Iterable[Any], pending: Dict[Any, Tuple[str, Any]],
+             branches: List[Tuple[str, Any]]) -> Iterator[Tuple[str, Any, Any]]:
+    """`(key, branch, chunk)` for each finished pull (a future or task) in `done`, taken out
+    of `pending` in the branches' order (`_MISSING`: that branch ended). The first failed
+    pull raises its exception."""
+    order = [key for key, _ in branches]
+    for pull in sorted(done, key=lambda f: order.index(pending[f][0])):
+        key, it = pending.pop(pull)
+        yield key, it, pull.result()
 
 
 def _interleave(branches: List[Tuple[str, Iterator[Any]]]) -> Iterator[Tuple[str, Any]]:
@@ -2407,13 +2397,10 @@ def _interleave(branches: List[Tuple[str, Iterator[Any]]]) -> Iterator[Tuple[str
     def pull(key: str, it: Iterator[Any]) -> "concurrent.futures.Future[Any]":
         return pool.submit(contexts[key].run, _next_or_missing, it)
     pending = {pull(key, it): (key, it) for key, it in branches}
-    order = [key for key, _ in branches]
     try:
         while pending:
             done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in sorted(done, key=lambda f: order.index(pending[f][0])):
-                key, it = pending.pop(future)
-                chunk = future.result()
+            for key, it, chunk in _arrived(done, pending, branches):
                 if chunk is not _MISSING:
                     yield key, chunk
                     pending[pull(key, it)] = (key, it)
@@ -2429,20 +2416,15 @@ async def _ainterleave(branches: List[Tuple[str, AsyncIterator[Any]]]) -> AsyncI
     """The async twin of `_interleave`: one task per branch's next chunk; closing cancels
     them and closes every branch."""
     def pull(it: AsyncIterator[Any]) -> "asyncio.Future[Any]":
-        return asyncio.ensure_future(it.__anext__())
+        return asyncio.ensure_future(_anext(it))
     pending = {pull(it): (key, it) for key, it in branches}
-    order = [key for key, _ in branches]
     try:
         while pending:
             done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in sorted(done, key=lambda t: order.index(pending[t][0])):
-                key, it = pending.pop(task)
-                try:
-                    chunk = task.result()
-                except StopAsyncIteration:
-                    continue
-                yield key, chunk
-                pending[pull(it)] = (key, it)
+            for key, it, chunk in _arrived(done, pending, branches):
+                if chunk is not _MISSING:
+                    yield key, chunk
+                    pending[pull(it)] = (key, it)
     finally:
         for task in pending:
             task.cancel()
@@ -2478,7 +2460,7 @@ class RunnableParallel(Runnable[Input, Dict[str, Any]]):
         return _Snapshot({key: chunk}) if self.steps[key]._cumulative else AddableDict({key: chunk})
 
     def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
-        tee = _Tee(inputs, len(self.steps))
+        tee = _Tee(inputs, len(self.steps), threading.Lock())
         branches = [(key, step._stream_run(tee.branch(i), config, f"map:key:{key}"))
                     for i, (key, step) in enumerate(self.steps.items())]
         try:
@@ -2492,8 +2474,8 @@ class RunnableParallel(Runnable[Input, Dict[str, Any]]):
             _close(inputs)
 
     async def _atransform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
-        tee = _ATee(inputs, len(self.steps))
-        branches = [(key, step._astream_run(tee.branch(i), config, f"map:key:{key}"))
+        tee = _Tee(inputs, len(self.steps), asyncio.Lock())
+        branches = [(key, step._astream_run(tee.abranch(i), config, f"map:key:{key}"))
                     for i, (key, step) in enumerate(self.steps.items())]
         merged = _ainterleave(branches)
         try:
@@ -4355,7 +4337,9 @@ class FakeListLLMError(Exception):
     """
 
 
-class FakeStreamingListLLM(FakeListLLM):  # a FakeListLLM, as in langchain_core (isinstance)
+# deviation: not a subclass of FakeListLLM (langchain_core's is), to keep classes at most three
+# levels below object; it shares FakeListLLM's code instead.
+class FakeStreamingListLLM(BaseLLM):
     """A `FakeListLLM` whose `stream` gives the answer one character per chunk.
 
     As langchain_core's, it streams by invoking: its run ends with the whole answer (no
@@ -4370,8 +4354,11 @@ class FakeStreamingListLLM(FakeListLLM):  # a FakeListLLM, as in langchain_core 
 
     def __init__(self, *, responses: List[str], sleep: Optional[float] = None,
                  error_on_chunk_number: Optional[int] = None, **kwargs: Any) -> None:
-        super().__init__(responses=responses, **kwargs)
+        super().__init__(**kwargs)
+        self.responses, self.turns = list(responses), itertools.count()
         self.sleep, self.error_on = sleep, error_on_chunk_number
+
+    _call = FakeListLLM._call
 
     def _check(self, i: int) -> None:
         # deviation: the error reaches astream_events' caller too (langchain_core's root
@@ -6718,15 +6705,13 @@ def _post_stream(req: _Request) -> Iterator[bytes]:
     import socket
     live: List[Any] = []
     forget = _when_stopped(lambda: _shutdown(live))
-    attempt = 0
     try:
-        while True:
+        for attempt in itertools.count():
             try:
                 conn, resp = _open_sync(req, live)
                 break
             except APIError as exc:
                 delay = _retry_after(exc, attempt, req)  # raises when it is not worth retrying
-            attempt += 1
             time.sleep(delay)
     except BaseException:
         forget()
@@ -6862,24 +6847,22 @@ async def _aopen(req: _Request) -> Tuple[Any, Any, Dict[str, str]]:
 async def _apost_stream(req: _Request) -> AsyncIterator[bytes]:
     """Async twin of `_post_stream`; the event loop never blocks, and closing (or cancelling)
     closes the socket at once."""
-    attempt = 0
-    while True:
+    for attempt in itertools.count():
         try:
             reader, writer, headers = await _aopen(req)
             break
         except APIError as exc:
             delay = _retry_after(exc, attempt, req)  # raises when it is not worth retrying
-        attempt += 1
         await asyncio.sleep(delay)
     body = _abody(reader, headers, req)
     try:
         while True:
             try:
-                data = await body.__anext__()
-            except StopAsyncIteration:
-                return
+                data = await _anext(body)
             except (OSError, ValueError, EOFError) as exc:
                 raise _broke_off(exc, req) from exc
+            if data is _MISSING:
+                return
             yield data
     finally:
         await _aclose(body)
@@ -7015,14 +6998,23 @@ class _ServerChatModel(_ServerBase):
     """What the three server models share (a mixin, so that each model stays a direct
     subclass of `BaseChatModel`): the request, the transport, the stream loop.
 
-    A subclass says how to build its request (`_request`) and how to read its stream
-    (`_decoder`, `_reader`); extra keyword arguments go into the request body.
+    A provider is mostly data: its endpoint, the environment variables it reads, how its
+    stream is framed (`decoder`) and read into chunks (`reader`). Its code is what differs
+    in logic: the request body (`_body`, which takes the extra keyword arguments) and the
+    headers (`_headers`, which check the key).
     """
 
     provider = "server"
+    path = ""  # the endpoint, after base_url
+    key_env: Optional[str] = None  # where api_key comes from when not given
+    url_env: Optional[str] = None  # where base_url comes from when not given
+    default_url = ""  # ... and else
+    default_model = ""
+    decoder: Callable[[int, str], Any] = _SSEDecoder  # bytes -> (event, data) frames
+    reader: Callable[[], Any] = _OpenAIStream  # frames -> AIMessageChunks
 
-    def __init__(self, *, model: str, base_url: str, api_key: Optional[str],
-                 timeout: Union[None, float, Tuple[float, float]] = None, max_retries: int = 2,
+    def __init__(self, *, model: Optional[str] = None, base_url: Optional[str] = None,
+                 api_key: Optional[str] = None, timeout: Union[None, float, Tuple[float, float]] = None, max_retries: int = 2,
                  max_event_bytes: int = MAX_EVENT_BYTES,
                  tags: Optional[List[str]] = None, metadata: Optional[Dict[str, Any]] = None,
                  **kwargs: Any) -> None:
@@ -7032,7 +7024,10 @@ class _ServerChatModel(_ServerBase):
                 raise TypeError(f"{type(self).__name__}: {name} must be an int >= "
                                 f"{int(name == 'max_event_bytes')}, not {_short(value)}")
         self.max_event_bytes = max_event_bytes
-        self.model, self.base_url, self.api_key = model, base_url.rstrip("/"), api_key
+        self.model = self.default_model if model is None else model
+        self.api_key = api_key or (os.environ.get(self.key_env) if self.key_env else None)
+        url = base_url or (os.environ.get(self.url_env) if self.url_env else None) or self.default_url
+        self.base_url = url.rstrip("/")
         self.timeout = _timeouts(timeout)
         self.max_retries = max_retries
         self.tools: List[Dict[str, Any]] = []
@@ -7053,21 +7048,22 @@ class _ServerChatModel(_ServerBase):
         bound.tools, bound.tool_choice = [_tool_spec(t) for t in tools], tool_choice
         return bound
 
+    def _body(self, messages: List[BaseMessage], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def _headers(self) -> Dict[str, str]:
+        raise NotImplementedError
+
     def _request(self, messages: List[BaseMessage], **kwargs: Any) -> _Request:
-        raise NotImplementedError
-
-    def _decoder(self) -> Any:
-        return _SSEDecoder(self.max_event_bytes, self.provider)
-
-    def _reader(self) -> Any:
-        raise NotImplementedError
+        return _Request(self.base_url + self.path, self._headers(), self._body(messages, kwargs),
+                        self.timeout, self.max_retries, self.provider)
 
     def _stream(self, messages: List[BaseMessage], **kwargs: Any) -> Iterator[AIMessageChunk]:
-        decoder, reader = self._decoder(), self._reader()
+        decoder, reader = self.decoder(self.max_event_bytes, self.provider), self.reader()
         return _read_frames(_post_stream(self._request(messages, **kwargs)), decoder, reader)
 
     def _astream(self, messages: List[BaseMessage], **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
-        decoder, reader = self._decoder(), self._reader()
+        decoder, reader = self.decoder(self.max_event_bytes, self.provider), self.reader()
         return _aread_frames(_apost_stream(self._request(messages, **kwargs)), decoder, reader)
 
     def __repr__(self) -> str:
@@ -7087,18 +7083,10 @@ class ChatOpenAI(_ServerChatModel, BaseChatModel):
     '/v1/chat/completions'
     """
 
-    provider = "OpenAI"
+    provider, path, reader, default_model = "OpenAI", "/chat/completions", _OpenAIStream, "gpt-4o-mini"
+    key_env, url_env, default_url = "OPENAI_API_KEY", "OPENAI_BASE_URL", "https://api.openai.com/v1"
 
-    def __init__(self, *, model: str = "gpt-4o-mini", base_url: Optional[str] = None,
-                 api_key: Optional[str] = None, **kwargs: Any) -> None:
-        super().__init__(model=model, api_key=api_key or os.environ.get("OPENAI_API_KEY"),
-                         base_url=base_url or os.environ.get("OPENAI_BASE_URL")
-                         or "https://api.openai.com/v1", **kwargs)
-
-    def _request(self, messages: List[BaseMessage], **kwargs: Any) -> _Request:
-        if not self.api_key and "api.openai.com" in self.base_url:
-            raise ValueError("ChatOpenAI needs an API key for api.openai.com: set "
-                             "OPENAI_API_KEY or pass api_key=...; for a local server pass base_url=")
+    def _body(self, messages: List[BaseMessage], kwargs: Dict[str, Any]) -> Dict[str, Any]:
         body: Dict[str, Any] = {"model": self.model, "messages": _openai_messages(messages),
                                 "stream": True, "stream_options": {"include_usage": True}}
         if self.tools:
@@ -7107,15 +7095,16 @@ class ChatOpenAI(_ServerChatModel, BaseChatModel):
             choice = self.tool_choice
             body["tool_choice"] = choice if choice in ("auto", "none", "required") or \
                 not isinstance(choice, str) else {"type": "function", "function": {"name": choice}}
-        body.update(kwargs)
+        return {**body, **kwargs}
+
+    def _headers(self) -> Dict[str, str]:
+        if not self.api_key and "api.openai.com" in self.base_url:
+            raise ValueError("ChatOpenAI needs an API key for api.openai.com: set "
+                             "OPENAI_API_KEY or pass api_key=...; for a local server pass base_url=")
         headers = {"Accept": "text/event-stream"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        return _Request(f"{self.base_url}/chat/completions", headers, body, self.timeout,
-                        self.max_retries, self.provider)
-
-    def _reader(self) -> _OpenAIStream:
-        return _OpenAIStream()
+        return headers
 
 
 _OLLAMA_OPTIONS = ("temperature", "top_p", "top_k", "num_predict", "num_ctx", "seed", "stop",
@@ -7131,20 +7120,23 @@ class ChatOllama(_ServerChatModel, BaseChatModel):
     '/api/chat'
     """
 
-    provider = "Ollama"
+    provider, path, decoder, reader = "Ollama", "/api/chat", _NDJSONDecoder, _OllamaStream
+    url_env, default_url, default_model = "OLLAMA_HOST", "http://localhost:11434", "llama3.2"
 
-    def __init__(self, *, model: str = "llama3.2", base_url: Optional[str] = None, **kwargs: Any) -> None:
-        url = base_url or os.environ.get("OLLAMA_HOST") or "http://localhost:11434"
-        if "://" not in url:
-            url = f"http://{url}"
+    def __init__(self, **kwargs: Any) -> None:
+        if kwargs.get("api_key") is not None:
+            raise TypeError("ChatOllama takes no api_key: Ollama's API has none (a proxy that "
+                            "wants one: ChatOpenAI(base_url='http://host:11434/v1', api_key=...))")
+        super().__init__(**kwargs)
+        url = self.base_url if "://" in self.base_url else f"http://{self.base_url}"
         import urllib.parse
         parts = urllib.parse.urlsplit(url)
         if parts.port is None and parts.scheme == "http" and parts.hostname:  # Ollama's port
             host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
             url = urllib.parse.urlunsplit(parts._replace(netloc=f"{host}:11434"))
-        super().__init__(model=model, base_url=url, api_key=None, **kwargs)
+        self.base_url = url
 
-    def _request(self, messages: List[BaseMessage], **kwargs: Any) -> _Request:
+    def _body(self, messages: List[BaseMessage], kwargs: Dict[str, Any]) -> Dict[str, Any]:
         body: Dict[str, Any] = {"model": self.model, "messages": _ollama_messages(messages),
                                 "stream": True}
         if self.tools:
@@ -7153,14 +7145,10 @@ class ChatOllama(_ServerChatModel, BaseChatModel):
         body.update({k: v for k, v in kwargs.items() if k not in _OLLAMA_OPTIONS})
         if options:
             body["options"] = options
-        return _Request(f"{self.base_url}/api/chat", {"Accept": "application/x-ndjson"}, body,
-                        self.timeout, self.max_retries, self.provider)
+        return body
 
-    def _decoder(self) -> _NDJSONDecoder:
-        return _NDJSONDecoder(self.max_event_bytes, self.provider)
-
-    def _reader(self) -> _OllamaStream:
-        return _OllamaStream()
+    def _headers(self) -> Dict[str, str]:
+        return {"Accept": "application/x-ndjson"}
 
 
 class ChatAnthropic(_ServerChatModel, BaseChatModel):
@@ -7173,18 +7161,14 @@ class ChatAnthropic(_ServerChatModel, BaseChatModel):
     ('s', '2023-06-01')
     """
 
-    provider = "Anthropic"
+    provider, path, reader, default_model = "Anthropic", "/v1/messages", _AnthropicStream, "claude-sonnet-4-5"
+    key_env, url_env, default_url = "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "https://api.anthropic.com"
 
-    def __init__(self, *, model: str = "claude-sonnet-4-5", api_key: Optional[str] = None,
-                 base_url: Optional[str] = None, max_tokens: int = 1024, **kwargs: Any) -> None:
-        super().__init__(model=model, api_key=api_key or os.environ.get("ANTHROPIC_API_KEY"),
-                         base_url=base_url or os.environ.get("ANTHROPIC_BASE_URL")
-                         or "https://api.anthropic.com", **kwargs)
+    def __init__(self, *, max_tokens: int = 1024, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.max_tokens = max_tokens
 
-    def _request(self, messages: List[BaseMessage], **kwargs: Any) -> _Request:
-        if not self.api_key:
-            raise ValueError("ChatAnthropic needs an API key: set ANTHROPIC_API_KEY or pass api_key=...")
+    def _body(self, messages: List[BaseMessage], kwargs: Dict[str, Any]) -> Dict[str, Any]:
         system, turns = _anthropic_messages(messages)
         body: Dict[str, Any] = {"model": self.model, "max_tokens": self.max_tokens,
                                 "messages": turns, "stream": True}
@@ -7199,13 +7183,13 @@ class ChatAnthropic(_ServerChatModel, BaseChatModel):
                 {"type": {"required": "any"}.get(choice, choice)} if choice in ("auto", "any", "none", "required") \
                 else {"type": "tool", "name": choice}
         body.update((("stop_sequences" if k == "stop" else k), v) for k, v in kwargs.items())
-        headers = {"x-api-key": self.api_key, "anthropic-version": "2023-06-01",
-                   "Accept": "text/event-stream"}
-        return _Request(f"{self.base_url}/v1/messages", headers, body, self.timeout,
-                        self.max_retries, self.provider)
+        return body
 
-    def _reader(self) -> _AnthropicStream:
-        return _AnthropicStream()
+    def _headers(self) -> Dict[str, str]:
+        if not self.api_key:
+            raise ValueError("ChatAnthropic needs an API key: set ANTHROPIC_API_KEY or pass api_key=...")
+        return {"x-api-key": self.api_key, "anthropic-version": "2023-06-01",
+                "Accept": "text/event-stream"}
 
 
 # ==============================================================================================

@@ -2139,6 +2139,8 @@ def test_fake_streaming_list_llm_streams_characters_after_invoking() -> None:
         run(collect())
     assert got == ["a", "a"]
     assert list(mc.FakeStreamingListLLM(responses=[""]).stream("x")) == []
+    # deviation (README): a BaseLLM beside FakeListLLM, not below it (classes stay shallow)
+    assert isinstance(llm, mc.BaseLLM) and not isinstance(llm, mc.FakeListLLM)
 
 
 def test_fake_streaming_list_llm_events_end_before_its_characters_stream() -> None:
@@ -3330,6 +3332,16 @@ def test_keys_and_urls_come_from_the_environment(monkeypatch: Any) -> None:
         ChatAnthropic().invoke("hi")
     with pytest.raises(ValueError, match=r"OpenAI URL 'ftp://x/chat/completions' is not an http\(s\) URL"):
         ChatOpenAI(base_url="ftp://x").invoke("hi")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", "http://claude.test/")
+    assert repr(ChatAnthropic()) == "ChatAnthropic(model='claude-sonnet-4-5', base_url='http://claude.test')"
+    for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "OLLAMA_HOST"):
+        monkeypatch.delenv(name)
+    assert [repr(m) for m in (ChatOpenAI(), ChatOllama(), ChatOllama(base_url="https://[::1]/"))] == [
+        "ChatOpenAI(model='gpt-4o-mini', base_url='https://api.openai.com/v1')",
+        "ChatOllama(model='llama3.2', base_url='http://localhost:11434')",
+        "ChatOllama(model='llama3.2', base_url='https://[::1]')"]
+    with pytest.raises(TypeError, match=r"^ChatOllama takes no api_key: Ollama's API has none \(a proxy"):
+        ChatOllama(api_key="k")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4723,7 +4735,7 @@ def test_ipv6_hosts_are_bracketed_and_ollama_defaults_its_port(monkeypatch: Any)
     (lambda: RunnableLambda(str).invoke(1, {"tags": 5}), r"config tags must be a list of str, not 5"),
     (lambda: RunnableLambda(str).invoke(1, {"metadata": [1]}), r"config metadata must be a dict, not list: \[1\]"),
     (lambda: RunnableLambda(str).batch([1], {"max_concurrency": 0}), r"config max_concurrency must be an int >= 1, not 0"),
-    (lambda: ChatOpenAI(base_url="http://x/v1", max_retries=None), r"ChatOpenAI: max_retries must be an int >= 0, not None"),
+    (lambda: ChatOpenAI(base_url="http://x/v1", max_retries=None), r"ChatOpenAI: max_retries must be an int >= 0, not None"),  # type: ignore[arg-type]
 ])
 def test_bad_arguments_fail_at_the_call_that_received_them(call: Any, message: str) -> None:
     with pytest.raises(TypeError, match="^" + message):
