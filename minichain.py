@@ -40,6 +40,7 @@ Sections (each relies only on the ones above it, but where a comment says why no
  13. Server-sent events out: streaming a run to a browser
  14. Remote runnables: LangServe's protocol, from both ends
  15. Demo (`python -m minichain`)
+ and, last, the plumbing that imports asyncio, inspect and json on first use.
 """
 from __future__ import annotations
 
@@ -55,25 +56,8 @@ from typing import (
 )
 
 
-class _LazyModule:
-    """A module imported on first use: asyncio alone costs ~25 ms to import, which code that
-    never awaits should not pay. The first access swaps the real module into this namespace."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-
-    def __getattr__(self, attr: str) -> Any:
-        module = __import__(self._name)
-        globals()[self._name] = module
-        return getattr(module, attr)
-
-
-if TYPE_CHECKING:
-    import asyncio
-    import inspect
-    import json
-else:
-    asyncio, inspect, json = _LazyModule("asyncio"), _LazyModule("inspect"), _LazyModule("json")
+# asyncio, inspect and json are imported on first use (`_LazyModule`, at the end of the file):
+# code that never awaits should not pay asyncio's ~25 ms import.
 
 __version__ = "0.1.0"
 
@@ -707,6 +691,20 @@ _current: "contextvars.ContextVar[Optional[RunnableConfig]]" = contextvars.Conte
     "minichain_config", default=None)
 
 
+def _close(it: Any) -> None:
+    """Close a generator (or anything with `close`); plain iterators need nothing."""
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
+
+
+async def _aclose(it: Any) -> None:
+    """Close an async generator now, so its `finally` runs before we return."""
+    aclose = getattr(it, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
 class _Snapshots(Iterator[Any]):
     """The output chunks (sync or async) of a step whose every chunk is its whole output so
     far (a snapshot, as `JsonOutputParser` streams them), marked so that a step folding them
@@ -750,6 +748,32 @@ def _fold(chunks: Iterable[Any]) -> Any:
     for chunk in it:
         fold.add(chunk)
     return fold.value()
+
+
+async def _afold(chunks: AsyncIterator[Any]) -> Any:
+    """All chunks of an async iterator `+`-ed together (`_MISSING` for none); of snapshots,
+    the last."""
+    fold = _Latest() if isinstance(chunks, _Snapshots) else _Fold()
+    try:
+        async for chunk in chunks:
+            fold.add(chunk)
+        return fold.value()
+    finally:
+        await _aclose(chunks)
+
+
+async def _aiter(items: Iterable[T]) -> AsyncIterator[T]:
+    """An async iterator over a plain iterable."""
+    for item in items:
+        yield item
+
+
+async def _anext(it: AsyncIterator[T]) -> Any:
+    """The next item of an async iterator, or `_MISSING` at its end (`next(it, _MISSING)`)."""
+    try:
+        return await it.__anext__()
+    except StopAsyncIteration:
+        return _MISSING
 
 
 class _Fold:
@@ -1281,265 +1305,6 @@ def _open_run(runnable: "Runnable[Any, Any]", config: RunnableConfig, tag: Optio
 # ==============================================================================================
 
 _STREAMING_TYPES = ("chain", "parser", "chat_model", "llm")
-
-
-def _scoped(inner: Iterator[T], config: RunnableConfig) -> Iterator[T]:
-    """Run each step of `inner` with `config` as the active config, then restore the caller's.
-    Where a sibling failed (`_run_all`), stop at the next chunk."""
-    stop = _stop.get()
-    try:
-        while True:
-            if stop is not None and stop.is_set():
-                raise _Stopped()
-            token = _current.set(config)
-            try:
-                chunk = next(inner)
-            except StopIteration:
-                return
-            finally:
-                _current.reset(token)
-            yield chunk
-    finally:
-        _close(inner)
-
-
-async def _ascoped(inner: AsyncIterator[T], config: RunnableConfig) -> AsyncIterator[T]:
-    """The async twin of `_scoped`."""
-    try:
-        while True:
-            token = _current.set(config)
-            try:
-                chunk = await inner.__anext__()
-            except StopAsyncIteration:
-                return
-            finally:
-                _current.reset(token)
-            yield chunk
-    finally:
-        await _aclose(inner)
-
-
-def _close(it: Any) -> None:
-    """Close a generator (or anything with `close`); plain iterators need nothing."""
-    close = getattr(it, "close", None)
-    if close is not None:
-        close()
-
-
-async def _aclose(it: Any) -> None:
-    """Close an async generator now, so its `finally` runs before we return."""
-    aclose = getattr(it, "aclose", None)
-    if aclose is not None:
-        await aclose()
-
-
-def _tap(first: Any, rest: Iterator[Any], run: Run) -> Iterator[Any]:
-    """Re-yield the input chunks, folding them for the end event's `input`."""
-    try:
-        run.inputs.add(first)
-        yield first
-        for chunk in rest:
-            run.inputs.add(chunk)
-            yield chunk
-    finally:  # also when closed at the first chunk: the upstream closes with us
-        _close(rest)
-
-
-async def _atap(first: Any, rest: AsyncIterator[Any], run: Run) -> AsyncIterator[Any]:
-    """The async twin of `_tap`."""
-    try:
-        run.inputs.add(first)
-        yield first
-        async for chunk in rest:
-            run.inputs.add(chunk)
-            yield chunk
-    finally:
-        await _aclose(rest)
-
-
-async def _afold(chunks: AsyncIterator[Any]) -> Any:
-    """All chunks of an async iterator `+`-ed together (`_MISSING` for none); of snapshots,
-    the last."""
-    fold = _Latest() if isinstance(chunks, _Snapshots) else _Fold()
-    try:
-        async for chunk in chunks:
-            fold.add(chunk)
-        return fold.value()
-    finally:
-        await _aclose(chunks)
-
-
-async def _aiter(items: Iterable[T]) -> AsyncIterator[T]:
-    """An async iterator over a plain iterable."""
-    for item in items:
-        yield item
-
-
-async def _anext(it: AsyncIterator[T]) -> Any:
-    """The next item of an async iterator, or `_MISSING` at its end (`next(it, _MISSING)`)."""
-    try:
-        return await it.__anext__()
-    except StopAsyncIteration:
-        return _MISSING
-
-
-def _in_thread(make: Callable[[], Iterator[T]], source: "Optional[_SyncInput[Any]]" = None) -> AsyncIterator[T]:
-    """Run a blocking iterator on its own worker thread, one `next()` per pull.
-
-    Used where a sync-only step runs under `astream`: the event loop keeps running while the
-    step blocks, the context (and so the active run) is copied into the thread, and closing
-    the async iterator closes the sync one on its thread before returning. If the step waits
-    on its async input (`source`) when we close, that wait is cancelled first, so closing
-    does not wait for a stalled upstream.
-    """
-    import concurrent.futures
-    loop = asyncio.get_running_loop()
-    ctx = contextvars.copy_context()
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="minichain")
-
-    async def pull() -> AsyncIterator[T]:
-        it: Optional[Iterator[T]] = None
-        try:
-            it = await loop.run_in_executor(pool, ctx.run, make)
-            while True:
-                chunk = await loop.run_in_executor(pool, ctx.run, _next_or_missing, it)
-                if chunk is _MISSING:
-                    return
-                yield chunk
-        finally:
-            if source is not None:
-                source.abandon()
-            if it is not None:
-                await asyncio.shield(loop.run_in_executor(pool, ctx.run, _close_quietly, it))
-            pool.shutdown(wait=False)
-    return pull()
-
-
-def _next_or_missing(it: Iterator[T]) -> Any:
-    return next(it, _MISSING)
-
-
-def _close_quietly(it: Any) -> None:
-    """Close a step that is being abandoned; what it raises on the way out has no one to go to."""
-    try:
-        _close(it)
-    except (Exception, _Stopped):
-        pass
-
-
-class _SyncInput(Iterator[T]):
-    """A blocking iterator over an async one, for a sync step running on a worker thread.
-    `abandon()` (from the loop) cancels a pending pull: the step sees `_Stopped`."""
-
-    def __init__(self, source: AsyncIterator[T], loop: asyncio.AbstractEventLoop) -> None:
-        self.source, self.loop = source, loop
-        self.pulling: Any = None  # the pull the worker thread waits on
-        self.abandoned = False
-
-    def __next__(self) -> T:
-        if self.abandoned:
-            raise _Stopped()
-        self.pulling = asyncio.run_coroutine_threadsafe(self._pull(), self.loop)
-        if self.abandoned:  # abandoned while we set out: `abandon` may have missed this pull
-            self.pulling.cancel()
-        try:
-            return cast(T, self.pulling.result())
-        except StopAsyncIteration:
-            raise StopIteration from None
-        except BaseException:
-            if self.abandoned:
-                raise _Stopped() from None
-            raise
-
-    async def _pull(self) -> T:
-        return await self.source.__anext__()
-
-    def abandon(self) -> None:
-        self.abandoned = True
-        if self.pulling is not None:
-            self.pulling.cancel()
-
-
-def _sync_only(name: str, method: str) -> TypeError:
-    async_method = "/".join("a" + m for m in method.split("/"))  # invoke/stream: ainvoke/astream
-    return TypeError(f"{name} is async-only and cannot run in {method}(); use "
-                     f"{async_method}() (or await it) instead, or give it a sync function")
-
-
-class _StopSignal:
-    """Set when a call's sibling failed: the steps running under it stop at their next chunk
-    (`_scoped`). A signal set on an enclosing call stops nested ones too."""
-
-    __slots__ = ("flag", "parent")
-
-    def __init__(self, parent: "Optional[_StopSignal]") -> None:
-        self.flag, self.parent = False, parent
-
-    def set(self) -> None:
-        self.flag = True
-
-    def is_set(self) -> bool:
-        signal: Optional[_StopSignal] = self
-        while signal is not None:
-            if signal.flag:
-                return True
-            signal = signal.parent
-        return False
-
-
-_stop: "contextvars.ContextVar[Optional[_StopSignal]]" = contextvars.ContextVar(
-    "minichain_stop", default=None)
-
-
-def _run_all(calls: Sequence[Callable[[], T]], workers: int) -> List[T]:
-    """Run `calls` on up to `workers` threads, each in a copy of the caller's context, and
-    return their results in order. On the first failure the calls not started never start,
-    the running ones stop at their next chunk, and the failure is raised once they have:
-    no thread outlives the call. (A function blocked inside user code finishes first.)"""
-    import concurrent.futures
-    if len(calls) == 1:
-        return [calls[0]()]
-    # deviation: langchain_core's thread pool runs the siblings on after the first failure
-    signal = _StopSignal(_stop.get())
-
-    def contained(call: Callable[[], T]) -> T:
-        _stop.set(signal)
-        return call()
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="minichain")
-    try:
-        futures = [pool.submit(contextvars.copy_context().run, contained, call) for call in calls]
-        concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
-        failed = [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None
-                  and not isinstance(f.exception(), _Stopped)]
-        if failed:
-            signal.set()
-            for future in futures:
-                future.cancel()
-            concurrent.futures.wait(futures)
-            raise cast(BaseException, failed[0].exception())
-        return [f.result() for f in futures]
-    finally:
-        signal.set()
-        pool.shutdown(wait=True)
-
-
-async def _gather(awaitables: Sequence[Awaitable[T]]) -> List[T]:
-    """`asyncio.gather`, structured: on the first failure (or if we are cancelled) the others
-    are cancelled and awaited before the failure is raised; no task outlives the call."""
-    tasks = [asyncio.ensure_future(a) for a in awaitables]
-    try:  # deviation: langchain_core's gather leaves the siblings running after the error
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    finally:
-        pending = [t for t in tasks if not t.done()]
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
-    failures = [t.exception() for t in tasks if not t.cancelled()]  # each one retrieved
-    for failure in failures:
-        if failure is not None:
-            raise failure
-    return [task.result() for task in tasks]
 
 
 class Runnable(Generic[Input, Output]):
@@ -2170,6 +1935,227 @@ def _batch_configs(config: Union[RunnableConfig, List[RunnableConfig], None], n:
         rest = {k: v for k, v in resolved.items() if k != "run_id"}
         return [resolved] + [rest] * (n - 1)
     return [resolved] * n
+
+
+# -- the run's plumbing: the active config, input taps, worker threads, sibling stops ------
+
+def _scoped(inner: Iterator[T], config: RunnableConfig) -> Iterator[T]:
+    """Run each step of `inner` with `config` as the active config, then restore the caller's.
+    Where a sibling failed (`_run_all`), stop at the next chunk."""
+    stop = _stop.get()
+    try:
+        while True:
+            if stop is not None and stop.is_set():
+                raise _Stopped()
+            token = _current.set(config)
+            try:
+                chunk = next(inner)
+            except StopIteration:
+                return
+            finally:
+                _current.reset(token)
+            yield chunk
+    finally:
+        _close(inner)
+
+
+async def _ascoped(inner: AsyncIterator[T], config: RunnableConfig) -> AsyncIterator[T]:
+    """The async twin of `_scoped`."""
+    try:
+        while True:
+            token = _current.set(config)
+            try:
+                chunk = await inner.__anext__()
+            except StopAsyncIteration:
+                return
+            finally:
+                _current.reset(token)
+            yield chunk
+    finally:
+        await _aclose(inner)
+
+
+def _tap(first: Any, rest: Iterator[Any], run: Run) -> Iterator[Any]:
+    """Re-yield the input chunks, folding them for the end event's `input`."""
+    try:
+        run.inputs.add(first)
+        yield first
+        for chunk in rest:
+            run.inputs.add(chunk)
+            yield chunk
+    finally:  # also when closed at the first chunk: the upstream closes with us
+        _close(rest)
+
+
+async def _atap(first: Any, rest: AsyncIterator[Any], run: Run) -> AsyncIterator[Any]:
+    """The async twin of `_tap`."""
+    try:
+        run.inputs.add(first)
+        yield first
+        async for chunk in rest:
+            run.inputs.add(chunk)
+            yield chunk
+    finally:
+        await _aclose(rest)
+
+
+def _in_thread(make: Callable[[], Iterator[T]], source: "Optional[_SyncInput[Any]]" = None) -> AsyncIterator[T]:
+    """Run a blocking iterator on its own worker thread, one `next()` per pull.
+
+    Used where a sync-only step runs under `astream`: the event loop keeps running while the
+    step blocks, the context (and so the active run) is copied into the thread, and closing
+    the async iterator closes the sync one on its thread before returning. If the step waits
+    on its async input (`source`) when we close, that wait is cancelled first, so closing
+    does not wait for a stalled upstream.
+    """
+    import concurrent.futures
+    loop = asyncio.get_running_loop()
+    ctx = contextvars.copy_context()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="minichain")
+
+    async def pull() -> AsyncIterator[T]:
+        it: Optional[Iterator[T]] = None
+        try:
+            it = await loop.run_in_executor(pool, ctx.run, make)
+            while True:
+                chunk = await loop.run_in_executor(pool, ctx.run, _next_or_missing, it)
+                if chunk is _MISSING:
+                    return
+                yield chunk
+        finally:
+            if source is not None:
+                source.abandon()
+            if it is not None:
+                await asyncio.shield(loop.run_in_executor(pool, ctx.run, _close_quietly, it))
+            pool.shutdown(wait=False)
+    return pull()
+
+
+def _next_or_missing(it: Iterator[T]) -> Any:
+    return next(it, _MISSING)
+
+
+def _close_quietly(it: Any) -> None:
+    """Close a step that is being abandoned; what it raises on the way out has no one to go to."""
+    try:
+        _close(it)
+    except (Exception, _Stopped):
+        pass
+
+
+class _SyncInput(Iterator[T]):
+    """A blocking iterator over an async one, for a sync step running on a worker thread.
+    `abandon()` (from the loop) cancels a pending pull: the step sees `_Stopped`."""
+
+    def __init__(self, source: AsyncIterator[T], loop: asyncio.AbstractEventLoop) -> None:
+        self.source, self.loop = source, loop
+        self.pulling: Any = None  # the pull the worker thread waits on
+        self.abandoned = False
+
+    def __next__(self) -> T:
+        if self.abandoned:
+            raise _Stopped()
+        self.pulling = asyncio.run_coroutine_threadsafe(self._pull(), self.loop)
+        if self.abandoned:  # abandoned while we set out: `abandon` may have missed this pull
+            self.pulling.cancel()
+        try:
+            return cast(T, self.pulling.result())
+        except StopAsyncIteration:
+            raise StopIteration from None
+        except BaseException:
+            if self.abandoned:
+                raise _Stopped() from None
+            raise
+
+    async def _pull(self) -> T:
+        return await self.source.__anext__()
+
+    def abandon(self) -> None:
+        self.abandoned = True
+        if self.pulling is not None:
+            self.pulling.cancel()
+
+
+def _sync_only(name: str, method: str) -> TypeError:
+    async_method = "/".join("a" + m for m in method.split("/"))  # invoke/stream: ainvoke/astream
+    return TypeError(f"{name} is async-only and cannot run in {method}(); use "
+                     f"{async_method}() (or await it) instead, or give it a sync function")
+
+
+class _StopSignal:
+    """Set when a call's sibling failed: the steps running under it stop at their next chunk
+    (`_scoped`). A signal set on an enclosing call stops nested ones too."""
+
+    __slots__ = ("flag", "parent")
+
+    def __init__(self, parent: "Optional[_StopSignal]") -> None:
+        self.flag, self.parent = False, parent
+
+    def set(self) -> None:
+        self.flag = True
+
+    def is_set(self) -> bool:
+        signal: Optional[_StopSignal] = self
+        while signal is not None:
+            if signal.flag:
+                return True
+            signal = signal.parent
+        return False
+
+
+_stop: "contextvars.ContextVar[Optional[_StopSignal]]" = contextvars.ContextVar(
+    "minichain_stop", default=None)
+
+
+def _run_all(calls: Sequence[Callable[[], T]], workers: int) -> List[T]:
+    """Run `calls` on up to `workers` threads, each in a copy of the caller's context, and
+    return their results in order. On the first failure the calls not started never start,
+    the running ones stop at their next chunk, and the failure is raised once they have:
+    no thread outlives the call. (A function blocked inside user code finishes first.)"""
+    import concurrent.futures
+    if len(calls) == 1:
+        return [calls[0]()]
+    # deviation: langchain_core's thread pool runs the siblings on after the first failure
+    signal = _StopSignal(_stop.get())
+
+    def contained(call: Callable[[], T]) -> T:
+        _stop.set(signal)
+        return call()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="minichain")
+    try:
+        futures = [pool.submit(contextvars.copy_context().run, contained, call) for call in calls]
+        concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+        failed = [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None
+                  and not isinstance(f.exception(), _Stopped)]
+        if failed:
+            signal.set()
+            for future in futures:
+                future.cancel()
+            concurrent.futures.wait(futures)
+            raise cast(BaseException, failed[0].exception())
+        return [f.result() for f in futures]
+    finally:
+        signal.set()
+        pool.shutdown(wait=True)
+
+
+async def _gather(awaitables: Sequence[Awaitable[T]]) -> List[T]:
+    """`asyncio.gather`, structured: on the first failure (or if we are cancelled) the others
+    are cancelled and awaited before the failure is raised; no task outlives the call."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:  # deviation: langchain_core's gather leaves the siblings running after the error
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        pending = [t for t in tasks if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+    failures = [t.exception() for t in tasks if not t.cancelled()]  # each one retrieved
+    for failure in failures:
+        if failure is not None:
+            raise failure
+    return [task.result() for task in tasks]
 
 
 class RunnableBinding(Runnable[Input, Output]):
@@ -7943,6 +7929,31 @@ def _demo() -> None:
     for chunk in (prompt | model | StrOutputParser()).stream({"topic": "parrot"}):
         print(chunk, end="|", flush=True)
     print()
+
+
+# ==============================================================================================
+# Plumbing: modules imported on first use
+# ==============================================================================================
+
+class _LazyModule:
+    """A module imported on first use: asyncio alone costs ~25 ms to import, which code that
+    never awaits should not pay. The first access swaps the real module into this namespace."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        module = __import__(self._name)
+        globals()[self._name] = module
+        return getattr(module, attr)
+
+
+if TYPE_CHECKING:
+    import asyncio
+    import inspect
+    import json
+else:
+    asyncio, inspect, json = _LazyModule("asyncio"), _LazyModule("inspect"), _LazyModule("json")
 
 
 if __name__ == "__main__":
