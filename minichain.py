@@ -5025,7 +5025,8 @@ class BaseOutputParser(Runnable[Any, Output]):
     """A parser: model output (messages or text) in, parsed values out, chunk by chunk.
 
     A subclass writes `_feed(state, text)` returning the values to yield, `_start()` for a
-    fresh state, and `parse(text)` for a whole output (what `invoke` returns).
+    fresh state, and `parse(text)` for a whole output (what `invoke` returns). One that
+    writes only `parse` parses the whole output and does not stream, as in langchain_core.
 
     >>> class Words(BaseOutputParser):
     ...     def _feed(self, state, text):
@@ -5037,6 +5038,18 @@ class BaseOutputParser(Runnable[Any, Output]):
     """
 
     run_type = "parser"
+
+    _whole = False  # writes only `parse`: it folds its input first and has no stream events
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._whole = cls._feed is BaseOutputParser._feed
+        if cls._whole:  # fold, then `_produce`: parse the whole text
+            cls.input_in_start = True
+            cls._transform, cls._atransform = Runnable._transform, Runnable._atransform  # type: ignore[method-assign]
+
+    def _streams(self, invoked: bool) -> bool:
+        return not self._whole and super()._streams(invoked)
 
     def _start(self) -> Any:
         return None

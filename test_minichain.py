@@ -2206,6 +2206,27 @@ def test_template_fields_are_plain_names(template: str) -> None:
 # 8. Parsers
 # ---------------------------------------------------------------------------------------------
 
+def test_a_parser_that_writes_only_parse_parses_the_whole_output_without_streaming() -> None:
+    class Up(mc.BaseOutputParser[str]):
+        def parse(self, text: str) -> str:
+            return text.upper()
+    assert every_mode(lambda: GenericFakeChatModel(messages=iter(["a b"])) | Up(), "x") == {
+        "invoke": "A B", "stream": ["A B"], "astream": ["A B"], "ainvoke": "A B",
+        "stream_events_output": ["A B"]}
+    # as langchain_core 1.7.2: the parser's run shows the whole input at its start, and has
+    # no stream events; its end comes before its output moves on
+    rows = events_both(lambda: GenericFakeChatModel(messages=iter(["a b"])) | Up(), "x")
+    assert [r[:3] for r in rows[-5:]] == [
+        ("on_chat_model_end", "GenericFakeChatModel", "R1"), ("on_parser_start", "Up", "R2"),
+        ("on_parser_end", "Up", "R2"), ("on_chain_stream", "RunnableSequence", "R0"),
+        ("on_chain_end", "RunnableSequence", "R0")]
+    assert rows[-4][5] == "{'input': AIMessageChunk(content='a b', id='lc_run--ID', chunk_position='last')}"
+    assert rows[-3][5] == "{'output': 'A B', 'input': AIMessageChunk(content='a b', id='lc_run--ID', chunk_position='last')}"
+    assert events_both(Up(), "ab") == [
+        ("on_parser_start", "Up", "R0", [], [], "{'input': 'ab'}"),
+        ("on_parser_end", "Up", "R0", [], [], "{'output': 'AB'}")]
+
+
 def test_str_output_parser_streams_text() -> None:
     chain_ = ChatPromptTemplate.from_template("joke about {topic}") | \
         GenericFakeChatModel(messages=iter(["Why did the parrot"])) | StrOutputParser()
