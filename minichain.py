@@ -124,6 +124,8 @@ def _short(value: Any, limit: int = 80) -> str:
 # becomes one message; `AddableDict` is how a parallel step's one-key chunks become one dict.
 # ==============================================================================================
 
+# deviation: names and ids take the newer value, so merging is associative (langchain_core's
+# merge_dicts concatenates such strings, and raises on some)
 _ATOMIC_KEYS = frozenset({"id", "index", "type", "created", "model", "model_name",
                           "finish_reason", "stop_reason", "done_reason", "system_fingerprint"})
 
@@ -203,6 +205,7 @@ class BaseMessage:
     __hash__ = None  # type: ignore[assignment]  # mutable value object
 
     def __repr__(self) -> str:
+        # deviation: empty fields are left out, as the guide prints them (langchain_core: all)
         parts = [f"content={self.content!r}"]
         for field in self._fields[1:]:
             value = getattr(self, field)
@@ -647,6 +650,8 @@ class AddableDict(Dict[str, Any]):
             return NotImplemented
         merged = AddableDict(self)
         for key, value in other.items():
+            # deviation: values that do not add keep the newer one for this key only (langchain_core
+            # raises, and its fold restarts, losing the other keys)
             merged[key] = _add(merged[key], value) if merged.get(key) is not None else value
         return merged
 
@@ -706,9 +711,9 @@ async def _aclose(it: Any) -> None:
 
 
 class _Snapshots(Iterator[Any]):
-    """The output chunks (sync or async) of a step whose every chunk is its whole output so
-    far (a snapshot, as `JsonOutputParser` streams them), marked so that a step folding them
-    keeps the last instead of adding them up. Only such steps' chunks pass through it.
+    """The output chunks of a step whose every chunk is its whole output so far (a snapshot,
+    as `JsonOutputParser` streams them), marked so that a step folding them keeps the last
+    instead of adding them up. Only such steps' chunks pass through it.
 
     >>> _fold(_Snapshots(iter([[10], [10, 20], [10, 20, 30]]))), _fold(iter([[10], [20]]))
     ([10, 20, 30], [10, 20])
@@ -716,20 +721,26 @@ class _Snapshots(Iterator[Any]):
 
     __slots__ = ("chunks",)
 
-    def __init__(self, chunks: Any) -> None:
+    def __init__(self, chunks: Iterator[Any]) -> None:
         self.chunks = chunks
 
     def __next__(self) -> Any:
         return next(self.chunks)
 
-    def __aiter__(self) -> "_Snapshots":
-        return self
+    def close(self) -> None:
+        _close(self.chunks)
+
+
+class _ASnapshots(AsyncIterator[Any]):
+    """The async twin of `_Snapshots`."""
+
+    __slots__ = ("chunks",)
+
+    def __init__(self, chunks: AsyncIterator[Any]) -> None:
+        self.chunks = chunks
 
     async def __anext__(self) -> Any:
         return await self.chunks.__anext__()
-
-    def close(self) -> None:
-        _close(self.chunks)
 
     async def aclose(self) -> None:
         await _aclose(self.chunks)
@@ -753,7 +764,7 @@ def _fold(chunks: Iterable[Any]) -> Any:
 async def _afold(chunks: AsyncIterator[Any]) -> Any:
     """All chunks of an async iterator `+`-ed together (`_MISSING` for none); of snapshots,
     the last."""
-    fold = _Latest() if isinstance(chunks, _Snapshots) else _Fold()
+    fold = _Latest() if isinstance(chunks, _ASnapshots) else _Fold()
     try:
         async for chunk in chunks:
             fold.add(chunk)
@@ -926,6 +937,8 @@ def _listener(h: Any) -> Listener:
         if raise_error:
             raise exc
         import logging
+        # deviation: logged on the `minichain` logger, with how to raise instead (langchain_core
+        # logs on its callback manager's logger)
         logging.getLogger("minichain").warning(
             "callback %s failed on %s and was skipped: %r (set raise_error = True on it to "
             "raise instead)", _short(h, 60), event["event"], exc)
@@ -1077,6 +1090,8 @@ class Run:
     def end(self, output: Any, extra: Optional[Dict[str, Any]] = None) -> None:
         """Emit `on_<type>_end` with the output (and the input, except for the root)."""
         data = {"output": output}
+        # deviation: only the root's end event goes without its input (langchain_core drops it from
+        # the run of the first event that passes the filters, wherever that run is)
         if not self.root and (self.input is not _MISSING or self.inputs.kind is not None):
             data["input"] = self.input if self.input is not _MISSING else self.inputs.value()
         if extra:
@@ -1229,6 +1244,7 @@ def _merge_configs(base: Optional[RunnableConfig], extra: Optional[Mapping[str, 
         if key == "tags":
             out[key] = sorted(set(out.get("tags", ())) | set(value))  # sorted, as langchain_core
         elif key == "metadata":
+            # deviation: a second with_config adds tags and metadata (langchain_core replaces them)
             out[key] = {**out.get("metadata", {}), **value}
         elif key == "configurable":
             out[key] = {**out.get("configurable", {}), **value}
@@ -1439,7 +1455,8 @@ class Runnable(Generic[Input, Output]):
         first = _fold(inputs) if self.input_in_start else next(inputs, _MISSING)
         if first is _MISSING:
             return
-        tapped = self._begin(run, known, invoked, first, inputs, _tap)
+        tapped = self._begin(run, known, invoked, first, inputs,
+                             iter([first]) if self.input_in_start else _tap(first, inputs, run))
         if run.pending:
             run.refuse_async()
         child = _child_config(config, run)
@@ -1450,6 +1467,8 @@ class Runnable(Generic[Input, Output]):
                 if self._passes(run, chunk, held):
                     yield chunk
         except BaseException as exc:  # failed, or left early: closed, stopped, cancelled
+            # deviation: listeners that take errors hear a stream left early as an error, as in
+            # async code (langchain_core's sync runs end it with on_chain_end(None))
             run.fail(exc)
             raise
         finally:  # the input closes with this run, even if its transform never started
@@ -1469,21 +1488,21 @@ class Runnable(Generic[Input, Output]):
             return None
         return _open_run(self, config, tag, self._streams(invoked))
 
-    def _begin(self, run: Run, known: Any, invoked: bool, first: Any, rest: Any,
-               tap: Callable[[Any, Any, Run], Any]) -> Any:
+    def _begin(self, run: Run, known: Any, invoked: bool, first: Any, source: Any, chunks: Any) -> Any:
         """Start the run, given its first input chunk (for a step with `input_in_start`, its
-        whole input); return the input chunks for its transform, `tap`ped to fold them. The
-        start event shows the input where the call gave it whole (the root, or a nested
-        invoke), or as `_event_input` says."""
+        whole input), its `source` and the input `chunks` for its transform (which fold into
+        the run as they pass); return those. The start event shows the input where the call gave it whole (the
+        root, or a nested invoke), or as `_event_input` says."""
         if self.input_in_start:
             run.input = self._event_input(first, end=True)
+            # deviation: the root's start event shows the call's input (langchain_core moves it
+            # into the first event that passes the filters)
             shown = known if run.root and known is not _MISSING else self._event_input(first, end=False)
             run.start({"input": shown})
-            return tap(first, rest, run)  # `rest` is spent: the whole input is one chunk
+            return chunks
         run.start({"input": known} if known is not _MISSING and (run.root or invoked) else {})
-        chunks = tap(first, rest, run)
-        if isinstance(rest, _Snapshots):  # the step before streams snapshots
-            run.inputs, chunks = _Latest(), _Snapshots(chunks)
+        if isinstance(source, (_Snapshots, _ASnapshots)):  # the step before streams snapshots
+            run.inputs, chunks = _Latest(), type(source)(chunks)
         return chunks
 
     def _passes(self, run: Run, chunk: Any, held: List[Any]) -> bool:
@@ -1511,7 +1530,7 @@ class Runnable(Generic[Input, Output]):
             child = _child_config(config, None)
             chunks = _ascoped(transform(inputs, child), child) if child or self._user_code \
                 else transform(inputs, child)
-        return _Snapshots(chunks) if self._cumulative else chunks
+        return _ASnapshots(chunks) if self._cumulative else chunks
 
     async def _atraced(self, transform: Callable[..., AsyncIterator[Any]],
                        inputs: AsyncIterator[Any], config: RunnableConfig, run: Run, known: Any,
@@ -1519,7 +1538,8 @@ class Runnable(Generic[Input, Output]):
         first = await (_afold(inputs) if self.input_in_start else _anext(inputs))
         if first is _MISSING:
             return
-        tapped = self._begin(run, known, invoked, first, inputs, _atap)
+        tapped = self._begin(run, known, invoked, first, inputs,
+                             _aiter([first]) if self.input_in_start else _atap(first, inputs, run))
         child = _child_config(config, run)
         agen = _ascoped(transform(tapped, child), child)
         channel = run.channel
@@ -1744,6 +1764,7 @@ class Runnable(Generic[Input, Output]):
         """
         keep = _event_filter(version, include_names, include_types, include_tags,
                              exclude_names, exclude_types, exclude_tags)
+        # deviation: langchain_core has no sync stream_events (NotImplementedError)
         return _stream_events(self, input, _with_call(config, self, kwargs), keep)
 
     def astream_log(self, input: Any, config: Optional[RunnableConfig] = None, *,
@@ -2077,6 +2098,7 @@ class _SyncInput(Iterator[T]):
 
 
 def _sync_only(name: str, method: str) -> TypeError:
+    # deviation: one TypeError that names the async method to use (langchain_core's errors vary)
     async_method = "/".join("a" + m for m in method.split("/"))  # invoke/stream: ainvoke/astream
     return TypeError(f"{name} is async-only and cannot run in {method}(); use "
                      f"{async_method}() (or await it) instead, or give it a sync function")
@@ -2304,6 +2326,8 @@ class RunnableSequence(Runnable[Input, Output]):
         finally:
             await _aclose(inputs)
 
+    # deviation: `batch` (Runnable's) runs each input through the whole sequence; langchain_core
+    # batches step by step. The results are the same.
     def _invoke_transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
         value = _fold(inputs)
         for i, step in enumerate(self.steps):
@@ -3088,6 +3112,7 @@ def _event_filter(version: str, include_names: Optional[Sequence[str]],
                   exclude_names: Optional[Sequence[str]], exclude_types: Optional[Sequence[str]],
                   exclude_tags: Optional[Sequence[str]]) -> Optional[Callable[[Event], bool]]:
     """A predicate over events from the include/exclude lists (None: keep everything)."""
+    # deviation: v2 only, and any other version is a ValueError (langchain_core also has v1)
     if version != "v2":
         raise ValueError(f"unknown event version {version!r}; minichain streams the v2 event "
                          "schema only: pass version='v2' (or leave it out)")
@@ -3685,6 +3710,7 @@ def _check_variables(owner: str, expected: List[str], values: Any) -> None:
                         f"{owner} expects a dict, got {type(values).__name__}")
     missing = [v for v in expected if v not in values]
     if missing:
+        # deviation: the KeyError names the missing variables, the expected ones and the fix
         raise _MissingVariables(
             f"{owner} is missing variable{'s' if len(missing) > 1 else ''} "
             f"{', '.join(repr(m) for m in missing)}; the template expects {expected} and got "
@@ -3927,6 +3953,7 @@ class ChatPromptTemplate(_Prompt):
                 raise TypeError(f"cannot use {_short(item)} in a chat prompt; use a (role, "
                                 "template) tuple, a message, a message template or a MessagesPlaceholder")
             self.messages.append(item)
+            # deviation: input_variables in order of appearance (langchain_core sorts them)
             variables += [n for n in names if n not in variables]
         self.input_variables = variables
 
@@ -4046,6 +4073,7 @@ class BaseChatModel(Runnable[Any, AIMessage]):
         return _in_thread(lambda: self._stream(messages, **kwargs))
 
     def _produce(self, value: Any, config: RunnableConfig) -> Iterator[Any]:
+        # deviation: invoke's message keeps this id too (langchain_core adds -0 with no listener)
         run_id, last = f"lc_run--{_run_id(config)}", None
         for last in self._stream(_to_messages(value), **{**self.kwargs, **_call_kwargs(self, config)}):
             if last.id is None:
@@ -4120,6 +4148,8 @@ class BaseLLM(Runnable[Any, str]):
         return type(self)._stream is not BaseLLM._stream
 
     def _produce(self, value: Any, config: RunnableConfig) -> Iterator[Any]:
+        # deviation: the chunks are strings, in events too (langchain_core wraps a child LLM's
+        # chunks in GenerationChunk)
         yield from self._stream(_to_prompt(value), **{**self.kwargs, **_call_kwargs(self, config)})
 
     def _event_input(self, value: Any, end: bool) -> Any:
@@ -4141,6 +4171,7 @@ class BaseLLM(Runnable[Any, str]):
 def _ls_params(model: Any, provider: str, model_type: str, call: Dict[str, Any]) -> Dict[str, Any]:
     """The `ls_*` metadata a model's events carry: its provider and type, and the stop
     sequences, model name, temperature and token limit of the call where it has them."""
+    # deviation: no lc_versions (minichain is not langchain-core)
     params: Dict[str, Any] = {"ls_provider": provider, "ls_model_type": model_type}
     kwargs = {**model.kwargs, **call}
     if kwargs.get("stop"):
@@ -4799,6 +4830,7 @@ class _JsonStream:
         try:
             return int(text)
         except ValueError as exc:  # over Python's limit on digits (3.11+): not a JSON error
+            # deviation: an OutputParserException (langchain_core lets int()'s ValueError out)
             raise OutputParserException(f"the JSON number {_short(text, 40)} is too long to "
                                         f"convert to an int: {exc}") from None
 
@@ -4856,6 +4888,8 @@ class _JsonStream:
             return self.result
         inner = self._scalar()
         for frame in reversed(self.stack[level:]):
+            # deviation: only the open containers are copied: finished members are shared between
+            # snapshots (langchain_core parses each snapshot afresh)
             copy: Any = dict(frame.value) if isinstance(frame.value, dict) else list(frame.value)
             if inner is not _MISSING:
                 if isinstance(copy, dict):
@@ -4913,6 +4947,8 @@ class _JsonStream:
         stack = self.stack
         frame = stack[level] if level < len(stack) else self.closed.pop()
         path = self._pointer(level) if level < len(stack) else ""
+        # deviation: where several members change in one chunk, a list's ops may differ from the
+        # ones jsonpatch picks (same result).
         # jsonpatch puts an object's own ops before its last member's, a list's after them:
         # `before` is in order, `after` reversed, and the deeper levels' ops go between
         before: List[Dict[str, Any]] = []
@@ -5670,6 +5706,7 @@ class RunTree:
         self.run_type = event["event"][3:-6]
         self.tags, self.metadata = event["tags"], event["metadata"]
         self.parent_run_id = _uuid(event["parent_ids"][-1]) if event["parent_ids"] else None
+        # deviation: the real input at start (langchain_core: {"input": ""} when streamed)
         self.inputs = _as_dict(event["data"].get("input", ""), "input")
         self.outputs: Dict[str, Any] = {}
         self.error: Optional[str] = None
@@ -7009,11 +7046,10 @@ class _ServerChatModel(_ServerBase):
     key_env: Optional[str] = None  # where api_key comes from when not given
     url_env: Optional[str] = None  # where base_url comes from when not given
     default_url = ""  # ... and else
-    default_model = ""
     decoder: Callable[[int, str], Any] = _SSEDecoder  # bytes -> (event, data) frames
     reader: Callable[[], Any] = _OpenAIStream  # frames -> AIMessageChunks
 
-    def __init__(self, *, model: Optional[str] = None, base_url: Optional[str] = None,
+    def __init__(self, *, model: str, base_url: Optional[str] = None,
                  api_key: Optional[str] = None, timeout: Union[None, float, Tuple[float, float]] = None, max_retries: int = 2,
                  max_event_bytes: int = MAX_EVENT_BYTES,
                  tags: Optional[List[str]] = None, metadata: Optional[Dict[str, Any]] = None,
@@ -7024,7 +7060,7 @@ class _ServerChatModel(_ServerBase):
                 raise TypeError(f"{type(self).__name__}: {name} must be an int >= "
                                 f"{int(name == 'max_event_bytes')}, not {_short(value)}")
         self.max_event_bytes = max_event_bytes
-        self.model = self.default_model if model is None else model
+        self.model = model
         self.api_key = api_key or (os.environ.get(self.key_env) if self.key_env else None)
         url = base_url or (os.environ.get(self.url_env) if self.url_env else None) or self.default_url
         self.base_url = url.rstrip("/")
@@ -7083,8 +7119,12 @@ class ChatOpenAI(_ServerChatModel, BaseChatModel):
     '/v1/chat/completions'
     """
 
-    provider, path, reader, default_model = "OpenAI", "/chat/completions", _OpenAIStream, "gpt-4o-mini"
+    provider, path, reader = "OpenAI", "/chat/completions", _OpenAIStream
     key_env, url_env, default_url = "OPENAI_API_KEY", "OPENAI_BASE_URL", "https://api.openai.com/v1"
+
+    def __init__(self, *, model: str = "gpt-4o-mini", base_url: Optional[str] = None,
+                 api_key: Optional[str] = None, **kwargs: Any) -> None:
+        super().__init__(model=model, base_url=base_url, api_key=api_key, **kwargs)
 
     def _body(self, messages: List[BaseMessage], kwargs: Dict[str, Any]) -> Dict[str, Any]:
         body: Dict[str, Any] = {"model": self.model, "messages": _openai_messages(messages),
@@ -7121,13 +7161,13 @@ class ChatOllama(_ServerChatModel, BaseChatModel):
     """
 
     provider, path, decoder, reader = "Ollama", "/api/chat", _NDJSONDecoder, _OllamaStream
-    url_env, default_url, default_model = "OLLAMA_HOST", "http://localhost:11434", "llama3.2"
+    url_env, default_url = "OLLAMA_HOST", "http://localhost:11434"
 
-    def __init__(self, **kwargs: Any) -> None:
-        if kwargs.get("api_key") is not None:
+    def __init__(self, *, model: str = "llama3.2", base_url: Optional[str] = None, **kwargs: Any) -> None:
+        if "api_key" in kwargs:
             raise TypeError("ChatOllama takes no api_key: Ollama's API has none (a proxy that "
                             "wants one: ChatOpenAI(base_url='http://host:11434/v1', api_key=...))")
-        super().__init__(**kwargs)
+        super().__init__(model=model, base_url=base_url, **kwargs)
         url = self.base_url if "://" in self.base_url else f"http://{self.base_url}"
         import urllib.parse
         parts = urllib.parse.urlsplit(url)
@@ -7161,11 +7201,12 @@ class ChatAnthropic(_ServerChatModel, BaseChatModel):
     ('s', '2023-06-01')
     """
 
-    provider, path, reader, default_model = "Anthropic", "/v1/messages", _AnthropicStream, "claude-sonnet-4-5"
+    provider, path, reader = "Anthropic", "/v1/messages", _AnthropicStream
     key_env, url_env, default_url = "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "https://api.anthropic.com"
 
-    def __init__(self, *, max_tokens: int = 1024, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, *, model: str = "claude-sonnet-4-5", api_key: Optional[str] = None,
+                 base_url: Optional[str] = None, max_tokens: int = 1024, **kwargs: Any) -> None:
+        super().__init__(model=model, api_key=api_key, base_url=base_url, **kwargs)
         self.max_tokens = max_tokens
 
     def _body(self, messages: List[BaseMessage], kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -7485,6 +7526,7 @@ class RemoteRunnable(Runnable[Any, Any]):
 
     def _output(self, data: bytes, count: Optional[int] = None) -> Any:
         """The decoded `output` of an invoke (or, with `count`, a batch) answer."""
+        # deviation: a bad answer is an APIError (LangServe's client lets json's errors out)
         try:
             output = json.loads(data)["output"]
         except (ValueError, KeyError, TypeError, RecursionError):

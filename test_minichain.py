@@ -350,6 +350,49 @@ def test_async_only_step_called_synchronously_says_to_use_the_async_method() -> 
         RunnableLambda(f).invoke(1)
 
 
+def test_a_traced_step_pulls_its_input_to_the_end_once() -> None:
+    class Once:
+        """An iterator that must not be pulled again after its end (a queue read to a sentinel)."""
+        def __init__(self, items: List[Any]) -> None:
+            self.items, self.pulls, self.ended = list(items), 0, False
+
+        def __iter__(self) -> "Once":
+            return self
+
+        def __next__(self) -> Any:
+            assert not self.ended, "pulled again after its end"
+            self.pulls += 1
+            if not self.items:
+                self.ended = True
+                raise StopIteration
+            return self.items.pop(0)
+
+        def __aiter__(self) -> "Once":
+            return self
+
+        async def __anext__(self) -> Any:
+            try:
+                return next(self)
+            except StopIteration:
+                raise StopAsyncIteration from None
+    listen = {"callbacks": [lambda e: None]}
+    for step in (PromptTemplate.from_template("{q}"), RunnableLambda(lambda d: d["q"]),
+                 RunnablePassthrough()):
+        given = Once([{"q": "a"}])
+        assert len(list(step.transform(given, listen))) == 1 and given.pulls == 2
+        given = Once([{"q": "a"}])
+        assert len(run(alist(step.atransform(given, listen)))) == 1 and given.pulls == 2
+
+
+def test_stream_and_astream_are_one_kind_of_iterator_each() -> None:
+    import collections.abc
+    chain = RunnableLambda(lambda x: '{"a": [1, 2]}') | JsonOutputParser()
+    sync, agen = chain.stream(1), chain.astream(1)
+    assert isinstance(sync, collections.abc.Iterator) and not isinstance(sync, collections.abc.AsyncIterable)
+    assert isinstance(agen, collections.abc.AsyncIterator) and not isinstance(agen, collections.abc.Iterable)
+    assert list(sync) == [{"a": [1, 2]}] and run(alist(agen)) == [{"a": [1, 2]}]
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Composition
 # ---------------------------------------------------------------------------------------------
@@ -4756,7 +4799,7 @@ def test_ipv6_hosts_are_bracketed_and_ollama_defaults_its_port(monkeypatch: Any)
     (lambda: RunnableLambda(str).invoke(1, {"tags": 5}), r"config tags must be a list of str, not 5"),
     (lambda: RunnableLambda(str).invoke(1, {"metadata": [1]}), r"config metadata must be a dict, not list: \[1\]"),
     (lambda: RunnableLambda(str).batch([1], {"max_concurrency": 0}), r"config max_concurrency must be an int >= 1, not 0"),
-    (lambda: ChatOpenAI(base_url="http://x/v1", max_retries=None), r"ChatOpenAI: max_retries must be an int >= 0, not None"),  # type: ignore[arg-type]
+    (lambda: ChatOpenAI(base_url="http://x/v1", max_retries=None), r"ChatOpenAI: max_retries must be an int >= 0, not None"),
 ])
 def test_bad_arguments_fail_at_the_call_that_received_them(call: Any, message: str) -> None:
     with pytest.raises(TypeError, match="^" + message):
