@@ -696,56 +696,6 @@ _current: "contextvars.ContextVar[Optional[RunnableConfig]]" = contextvars.Conte
     "minichain_config", default=None)
 
 
-def _close(it: Any) -> None:
-    """Close a generator (or anything with `close`); plain iterators need nothing."""
-    close = getattr(it, "close", None)
-    if close is not None:
-        close()
-
-
-async def _aclose(it: Any) -> None:
-    """Close an async generator now, so its `finally` runs before we return."""
-    aclose = getattr(it, "aclose", None)
-    if aclose is not None:
-        await aclose()
-
-
-class _Snapshots(Iterator[Any]):
-    """The output chunks of a step whose every chunk is its whole output so far (a snapshot,
-    as `JsonOutputParser` streams them), marked so that a step folding them keeps the last
-    instead of adding them up. Only such steps' chunks pass through it.
-
-    >>> _fold(_Snapshots(iter([[10], [10, 20], [10, 20, 30]]))), _fold(iter([[10], [20]]))
-    ([10, 20, 30], [10, 20])
-    """
-
-    __slots__ = ("chunks",)
-
-    def __init__(self, chunks: Iterator[Any]) -> None:
-        self.chunks = chunks
-
-    def __next__(self) -> Any:
-        return next(self.chunks)
-
-    def close(self) -> None:
-        _close(self.chunks)
-
-
-class _ASnapshots(AsyncIterator[Any]):
-    """The async twin of `_Snapshots`."""
-
-    __slots__ = ("chunks",)
-
-    def __init__(self, chunks: AsyncIterator[Any]) -> None:
-        self.chunks = chunks
-
-    async def __anext__(self) -> Any:
-        return await self.chunks.__anext__()
-
-    async def aclose(self) -> None:
-        await _aclose(self.chunks)
-
-
 def _fold(chunks: Iterable[Any]) -> Any:
     """All chunks `+`-ed together (`_MISSING` for none); of snapshots, the last."""
     it = iter(chunks)
@@ -890,6 +840,56 @@ class _Latest(_Fold):
 
     def value(self) -> Any:
         return self.total
+
+
+def _close(it: Any) -> None:
+    """Close a generator (or anything with `close`); plain iterators need nothing."""
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
+
+
+async def _aclose(it: Any) -> None:
+    """Close an async generator now, so its `finally` runs before we return."""
+    aclose = getattr(it, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+class _Snapshots(Iterator[Any]):
+    """The output chunks of a step whose every chunk is its whole output so far (a snapshot,
+    as `JsonOutputParser` streams them), marked so that a step folding them keeps the last
+    instead of adding them up. Only such steps' chunks pass through it.
+
+    >>> _fold(_Snapshots(iter([[10], [10, 20], [10, 20, 30]]))), _fold(iter([[10], [20]]))
+    ([10, 20, 30], [10, 20])
+    """
+
+    __slots__ = ("chunks",)
+
+    def __init__(self, chunks: Iterator[Any]) -> None:
+        self.chunks = chunks
+
+    def __next__(self) -> Any:
+        return next(self.chunks)
+
+    def close(self) -> None:
+        _close(self.chunks)
+
+
+class _ASnapshots(AsyncIterator[Any]):
+    """The async twin of `_Snapshots`."""
+
+    __slots__ = ("chunks",)
+
+    def __init__(self, chunks: AsyncIterator[Any]) -> None:
+        self.chunks = chunks
+
+    async def __anext__(self) -> Any:
+        return await self.chunks.__anext__()
+
+    async def aclose(self) -> None:
+        await _aclose(self.chunks)
 
 
 def _bare(chunk: AIMessageChunk, id: Optional[str]) -> bool:
