@@ -650,12 +650,17 @@ class AddableDict(Dict[str, Any]):
             return NotImplemented
         merged = AddableDict(self)
         for key, value in other.items():
-            # deviation: values that do not add keep the newer one for this key only (langchain_core
-            # raises, and its fold restarts, losing the other keys)
-            merged[key] = _add(merged[key], value) if merged.get(key) is not None else value
+            if merged.get(key) is None:
+                merged[key] = value
+            elif value is not None:  # None adds nothing
+                # deviation: values that do not add keep the newer one for this key only
+                # (langchain_core raises, and its fold restarts, losing the other keys)
+                merged[key] = _add(merged[key], value)
         return merged
 
-    __radd__ = __add__  # plain dict + AddableDict merges the same way
+    def __radd__(self, other: Any) -> "AddableDict":
+        """A plain dict on the left merges the same way, its values first."""
+        return AddableDict(other) + self if isinstance(other, dict) else NotImplemented
 
 
 # ==============================================================================================
@@ -740,8 +745,8 @@ async def _anext(it: AsyncIterator[T]) -> Any:
 class _Fold:
     """A `+`-fold that grows one chunk at a time and keeps little per chunk: `add(a)`, `add(b)`,
     then `value()` is `a + b`. Text (strings, and the content of message chunks that carry
-    nothing else) is kept as pieces joined once at the end; one-key dicts fold key by key;
-    anything else is added as it comes. A run folds its input and output with this for its
+    nothing else) is kept as pieces joined once at the end; `AddableDict`s (a parallel step's
+    chunks) fold key by key; anything else (plain dicts too) is added as it comes. A run folds its input and output with this for its
     end event, so a long answer costs a string per chunk, not a chunk object.
 
     >>> fold = _Fold()
@@ -914,7 +919,8 @@ def _listener(h: Any) -> Listener:
     own, which does not report back to it. An `async def` listener returns its call for the
     async run to await. A listener that raises does not break the run: the error is logged
     (logger "minichain") and the run goes on, as in langchain_core; give the listener
-    `raise_error = True` to have its errors raised instead.
+    `raise_error = True` to have its errors raised instead. A listener with `errors = True`
+    also hears `on_<type>_error` events (`Run.fail`; callback handlers do, event streams not).
     """
     if isinstance(h, _Channel):
         return h  # minichain's own: it never calls runnables, and its errors are real
@@ -1981,7 +1987,8 @@ def _scoped(inner: Iterator[T], config: RunnableConfig) -> Iterator[T]:
 
 
 async def _ascoped(inner: AsyncIterator[T], config: RunnableConfig) -> AsyncIterator[T]:
-    """The async twin of `_scoped`."""
+    """The async twin of `_scoped`, without the stop check: async siblings are cancelled
+    instead (`_gather`, `_ainterleave`)."""
     try:
         while True:
             token = _current.set(config)
@@ -3137,8 +3144,8 @@ def _event_filter(version: str, include_names: Optional[Sequence[str]],
 
 
 def _listening(config: Optional[RunnableConfig], listen: Listener) -> RunnableConfig:
-    """The call's config with `listen` added to its listeners; the run becomes a new root."""
-    setattr(listen, "raise_error", True)  # minichain's own listener: its errors are real
+    """The call's config with `listen` added to its listeners. A `Run` passed in as
+    `callbacks` is dropped, so this call's run is a new root."""
     cfg = dict(_resolve(config))
     listeners = cfg.get("callbacks")
     cfg["callbacks"] = [listen] + (list(listeners) if isinstance(listeners, (list, tuple)) else [])

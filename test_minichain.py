@@ -172,6 +172,10 @@ def test_addable_dict_merges_key_by_key_and_keeps_every_key() -> None:
     # deviation from langchain_core, which raises and restarts the fold, losing 't1'
     chunks = [AddableDict(j={}), AddableDict(s="t1"), AddableDict(j={"x": 1}), AddableDict(s=" t2")]
     assert mc._fold(chunks) == {"j": {"x": 1}, "s": "t1 t2"}
+    # as langchain_core 1.7.2: a plain dict on the left comes first, and None adds nothing
+    assert {"a": "x"} + AddableDict(a="y") == AddableDict(a="x") + {"a": "y"} == {"a": "xy"}
+    assert [AddableDict(a="x") + AddableDict(a=None), {"a": None} + AddableDict(a="x", b=None)] == [
+        {"a": "x"}, {"a": "x", "b": None}]
 
 
 def test_content_blocks_streamed_under_one_index_merge_as_in_langchain_core() -> None:
