@@ -977,7 +977,7 @@ class Run:
 
     __slots__ = ("id", "name", "type", "tags", "inherited_tags", "metadata", "parent_ids",
                  "listeners", "root", "streams", "input", "inputs", "outputs", "channel", "solo",
-                 "pending", "token_order", "failed")
+                 "pending", "data_second", "failed")
 
     def __init__(self, name: str, run_type: str, tags: List[str], metadata: Dict[str, Any],
                  parent: Optional["Run"], listeners: Sequence[Listener], run_id: Any,
@@ -987,6 +987,8 @@ class Run:
         # what a custom event shows: the tags without the step's place (`seq:step:2`)
         self.inherited_tags = tags[1:] if positional else tags
         self.parent_ids: List[str] = parent.parent_ids + [parent.id] if parent else []
+        # `streams`: it reports on_<type>_stream events (one that does not holds its output
+        # till its end event: `Runnable._passes`)
         self.listeners, self.root, self.streams = listeners, parent is None, streams
         self.input: Any = _MISSING  # the whole input, where it was known or folded up front
         self.inputs = _Fold()  # else the input chunks seen, folded as they come
@@ -997,7 +999,7 @@ class Run:
         # the event stream, when it is the only listener: events go straight to it
         self.solo = self.channel if list(listeners) == [self.channel] else None
         # a nested model's tokens: langchain_core builds their events with `data` second
-        self.token_order = parent is not None and run_type in ("chat_model", "llm")
+        self.data_second = parent is not None and run_type in ("chat_model", "llm")
         # async listeners' calls (and what to do if one fails), awaited in order by the run
         self.pending: List[Tuple[Awaitable[Any], Callable[[Exception], None]]] = []
         self.failed = False  # its error event went out (a tool sends its own)
@@ -1068,7 +1070,7 @@ class Run:
         self.outputs.add(chunk)
         if not self.streams:
             return
-        if self.token_order:
+        if self.data_second:
             event = {"event": f"on_{self.type}_stream", "data": {"chunk": chunk},
                      "run_id": self.id, "name": self.name, "tags": self.tags,
                      "metadata": self.metadata, "parent_ids": self.parent_ids}
@@ -1355,6 +1357,7 @@ class Runnable(Generic[Input, Output]):
     _cumulative = False  # each output chunk is the whole output so far: folds keep the last
     _opaque = False  # a subclass that writes `invoke` or `ainvoke` itself (no run of its own)
     _passes_through = False  # a run without stream events still passes its chunks on at once
+    # (RemoteRunnable, section 14: its remote run reports the events)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -1442,7 +1445,19 @@ class Runnable(Generic[Input, Output]):
 
     def _stream_run(self, inputs: Iterator[Any], config: RunnableConfig, tag: Optional[str] = None,
                     known: Any = _MISSING, invoked: bool = False) -> Iterator[Any]:
-        """Run `_transform` over `inputs` as one run of this runnable, reporting its events."""
+        """Run `_transform` over `inputs` as one run of this runnable, reporting its events.
+
+        `tag` is the step's place in its parent (`seq:step:2`, `map:key:a`); `known` is the
+        whole input where the caller has it (shown in the start event); `invoked` says this
+        is the `invoke` path (`_invoke_transform`; the end event shows what `invoke` returns).
+
+        The life of a run, where someone listens (`_traced`): the run opens (`_open`) but
+        starts only when its first input chunk arrives (`_begin`): no input, no events. Input
+        chunks fold into it as they pass (`_tap`); the transform runs under the child config
+        (`_scoped`); each output chunk is folded and, where the run streams, reported
+        (`_passes`); then the run ends (`_end`). A run that does not stream holds its output
+        until its end event has gone out, so that events come in langchain_core's order.
+        """
         transform = self._invoke_transform if invoked else self._transform
         run = self._open(config, tag, invoked)
         if run is not None:
@@ -1458,6 +1473,7 @@ class Runnable(Generic[Input, Output]):
 
     def _traced(self, transform: Callable[..., Iterator[Any]], inputs: Iterator[Any],
                 config: RunnableConfig, run: Run, known: Any, invoked: bool) -> Iterator[Any]:
+        """The run's chunks, as `_stream_run` tells its life, for sync code."""
         first = _fold(inputs) if self.input_in_start else next(inputs, _MISSING)
         if first is _MISSING:
             return
@@ -1494,10 +1510,11 @@ class Runnable(Generic[Input, Output]):
             return None
         return _open_run(self, config, tag, self._streams(invoked))
 
-    def _begin(self, run: Run, known: Any, invoked: bool, first: Any, source: Any, chunks: Any) -> Any:
+    def _begin(self, run: Run, known: Any, invoked: bool, first: Any, upstream: Any, chunks: Any) -> Any:
         """Start the run, given its first input chunk (for a step with `input_in_start`, its
-        whole input), its `source` and the input `chunks` for its transform (which fold into
-        the run as they pass); return those. The start event shows the input where the call gave it whole (the
+        whole input), the `upstream` it came from and the input `chunks` for its transform
+        (which fold into the run as they pass: `_tap` reads `run.inputs` only then); return
+        those. The start event shows the input where the call gave it whole (the
         root, or a nested invoke), or as `_event_input` says."""
         if self.input_in_start:
             run.input = self._event_input(first, end=True)
@@ -1507,8 +1524,8 @@ class Runnable(Generic[Input, Output]):
             run.start({"input": shown})
             return chunks
         run.start({"input": known} if known is not _MISSING and (run.root or invoked) else {})
-        if isinstance(source, (_Snapshots, _ASnapshots)):  # the step before streams snapshots
-            run.inputs, chunks = _Latest(), type(source)(chunks)
+        if isinstance(upstream, (_Snapshots, _ASnapshots)):  # the step before streams snapshots
+            run.inputs, chunks = _Latest(), type(upstream)(chunks)
         return chunks
 
     def _passes(self, run: Run, chunk: Any, held: List[Any]) -> bool:
@@ -1541,6 +1558,8 @@ class Runnable(Generic[Input, Output]):
     async def _atraced(self, transform: Callable[..., AsyncIterator[Any]],
                        inputs: AsyncIterator[Any], config: RunnableConfig, run: Run, known: Any,
                        invoked: bool) -> AsyncIterator[Any]:
+        """The async twin of `_traced`: it also awaits async listeners' calls (`settle`), and
+        lets the event stream's consumer catch up before each pull (`pause`)."""
         first = await (_afold(inputs) if self.input_in_start else _anext(inputs))
         if first is _MISSING:
             return
@@ -3165,51 +3184,52 @@ async def _astream_events(runnable: Runnable[Any, Any], input: Any,
     channel = _Channel(keep, asyncio.get_running_loop())
     chunks = runnable._astream_run(_aiter([input]), _listening(config, channel), None, input)
     context = contextvars.copy_context()  # the run's own context, as a task would have
-    step: Any = None  # the run's current step (one `__anext__()` of the root), while suspended
-    signal: Any = None  # what the step yielded: a future it awaits, or `_HANDOFF`
-    error: Optional[BaseException] = None  # to throw into the step where it waits
+    pull: Any = None  # the run's current pull (one `__anext__()` of the root), while suspended
+    awaited: Any = None  # what the pull yielded: a future it awaits, or `_HANDOFF`
+    error: Optional[BaseException] = None  # to throw into the pull where it waits
     failure: Optional[BaseException] = None
     try:
         while True:
-            if step is None:
-                step = chunks.__anext__()
+            if pull is None:
+                pull = chunks.__anext__()
             channel.task = asyncio.current_task()
             try:
-                signal = context.run(step.send, None) if error is None else \
-                    context.run(step.throw, error)
-            except StopIteration:  # the root yielded a chunk
-                step = signal = None
+                awaited = context.run(pull.send, None) if error is None else \
+                    context.run(pull.throw, error)
+            except StopIteration:  # the root yielded a chunk (dropped: its consumer
+                # has it already, as the root's on_chain_stream event)
+                pull = awaited = None
             except StopAsyncIteration:
-                step = None
+                pull = None
                 break
             except asyncio.CancelledError:  # the run ended on a cancellation: no more events
-                step = None
+                pull = None
                 raise
             except BaseException as exc:  # the run failed: raised after the events before it
-                step, failure = None, exc
+                pull, failure = None, exc
                 break
             error = None
             while channel.buffer:
                 yield channel.buffer.popleft()
             channel.caught_up()
-            if signal is _HANDOFF or step is None:  # the consumer had its turn: go on
+            if awaited is _HANDOFF or pull is None:  # the consumer had its turn: go on
                 continue
-            if signal is None:  # a bare `yield` (asyncio.sleep(0)): let the loop run once
+            if awaited is None:  # a bare `yield` (asyncio.sleep(0)): let the loop run once
                 await asyncio.sleep(0)
                 continue
-            if not asyncio.isfuture(signal):  # as a task does: refuse what the loop cannot wait on
-                error = RuntimeError(f"a step yielded {_short(signal)} to the event loop; "
+            if not asyncio.isfuture(awaited):  # as a task does: refuse what the loop cannot wait on
+                error = RuntimeError(f"a pull yielded {_short(awaited)} to the event loop; "
                                      "await only futures, coroutines or tasks")
                 continue
-            signal._asyncio_future_blocking = False  # as a task does before it waits
-            while not signal.done():
+            awaited._asyncio_future_blocking = False  # as a task does before it waits
+            while not awaited.done():
                 try:
-                    await _first_of(signal, channel)
+                    await _first_of(awaited, channel)
                 except asyncio.CancelledError as exc:
                     # Our task was cancelled: by the consumer, or by the run itself (its
                     # asyncio.timeout, its TaskGroup). As a task does, hand it to the run where
                     # it waits, and let the run decide: end, or handle it and go on.
-                    if not signal.cancel():
+                    if not awaited.cancel():
                         error = exc
                     break
                 while channel.buffer:  # events from other tasks and threads, meanwhile
@@ -3221,8 +3241,8 @@ async def _astream_events(runnable: Runnable[Any, Any], input: Any,
             raise failure
     finally:
         channel.stop()
-        if step is not None:  # the consumer left (or was cancelled) with the run suspended
-            await _unwind(step, signal, context)
+        if pull is not None:  # the consumer left (or was cancelled) with the run suspended
+            await _unwind(pull, awaited, context)
         await _aclose(chunks)
 
 
@@ -3244,23 +3264,23 @@ async def _first_of(future: "asyncio.Future[Any]", channel: _Channel) -> None:
         future.remove_done_callback(done)
 
 
-async def _unwind(step: Any, signal: Any, context: contextvars.Context) -> None:
+async def _unwind(pull: Any, awaited: Any, context: contextvars.Context) -> None:
     """Cancel a suspended run as a task is cancelled: the future it awaits is cancelled (at a
     handoff, `CancelledError` is thrown in where it waits), and the run is driven on until it
     ends, so that every `finally`, `TaskGroup` and `wait_for` in it has cleaned up."""
     error: Optional[BaseException] = None
-    if not (asyncio.isfuture(signal) and signal.cancel()):
+    if not (asyncio.isfuture(awaited) and awaited.cancel()):
         error = asyncio.CancelledError()
     while True:
-        if asyncio.isfuture(signal) and not signal.done():
-            await asyncio.wait([signal])
+        if asyncio.isfuture(awaited) and not awaited.done():
+            await asyncio.wait([awaited])
         try:
-            signal = context.run(step.throw, error) if error is not None else context.run(step.send, None)
+            awaited = context.run(pull.throw, error) if error is not None else context.run(pull.send, None)
         except (StopIteration, StopAsyncIteration, _Stopped, asyncio.CancelledError, GeneratorExit):
             return
         error = None
-        if asyncio.isfuture(signal):  # its cleanup awaits: let that finish
-            signal._asyncio_future_blocking = False
+        if asyncio.isfuture(awaited):  # its cleanup awaits: let that finish
+            awaited._asyncio_future_blocking = False
         else:
             await asyncio.sleep(0)
 
