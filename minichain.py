@@ -922,7 +922,7 @@ def _listener(h: Any) -> Listener:
     `raise_error = True` to have its errors raised instead. A listener with `errors = True`
     also hears `on_<type>_error` events (`Run.fail`; callback handlers do, event streams not).
     """
-    if isinstance(h, _Channel):
+    if isinstance(h, _Channel):  # an event stream (section 5)
         return h  # minichain's own: it never calls runnables, and its errors are real
     adapter = getattr(h, "_as_listener", None)  # a callback handler (section 9)
     if adapter is not None:
@@ -993,7 +993,8 @@ class Run:
         self.input: Any = _MISSING  # the whole input, where it was known or folded up front
         self.inputs = _Fold()  # else the input chunks seen, folded as they come
         self.outputs = _Fold()  # the output chunks, folded as they come
-        # the event stream this run reports to, if any (it may pause the run: backpressure)
+        # the event stream this run reports to, if any (it may pause the run: backpressure;
+        # `_Channel` is section 5's)
         self.channel: Optional[_Channel] = parent.channel if parent else next(
             (h for h in listeners if isinstance(h, _Channel)), None)
         # the event stream, when it is the only listener: events go straight to it
@@ -1107,133 +1108,6 @@ class Run:
         self.emit({"event": f"on_{self.type}_end", "data": data, "run_id": self.id,
                    "name": self.name, "tags": self.tags, "metadata": self.metadata,
                    "parent_ids": self.parent_ids})
-
-
-_EVENT_WINDOW = 64  # the most events a run on another task or thread gets ahead of its consumer
-
-
-class _Stopped(BaseException):
-    """Raised inside a run whose consumer went away (or whose sibling failed), to unwind
-    every step. A BaseException, so that `except Exception` in user code lets it pass."""
-
-
-class _Channel:
-    """The listener of an event stream: it hands a run's events to the stream's consumer and
-    makes the run wait while the consumer is behind (backpressure).
-
-    Events wait in `buffer` until the consumer takes them. How the run waits depends on where
-    its code runs:
-
-    - in the task the consumer drives (`astream_events`): before it pulls its next chunk, a
-      run with events waiting hands control to the consumer, as a generator does at `yield`
-      (`pause`), so it is never ahead by more than the events of one step;
-    - in another task (a parallel branch) or thread (a sync step; `stream_events`' worker):
-      it waits once `_EVENT_WINDOW` events are waiting, until the consumer has taken them.
-
-    After `stop` (the consumer left), the run's next event raises `_Stopped` in it.
-    """
-
-    def __init__(self, keep: Optional[Callable[[Event], bool]],
-                 loop: Optional["asyncio.AbstractEventLoop"] = None) -> None:
-        import collections
-        self.keep, self.loop = keep, loop
-        self.loop_thread = threading.get_ident() if loop is not None else None
-        self.buffer: Deque[Event] = collections.deque()
-        self.stopped = self.done = False
-        self.cond = threading.Condition()  # where threads wait for room, and a sync consumer for events
-        self.blocked = 0  # threads waiting for room
-        self.paused: List["asyncio.Future[None]"] = []  # tasks waiting for room
-        self.waiter: Optional["asyncio.Future[None]"] = None  # the async consumer, asleep
-        self.consumer_waits = False  # the sync consumer, asleep
-        self.task: Any = None  # the task the consumer drives the run in
-        self.closers: List[Callable[[], None]] = []  # unblock a sync step's I/O on stop
-
-    def __call__(self, event: Event) -> None:
-        if self.stopped:
-            raise _Stopped()
-        if self.keep is not None and not self.keep(event):
-            return
-        buffer = self.buffer
-        buffer.append(event)
-        if len(buffer) == 1:
-            self.wake()
-        elif len(buffer) >= _EVENT_WINDOW and threading.get_ident() != self.loop_thread:
-            with self.cond:
-                self.blocked += 1
-                while len(buffer) >= _EVENT_WINDOW and not self.stopped:
-                    self.cond.wait()
-                self.blocked -= 1
-            if self.stopped:
-                raise _Stopped()
-
-    def wake(self) -> None:
-        """Wake the consumer if it sleeps (it checks the buffer before it sleeps)."""
-        if self.consumer_waits:
-            with self.cond:
-                self.cond.notify_all()
-        waiter = self.waiter
-        if waiter is not None:
-            if threading.get_ident() == self.loop_thread:
-                _set_done(waiter)
-            else:
-                cast(Any, self.loop).call_soon_threadsafe(_set_done, waiter)
-
-    async def pause(self) -> None:
-        """A run's checkpoint, before it pulls its next chunk, when events are waiting."""
-        if asyncio.current_task() is self.task:
-            await _HANDOFF  # back to the consumer, which resumes the run when it wants more
-        elif len(self.buffer) >= _EVENT_WINDOW:
-            room = cast(Any, self.loop).create_future()
-            self.paused.append(room)
-            self.wake()
-            await room
-            if self.stopped:
-                raise _Stopped()
-
-    def caught_up(self) -> None:
-        """The consumer has taken every event: whoever waits for room goes on."""
-        for room in self.paused:
-            _set_done(room)
-        self.paused.clear()
-        if self.blocked:
-            with self.cond:
-                self.cond.notify_all()
-
-    def stop(self) -> None:
-        """The consumer left: release every waiting producer (each raises `_Stopped`) and
-        unblock sync steps waiting on I/O."""
-        self.stopped = True
-        self.caught_up()
-        for close in list(self.closers):
-            close()
-
-
-def _set_done(future: "asyncio.Future[None]") -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-class _Handoff:
-    """Awaited by the run the consumer drives: suspends the whole run up to `astream_events`,
-    which hands out the waiting events and resumes the run on the consumer's next request."""
-
-    def __await__(self) -> Any:
-        yield self
-
-
-_HANDOFF = _Handoff()
-
-
-def _when_stopped(close: Callable[[], None]) -> Callable[[], None]:
-    """Register `close` to run if the consumer of the active event stream leaves (so that a
-    sync step blocked in I/O returns at once); returns the function that unregisters it."""
-    config = _current.get()
-    run = config.get("callbacks") if config else None
-    channel = run.channel if isinstance(run, Run) else None
-    if channel is None:
-        return lambda: None
-    channel.closers.append(close)
-    return lambda: channel.closers.remove(close) if close in channel.closers else None
 
 
 def _merge_configs(base: Optional[RunnableConfig], extra: Optional[Mapping[str, Any]]) -> RunnableConfig:
@@ -2128,6 +2002,11 @@ def _sync_only(name: str, method: str) -> TypeError:
     async_method = "/".join("a" + m for m in method.split("/"))  # invoke/stream: ainvoke/astream
     return TypeError(f"{name} is async-only and cannot run in {method}(); use "
                      f"{async_method}() (or await it) instead, or give it a sync function")
+
+
+class _Stopped(BaseException):
+    """Raised inside a run whose consumer went away (or whose sibling failed), to unwind
+    every step. A BaseException, so that `except Exception` in user code lets it pass."""
 
 
 class _StopSignal:
@@ -3111,12 +2990,134 @@ class RunnableBranch(Runnable[Input, Output]):
 # ==============================================================================================
 # 5. Event streaming: astream_events, stream_events, custom events, astream_log
 #
-# An event stream is the run with one more listener, a `_Channel` (section 2), that hands each
+# An event stream is the run with one more listener, a `_Channel` (below), that hands each
 # event to the consumer as the run makes it. `astream_events` steps the run's coroutine itself,
 # so the run moves only when the consumer asks for more (as a generator does); `stream_events`
 # runs it on a worker thread that waits while the consumer is behind. Nested calls' events
 # arrive live, and a consumer that leaves stops the run at its next chunk.
 # ==============================================================================================
+
+_EVENT_WINDOW = 64  # the most events a run on another task or thread gets ahead of its consumer
+
+
+class _Channel:
+    """The listener of an event stream: it hands a run's events to the stream's consumer and
+    makes the run wait while the consumer is behind (backpressure).
+
+    Events wait in `buffer` until the consumer takes them. How the run waits depends on where
+    its code runs:
+
+    - in the task the consumer drives (`astream_events`): before it pulls its next chunk, a
+      run with events waiting hands control to the consumer, as a generator does at `yield`
+      (`pause`), so it is never ahead by more than the events of one step;
+    - in another task (a parallel branch) or thread (a sync step; `stream_events`' worker):
+      it waits once `_EVENT_WINDOW` events are waiting, until the consumer has taken them.
+
+    After `stop` (the consumer left), the run's next event raises `_Stopped` in it.
+    """
+
+    def __init__(self, keep: Optional[Callable[[Event], bool]],
+                 loop: Optional["asyncio.AbstractEventLoop"] = None) -> None:
+        import collections
+        self.keep, self.loop = keep, loop
+        self.loop_thread = threading.get_ident() if loop is not None else None
+        self.buffer: Deque[Event] = collections.deque()
+        self.stopped = self.done = False
+        self.cond = threading.Condition()  # where threads wait for room, and a sync consumer for events
+        self.blocked = 0  # threads waiting for room
+        self.paused: List["asyncio.Future[None]"] = []  # tasks waiting for room
+        self.waiter: Optional["asyncio.Future[None]"] = None  # the async consumer, asleep
+        self.consumer_waits = False  # the sync consumer, asleep
+        self.task: Any = None  # the task the consumer drives the run in
+        self.closers: List[Callable[[], None]] = []  # unblock a sync step's I/O on stop
+
+    def __call__(self, event: Event) -> None:
+        if self.stopped:
+            raise _Stopped()
+        if self.keep is not None and not self.keep(event):
+            return
+        buffer = self.buffer
+        buffer.append(event)
+        if len(buffer) == 1:
+            self.wake()
+        elif len(buffer) >= _EVENT_WINDOW and threading.get_ident() != self.loop_thread:
+            with self.cond:
+                self.blocked += 1
+                while len(buffer) >= _EVENT_WINDOW and not self.stopped:
+                    self.cond.wait()
+                self.blocked -= 1
+            if self.stopped:
+                raise _Stopped()
+
+    def wake(self) -> None:
+        """Wake the consumer if it sleeps (it checks the buffer before it sleeps)."""
+        if self.consumer_waits:
+            with self.cond:
+                self.cond.notify_all()
+        waiter = self.waiter
+        if waiter is not None:
+            if threading.get_ident() == self.loop_thread:
+                _set_done(waiter)
+            else:
+                cast(Any, self.loop).call_soon_threadsafe(_set_done, waiter)
+
+    async def pause(self) -> None:
+        """A run's checkpoint, before it pulls its next chunk, when events are waiting."""
+        if asyncio.current_task() is self.task:
+            await _HANDOFF  # back to the consumer, which resumes the run when it wants more
+        elif len(self.buffer) >= _EVENT_WINDOW:
+            room = cast(Any, self.loop).create_future()
+            self.paused.append(room)
+            self.wake()
+            await room
+            if self.stopped:
+                raise _Stopped()
+
+    def caught_up(self) -> None:
+        """The consumer has taken every event: whoever waits for room goes on."""
+        for room in self.paused:
+            _set_done(room)
+        self.paused.clear()
+        if self.blocked:
+            with self.cond:
+                self.cond.notify_all()
+
+    def stop(self) -> None:
+        """The consumer left: release every waiting producer (each raises `_Stopped`) and
+        unblock sync steps waiting on I/O."""
+        self.stopped = True
+        self.caught_up()
+        for close in list(self.closers):
+            close()
+
+
+def _set_done(future: "asyncio.Future[None]") -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _Handoff:
+    """Awaited by the run the consumer drives: suspends the whole run up to `astream_events`,
+    which hands out the waiting events and resumes the run on the consumer's next request."""
+
+    def __await__(self) -> Any:
+        yield self
+
+
+_HANDOFF = _Handoff()
+
+
+def _when_stopped(close: Callable[[], None]) -> Callable[[], None]:
+    """Register `close` to run if the consumer of the active event stream leaves (so that a
+    sync step blocked in I/O returns at once); returns the function that unregisters it."""
+    config = _current.get()
+    run = config.get("callbacks") if config else None
+    channel = run.channel if isinstance(run, Run) else None
+    if channel is None:
+        return lambda: None
+    channel.closers.append(close)
+    return lambda: channel.closers.remove(close) if close in channel.closers else None
+
 
 def _names(kind: str, value: Optional[Sequence[str]]) -> Optional[frozenset]:  # type: ignore[type-arg]
     if value is None:
