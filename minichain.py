@@ -40,7 +40,9 @@ Sections (each relies only on the ones above it, but where a comment says why no
  13. Server-sent events out: streaming a run to a browser
  14. Remote runnables: LangServe's protocol, from both ends
  15. Demo (`python -m minichain`)
- and, last, the plumbing that imports asyncio, inspect and json on first use.
+ Appendices (plumbing a reader can skip):
+  A. The incremental JSON parser
+  B. Modules imported on first use
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ from typing import (
 )
 
 
-# asyncio, inspect and json are imported on first use (`_LazyModule`, at the end of the file):
+# asyncio, inspect and json are imported on first use (`_LazyModule`, appendix B):
 # code that never awaits should not pay asyncio's ~25 ms import.
 
 __version__ = "0.1.0"
@@ -2153,7 +2155,7 @@ class RunnableBinding(Runnable[Input, Output]):
 
 
 # ==============================================================================================
-# 4. Composition: sequence, parallel, lambda, generator, passthrough, @chain
+# 4. Composition: sequence, parallel, lambda, generator, passthrough, @chain, fallbacks...
 #
 # `|` builds a RunnableSequence, whose transform is its steps' transforms chained: each chunk
 # flows through every streaming step before the next is pulled. A dict becomes a parallel step,
@@ -4451,7 +4453,8 @@ class FakeStreamingListLLM(BaseLLM):
 #
 # A parser is a push machine (`feed` text, read what changed) driven by the transform loops
 # below. `JsonOutputParser` yields a new snapshot of the partial object each time it grows:
-# the same snapshots as langchain_core's, at linear total cost (it never re-parses).
+# the same snapshots as langchain_core's, at linear total cost (it never re-parses). The
+# incremental JSON parser it runs on, `_JsonStream`, is appendix A at the end of the file.
 # ==============================================================================================
 
 class OutputParserException(ValueError):
@@ -4464,606 +4467,6 @@ class OutputParserException(ValueError):
     def __init__(self, message: str, llm_output: Optional[str] = None) -> None:
         super().__init__(message)
         self.llm_output = llm_output
-
-
-_WS = " \t\n\r"
-_STRIP = " \t\n\r`"  # langchain_core strips Unicode whitespace, then these, from the text
-# a segment up to its last character that may not be stripped (linear: a search for the
-# stripped run at the end would try every start in a long run of spaces)
-_LAST_SHOWN = re.compile(r".*[^\s`]", re.S)
-_LAST_OTHER_SPACE = re.compile(r".*[^\S \t\n\r]", re.S)  # up to the last whitespace not in _STRIP
-_SKIPPED = re.compile(r"[\s`]+")  # what is skipped before the value (and kept to find a fence)
-_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
-_NUMBER_CHARS = re.compile(r"[0-9+\-.eE]*")
-_NUMBER_SHOWN = 4300  # a longer number shows no new value until it ends (see `_number`)
-_STRING_STOP = re.compile(r'["\\]')
-_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
-_LITERALS = {"true": True, "false": False, "null": None}
-_DIFF_FREE, _DIFF_RATIO = 1 << 16, 16  # the ops' budget in diff mode (see `diff_due`)
-
-
-class _Open:
-    """An open container on the parse stack, and (in diff mode) what the last diff showed of it.
-
-    Containers are built in place, so one that closes is the same object in its parent; a
-    finished member is never changed again. Only the last member of an open container grows.
-    """
-
-    __slots__ = ("value", "key", "seg", "end", "shown", "done", "last_key")
-
-    def __init__(self, value: Any, seg: str) -> None:
-        self.value = value  # the dict or list, holding the finished members
-        self.key: Optional[str] = None  # a dict's key whose value is in progress
-        self.seg = seg  # its step in a JSON pointer: "/key" or "/index" ("" for the root)
-        self.end = 0  # where its pointer ends in `_JsonStream.pointer`
-        self.shown = -1  # members the last diff showed (-1: it was not open then)
-        self.done = 0  # how many of those were finished
-        self.last_key: Optional[str] = None  # a dict's last shown key
-
-
-class _JsonStream:
-    """An incremental JSON parser whose snapshots match langchain_core's partial parse.
-
-    `feed(text)` consumes more text and says whether the snapshot changed; `snapshot()` is the
-    partial value: open containers shown with what they hold so far, a string growing by
-    prefix (trailing whitespace hidden until more text follows), a number as its longest valid
-    prefix, and a member dropped while its key, literal or `\\u` escape is incomplete. With
-    `markdown`, leading whitespace and backticks and a ```json fence are skipped. With `diff`,
-    `diff()` gives the JSON-patch ops from the last diff to now instead.
-
-    Each character is looked at a bounded number of times, and nothing is ever re-parsed or
-    compared whole: the open containers are a stack, and between two snapshots only its top
-    part can change (`low` is the shallowest level touched since the last diff). A snapshot
-    copies the open containers (the path to what changed); finished values are shared.
-
-    >>> p = _JsonStream()
-    >>> [(p.feed(t), p.snapshot()) for t in ['{"a', '": [1', '2, "x', ' ', '"]}']]
-    [(True, {}), (True, {'a': [1]}), (True, {'a': [12, 'x']}), (False, {'a': [12, 'x']}), (True, {'a': [12, 'x ']})]
-    """
-
-    def __init__(self, markdown: bool = True, diff: bool = False) -> None:
-        self.stack: List[_Open] = []  # the open containers, outermost first
-        self.mode = "start" if markdown else "value"
-        self.token = ""  # scalar in progress: "str", "key", "num", "lit" or ""
-        self.pieces: List[str] = []  # a string's decoded text so far
-        self._new_tail()  # a string's trailing whitespace/backticks, shown once more text follows
-        self.escape = ""  # an escape sequence not yet complete
-        self.raw = ""  # a number's or literal's text so far (a number's first _NUMBER_SHOWN)
-        self.more: List[str] = []  # the rest of a number longer than that
-        self.shown: Any = _MISSING  # a number's value as shown (its longest valid prefix)
-        self.length = 0  # a string's length so far (without its tail)
-        self.measure: Any = None  # what the scalar in progress showed after the last feed
-        self.result: Any = _MISSING  # the whole value, once complete
-        self.error = ""  # why the text is not JSON
-        self.offset = 0  # characters consumed, for error positions
-        self.preamble = ""  # what decides where a ```json fence starts (kept short)
-        self.strip = markdown
-        self.changed = False
-        self.in_trailing_string = self.trailing_escape = self.stray_closer = False
-        self.trailing_depth = 0
-        # diff mode: what the last diff showed (see `diff`)
-        self.diff_mode = diff
-        self.diffed = False  # whether a diff was made yet
-        self.low = 0  # the shallowest level changed since (-1: the root value itself)
-        self.depth = 0  # how many containers were open
-        self.scalar: Any = _MISSING  # the scalar in progress shown at the deepest level
-        self.closed: List[_Open] = []  # containers shown then and closed since, deepest first
-        self.pointer = ""  # the JSON pointer of the open containers' first `pointed` levels
-        self.pointed = 0
-        self.path_size = 0  # the length of the deepest open container's pointer
-        self.spent = 0  # what the diffs so far cost (see `diff_due`)
-        self.held = False  # whether a change waits for the next diff
-
-    # -- feeding -------------------------------------------------------------------------------
-
-    def feed(self, text: str) -> bool:
-        """Consume `text`; True if the snapshot changed."""
-        self.changed = False
-        i = 0
-        while i < len(text) and not self.error:
-            if self.mode == "done":  # after the value: only watch for a stray closer
-                i = self._trailing(text, i)
-                break
-            if self.token in ("str", "key"):
-                i = self._string(text, i)
-            elif self.token == "num":
-                i = self._number(text, i)
-            elif self.token == "lit":
-                i = self._literal(text, i)
-            elif self.mode == "start" and (text[i] == "`" or text[i].isspace()):
-                m = _SKIPPED.match(text, i)
-                self._keep_preamble(self.preamble + (m.group() if m else text[i]))
-                i = m.end() if m else i + 1
-            elif self.mode == "start" and text[i] in '{["-0123456789tfn':
-                self.mode = "value"
-            elif self.mode in ("start", "fence"):
-                # not JSON: look for a ```json fence, as langchain_core does, and go on after it
-                self.mode, self.preamble = "fence", self.preamble + text[i:]
-                self.offset += i
-                text, i = self._after_fence(), 0
-            else:
-                c = text[i]
-                i += 1
-                if c not in _WS:
-                    self._structure(c)
-        self.offset += i - 1 if self.error else i  # on an error: where it is
-        measure = self._measure()
-        if measure != self.measure:
-            self.changed, self.measure = True, measure
-        return self.changed
-
-    def _trailing(self, text: str, i: int) -> int:
-        """Text after the value is ignored, but a closer with no opener makes it invalid."""
-        for c in text[i:]:
-            if self.in_trailing_string:
-                self.in_trailing_string = c != '"' or self.trailing_escape
-                self.trailing_escape = c == "\\" and not self.trailing_escape
-            elif c == '"':
-                self.in_trailing_string = True
-            elif c in "{[":
-                self.trailing_depth += 1
-            elif c in "}]":
-                self.trailing_depth -= 1
-                self.stray_closer = self.stray_closer or self.trailing_depth < 0
-        return len(text)
-
-    def _keep_preamble(self, skipped: str) -> None:
-        """Keep of the whitespace and backticks skipped so far only what can still matter.
-        langchain_core's fence search takes the first ```; what follows it is skipped again
-        (and searched again) once the value does not start, so it alone is kept; with no ```,
-        only the last two characters can still begin one. (Keeping it all made prose and
-        whitespace quadratic: every chunk searched and copied everything before it.)"""
-        while True:
-            at = skipped.find("```")
-            if at < 0:
-                self.preamble = skipped[-2:]
-                return
-            if at + 3 == len(skipped):
-                self.preamble = "```"
-                return
-            skipped = skipped[at + 3:]
-
-    def _after_fence(self) -> str:
-        """The text after a ```json fence in the preamble ("" while there is none yet)."""
-        at = self.preamble.find("```")
-        if at < 0:
-            self.preamble = self.preamble[-2:]  # prose: only a ``` across chunks can matter
-            return ""
-        rest = self.preamble[at + 3:]
-        if len(rest) < 4 and "json".startswith(rest):
-            self.preamble = self.preamble[at:]
-            return ""  # wait for more: this may still become ```json
-        self.mode, self.preamble = "start", ""
-        return rest[4:] if rest.startswith("json") else rest
-
-    def _fail(self, why: str) -> None:
-        self.error = why
-        self.stack, self.token, self.mode = [], "", "dead"
-
-    def _structure(self, c: str) -> None:
-        mode, frame = self.mode, self.stack[-1] if self.stack else None
-        if mode in ("value", "value_or_end") and c not in "]}":
-            self._begin_value(c)
-        elif c in "]}" and mode in ("after", "key_or_end", "value_or_end"):
-            if frame is None or (c == "}") != isinstance(frame.value, dict):
-                return self._fail(f"unexpected {c!r}")
-            self.stack.pop()
-            if self.diff_mode:
-                self.pointed = min(self.pointed, len(self.stack))
-                self.path_size -= len(frame.seg)
-                if frame.shown >= 0:
-                    self.closed.append(frame)
-            self._complete(frame.value, changed=False)
-        elif c == "," and mode == "after" and frame is not None:
-            self.mode = "key" if isinstance(frame.value, dict) else "value"
-        elif c == '"' and mode in ("key", "key_or_end"):
-            self.token, self.pieces = "key", []
-            self._new_tail()
-        elif c == ":" and mode == "colon":
-            self.mode = "value"
-        else:
-            self._fail(f"unexpected {c!r}")
-
-    def _begin_value(self, c: str) -> None:
-        self.low = min(self.low, len(self.stack) - 1)  # the value is a new member there
-        if c == "{" or c == "[":  # an open container shows at once, empty
-            seg = ""
-            if self.diff_mode and self.stack:
-                parent = self.stack[-1]
-                at = parent.key if isinstance(parent.value, dict) else str(len(parent.value))
-                seg = "/" + _escape(cast(str, at))
-                self.path_size += len(seg)
-            self.stack.append(_Open({} if c == "{" else [], seg))
-            self.mode = "key_or_end" if c == "{" else "value_or_end"
-            self.changed = True
-            return
-        self.measure = None  # a new scalar: nothing of it shown yet
-        if c == '"':  # an open string shows as '' and grows by prefix
-            self.token, self.pieces, self.length = "str", [], 0
-            self._new_tail()
-        elif c in "-0123456789":  # a number shows its longest valid prefix
-            self.token, self.raw, self.more = "num", c, []
-            self._show_number()
-        elif c in "tfn":  # a literal shows once complete
-            self.token, self.raw = "lit", c
-        else:
-            self._fail(f"unexpected {c!r} where a value should start")
-
-    def _complete(self, value: Any, changed: bool) -> None:
-        """A value is finished: store it in its container (or as the result)."""
-        self.token, self.measure = "", None
-        self.changed = self.changed or changed
-        self.low = min(self.low, len(self.stack) - 1)
-        if not self.stack:
-            self.result, self.mode = value, "done"
-            return
-        frame = self.stack[-1]
-        if isinstance(frame.value, dict):
-            frame.value[frame.key] = value
-            frame.key = None
-        else:
-            frame.value.append(value)
-        self.mode = "after"
-
-    def _measure(self) -> Any:
-        """What the scalar in progress shows, in a form cheap to compare (None: nothing)."""
-        if self.token == "num":
-            return None if self.shown is _MISSING else self.shown
-        if self.token != "str" or self.escape.startswith("\\u"):
-            return None
-        if self.escape or not self.strip:  # the whole tail shows
-            shown, last = self.tail_len, self.tail[-1][-1:] if self.tail else ""
-        else:
-            shown, last = self.tail_cut, self.tail_cut_char
-        if not shown:
-            last = self.pieces[-1][-1:] if self.pieces else ""
-        return (self.length + shown, last)
-
-    def _new_tail(self) -> None:
-        self.tail: List[str] = []  # pieces of the run of whitespace/backticks the string ends with
-        self.tail_len = 0
-        # langchain_core strips Unicode whitespace, then " \t\n\r`": of the tail, what is left
-        # ends at the last other whitespace (\xa0, \u2028...) that comes before a backtick
-        self.tail_cut, self.tail_cut_char = 0, ""
-        self.other_end, self.other_char = 0, ""  # the last such whitespace seen in the tail
-
-    def _add_tail(self, run: str) -> None:
-        """Add a run of whitespace and backticks to the tail, keeping where the strip cuts it
-        (so that neither growing it nor measuring it reads it all again)."""
-        tick = run.rfind("`")
-        if tick >= 0:
-            other = _LAST_OTHER_SPACE.match(run, 0, tick)
-            if other:
-                self.tail_cut, self.tail_cut_char = self.tail_len + other.end(), run[other.end() - 1]
-            else:
-                self.tail_cut, self.tail_cut_char = self.other_end, self.other_char
-        other = _LAST_OTHER_SPACE.match(run)
-        if other:
-            self.other_end, self.other_char = self.tail_len + other.end(), run[other.end() - 1]
-        self.tail.append(run)
-        self.tail_len += len(run)
-
-    def _take_tail(self) -> str:
-        """The whole tail, which joins the string's text (more text came after it)."""
-        tail = "".join(self.tail)
-        self._new_tail()
-        return tail
-
-    def _shown_tail(self) -> str:
-        """The part of a string's trailing whitespace that langchain_core's strip leaves."""
-        tail = "".join(self.tail)
-        if self.escape or not self.strip:
-            return tail  # the text ends in a backslash: nothing is stripped
-        return tail[:self.tail_cut]
-
-    def _string(self, text: str, i: int) -> int:
-        if self.escape:
-            i = self._escape(text, i)
-            if self.escape or self.error:
-                return i
-        while i < len(text):
-            m = _STRING_STOP.search(text, i)
-            end = m.start() if m else len(text)
-            if end > i:
-                segment = text[i:end]
-                if self.strip:  # up to its last character that is not whitespace or a backtick
-                    last = _LAST_SHOWN.match(segment)
-                    shown = segment[:last.end()] if last else ""
-                else:
-                    shown = segment
-                if shown:
-                    tail = self._take_tail()
-                    self.pieces.append(tail + shown)
-                    self.length += len(tail) + len(shown)
-                    if len(shown) < len(segment):
-                        self._add_tail(segment[len(shown):])
-                else:
-                    self._add_tail(segment)
-            if m is None:
-                return len(text)
-            i = end + 1
-            if text[end] == '"':
-                value = "".join(self.pieces) + self._take_tail()
-                if self.token == "key":
-                    self.token, self.mode = "", "colon"
-                    self.stack[-1].key = value
-                else:
-                    self._complete(value, changed=self.measure != (len(value), value[-1:]))
-                return i
-            self.escape = "\\"
-            i = self._escape(text, i)
-            if self.escape or self.error:
-                return i
-        return i
-
-    def _escape(self, text: str, i: int) -> int:
-        """Continue an escape sequence; complete ones join the string's text."""
-        while i < len(text) and self.escape:
-            self.escape += text[i]
-            i += 1
-            esc = self.escape
-            if len(esc) == 2 and esc[1] != "u":
-                if esc[1] not in _ESCAPES:
-                    self._fail(f"invalid escape {esc!r} in a string")
-                    return i
-                self._commit(_ESCAPES[esc[1]])
-            elif len(esc) == 6:
-                try:
-                    code = int(esc[2:], 16)
-                except ValueError:
-                    self._fail(f"invalid escape {esc!r} in a string")
-                    return i
-                self._commit(chr(code))
-        return i
-
-    def _commit(self, decoded: str) -> None:
-        """Add an escaped character (joining a surrogate pair, as json.loads does)."""
-        self.escape = ""
-        if self.tail:
-            tail = self._take_tail()
-            self.pieces.append(tail)
-            self.length += len(tail)
-        last = self.pieces[-1] if self.pieces else ""
-        if 0xDC00 <= ord(decoded) <= 0xDFFF and last and 0xD800 <= ord(last[-1]) <= 0xDBFF:
-            pair = (last[-1] + decoded).encode("utf-16", "surrogatepass").decode("utf-16")
-            self.pieces[-1] = last[:-1] + pair
-        else:
-            self.pieces.append(decoded)
-            self.length += 1
-
-    def _number(self, text: str, i: int) -> int:
-        end = _NUMBER_CHARS.match(text, i).end()  # type: ignore[union-attr]  # `*` always matches
-        if self.more or len(self.raw) + end - i > _NUMBER_SHOWN:
-            # deviation: past 4,300 characters a number shows no new value until it ends (one
-            # digit can still change it, so langchain_core re-reads it all at every chunk)
-            self.more.append(text[i:end])
-        else:
-            self.raw += text[i:end]
-            self._show_number()
-        if end < len(text):  # the number ended
-            self._end_number()
-        return end
-
-    def _end_number(self) -> None:
-        raw = self.raw + "".join(self.more)
-        if _NUMBER.fullmatch(raw) is None:
-            return self._fail(f"invalid number {_short(raw)}")
-        value = self._number_value(raw)
-        self._complete(value, changed=self.measure is None or self.measure != value)
-
-    @staticmethod
-    def _number_value(text: str) -> Any:
-        if any(c in text for c in ".eE"):
-            return float(text)
-        try:
-            return int(text)
-        except ValueError as exc:  # over Python's limit on digits (3.11+): not a JSON error
-            # deviation: an OutputParserException (langchain_core lets int()'s ValueError out)
-            raise OutputParserException(f"the JSON number {_short(text, 40)} is too long to "
-                                        f"convert to an int: {exc}") from None
-
-    def _show_number(self) -> None:
-        m = _NUMBER.match(self.raw)
-        self.shown = self._number_value(m.group()) if m and m.group() not in ("", "-") else _MISSING
-
-    def _literal(self, text: str, i: int) -> int:
-        while i < len(text) and self.token == "lit":
-            self.raw += text[i]
-            i += 1
-            if self.raw in _LITERALS:
-                self._complete(_LITERALS[self.raw], changed=True)
-            elif not any(name.startswith(self.raw) for name in _LITERALS):
-                if self.stack or not self.strip:
-                    self._fail(f"invalid literal {self.raw!r}")
-                else:  # prose, not a literal: a ```json fence may still follow
-                    self.token, self.mode, self.preamble = "", "fence", self.raw
-                    return i
-        return i
-
-    def finish(self) -> None:
-        """The text has ended: a number at the very end is complete."""
-        if self.token == "num" and _NUMBER.fullmatch(self.raw + "".join(self.more)):
-            self._end_number()
-
-    # -- reading -------------------------------------------------------------------------------
-
-    def _scalar(self) -> Any:
-        """The in-progress scalar as shown, or _MISSING where it is hidden."""
-        if self.token == "str":
-            if self.escape.startswith("\\u"):
-                return _MISSING
-            joined = "".join(self.pieces)
-            self.pieces = [joined] if joined else []
-            return joined + self._shown_tail()
-        if self.token == "num":
-            return self.shown
-        return _MISSING
-
-    def _scalar_shown(self) -> bool:
-        """Whether a snapshot shows a scalar in progress (without building it)."""
-        if self.token == "str":
-            return not self.escape.startswith("\\u")
-        return self.token == "num" and self.shown is not _MISSING
-
-    def showing(self) -> bool:
-        """Whether there is a snapshot to show (false before the value starts, or after an error)."""
-        return self.result is not _MISSING or bool(self.stack) or self._scalar_shown()
-
-    def snapshot(self, level: int = 0) -> Any:
-        """The partial value now (`_MISSING` if nothing can be shown yet); with `level`, the
-        part of it that starts at that depth of the open containers."""
-        if self.result is not _MISSING:
-            return self.result
-        inner = self._scalar()
-        for frame in reversed(self.stack[level:]):
-            # deviation: only the open containers are copied: finished members are shared between
-            # snapshots (langchain_core parses each snapshot afresh)
-            copy: Any = dict(frame.value) if isinstance(frame.value, dict) else list(frame.value)
-            if inner is not _MISSING:
-                if isinstance(copy, dict):
-                    if frame.key is not None:
-                        copy[frame.key] = inner
-                else:
-                    copy.append(inner)
-            inner = copy
-        return inner
-
-    # -- diff mode -----------------------------------------------------------------------------
-
-    def diff_due(self) -> bool:
-        """Whether to diff now, or hold the change for a later diff that will include it.
-
-        Each op carries a whole growing string and a full path, so diffing after every chunk
-        costs the square of the input for a long string arriving a character at a time, or a
-        deep document a bracket at a time. Ops are held while what they would carry (the path
-        and the string in progress) would take the total past `_DIFF_FREE` characters plus
-        `_DIFF_RATIO` per character read: below that every change is sent, as langchain_core
-        does; past it a change is sent once the input has grown by a sixteenth of its cost.
-        """
-        cost = self.path_size + (self.length if self.token == "str" else 0) + 1
-        if self.spent + cost > _DIFF_FREE + _DIFF_RATIO * self.offset:
-            self.held = True
-            return False
-        self.spent += cost
-        self.held = False
-        return True
-
-    def diff(self) -> List[Dict[str, Any]]:
-        """JSON-patch ops from what the last diff showed to what a snapshot shows now, as
-        jsonpatch makes them from two snapshots (langchain_core's diff mode), without making
-        or comparing snapshots: only the levels changed since the last diff are visited.
-
-        >>> p = _JsonStream(diff=True)
-        >>> [(p.feed(t), p.diff()) for t in ['{"a": [1', ', 2], "b": "x']][1][1]
-        [{'op': 'add', 'path': '/b', 'value': 'x'}, {'op': 'add', 'path': '/a/1', 'value': 2}]
-        """
-        low = max(min(self.low, len(self.stack) - 1), 0)  # the levels above it are as shown
-        if not self.diffed:
-            self.diffed, low = True, 0
-            ops = [{"op": "replace", "path": "", "value": self.snapshot()}]
-        elif self.depth == 0:  # the root was a scalar
-            value = self.result if self.result is not _MISSING else self._scalar()
-            ops = [] if _same(self.scalar, value) else [{"op": "replace", "path": "", "value": value}]
-        else:
-            ops = self._level_ops(low)
-        self._remember(low)
-        return ops
-
-    def _level_ops(self, level: int) -> List[Dict[str, Any]]:
-        """The ops from `level` down: at each level, what was added after the members shown
-        last time, and what became of the last of those (it may have grown, or been hidden)."""
-        stack = self.stack
-        frame = stack[level] if level < len(stack) else self.closed.pop()
-        path = self._pointer(level) if level < len(stack) else ""
-        # deviation: where several members change in one chunk, a list's ops may differ from the
-        # ones jsonpatch picks (same result).
-        # jsonpatch puts an object's own ops before its last member's, a list's after them:
-        # `before` is in order, `after` reversed, and the deeper levels' ops go between
-        before: List[Dict[str, Any]] = []
-        after: List[Dict[str, Any]] = []
-        while True:
-            value, is_dict = frame.value, isinstance(frame.value, dict)
-            is_open = level < len(stack) and stack[level] is frame
-            done = len(value)
-            growing = is_open and (level < len(stack) - 1 or self._scalar_shown())
-            count = done + growing
-            was_open = frame.shown > frame.done  # the last shown member was in progress
-            last: Any = frame.last_key if is_dict else frame.shown - 1
-            own: List[Dict[str, Any]] = []
-            if was_open and count < frame.shown:  # hidden again (a partial \u escape)
-                own.append({"op": "remove", "path": _member(path, last)})
-            elif count > frame.shown:
-                keys: Iterable[Any] = self._new_keys(frame, done - frame.shown) if is_dict \
-                    else range(frame.shown, done)
-                own += [{"op": "add", "path": _member(path, k), "value": value[k]} for k in keys]
-                if growing and done >= frame.shown:  # the member in progress is new too
-                    own.append({"op": "add", "path": _member(path, frame.key if is_dict else done),
-                                "value": self.snapshot(level + 1)})
-            if is_dict:
-                before.extend(own)
-            else:
-                after.extend(reversed(own))
-            if not was_open or count < frame.shown:
-                break
-            path = _member(path, last)
-            if level + 1 < self.depth:  # the last member was an open container: go down
-                level += 1
-                child = stack[level] if level < len(stack) else None
-                frame = child if child is not None and child.shown >= 0 else self.closed.pop()
-                continue
-            # the last member was the scalar in progress: it grew, or it ended
-            now = value[last] if done >= frame.shown else self._scalar()
-            if not _same(self.scalar, now):
-                before.append({"op": "replace", "path": path, "value": now})
-            break
-        return before + after[::-1]
-
-    @staticmethod
-    def _new_keys(frame: _Open, n: int) -> List[str]:
-        """The last `n` keys of a dict, in order (without looking at the others)."""
-        keys: List[str] = []
-        for key in reversed(frame.value):
-            if len(keys) >= n:
-                break
-            keys.append(key)
-        return keys[::-1]
-
-    def _pointer(self, level: int) -> str:
-        """The JSON pointer of the open container at `level`. The pointer of the outer levels
-        is kept, so a deep document's pointer is built once, not once per diff."""
-        if level >= self.pointed:
-            base = self.pointer[:self.stack[self.pointed - 1].end] if self.pointed else ""
-            end, segs = len(base), []
-            for frame in self.stack[self.pointed:level + 1]:
-                end += len(frame.seg)
-                frame.end = end
-                segs.append(frame.seg)
-            self.pointer, self.pointed = base + "".join(segs), level + 1
-        return self.pointer[:self.stack[level].end]
-
-    def _remember(self, low: int) -> None:
-        """Note what is shown now, on the levels that may have changed (`low` and deeper)."""
-        top = len(self.stack) - 1
-        for level in range(low, top + 1):
-            frame = self.stack[level]
-            frame.done = len(frame.value)
-            growing = level < top or self._scalar_shown()
-            frame.shown = frame.done + growing
-            if isinstance(frame.value, dict):
-                frame.last_key = frame.key if growing else next(reversed(frame.value), None)
-        self.depth, self.low = len(self.stack), len(self.stack)
-        self.scalar = self._scalar() if self.token else self.result
-        self.closed.clear()
-
-
-def _member(path: str, key: Any) -> str:
-    """The JSON pointer of a container's member (a dict's key or a list's index)."""
-    return f"{path}/{_escape(str(key))}"
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Whether two scalars are the same JSON value (1, 1.0 and True are not)."""
-    return type(a) is type(b) and a == b
 
 
 def parse_partial_json(text: str) -> Any:
@@ -8015,7 +7418,617 @@ def _demo() -> None:
 
 
 # ==============================================================================================
-# Plumbing: modules imported on first use
+# Appendix A. The incremental JSON parser
+#
+# `_JsonStream` is what section 8's `JsonOutputParser` and `parse_partial_json` run on: a push
+# machine that reads each character a bounded number of times and shows the same partial values
+# as langchain_core's parser, which re-parses the whole text at every chunk. It is long (strings
+# with escapes and surrogates, numbers past Python's digit limit, ```json fences, JSON-patch
+# diffs within a budget), and a reader of the streaming core can skip it.
+# ==============================================================================================
+
+_WS = " \t\n\r"
+_STRIP = " \t\n\r`"  # langchain_core strips Unicode whitespace, then these, from the text
+# a segment up to its last character that may not be stripped (linear: a search for the
+# stripped run at the end would try every start in a long run of spaces)
+_LAST_SHOWN = re.compile(r".*[^\s`]", re.S)
+_LAST_OTHER_SPACE = re.compile(r".*[^\S \t\n\r]", re.S)  # up to the last whitespace not in _STRIP
+_SKIPPED = re.compile(r"[\s`]+")  # what is skipped before the value (and kept to find a fence)
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_NUMBER_CHARS = re.compile(r"[0-9+\-.eE]*")
+_NUMBER_SHOWN = 4300  # a longer number shows no new value until it ends (see `_number`)
+_STRING_STOP = re.compile(r'["\\]')
+_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+_LITERALS = {"true": True, "false": False, "null": None}
+_DIFF_FREE, _DIFF_RATIO = 1 << 16, 16  # the ops' budget in diff mode (see `diff_due`)
+
+
+class _Open:
+    """An open container on the parse stack, and (in diff mode) what the last diff showed of it.
+
+    Containers are built in place, so one that closes is the same object in its parent; a
+    finished member is never changed again. Only the last member of an open container grows.
+    """
+
+    __slots__ = ("value", "key", "seg", "end", "shown", "done", "last_key")
+
+    def __init__(self, value: Any, seg: str) -> None:
+        self.value = value  # the dict or list, holding the finished members
+        self.key: Optional[str] = None  # a dict's key whose value is in progress
+        self.seg = seg  # its step in a JSON pointer: "/key" or "/index" ("" for the root)
+        self.end = 0  # where its pointer ends in `_JsonStream.pointer`
+        self.shown = -1  # members the last diff showed (-1: it was not open then)
+        self.done = 0  # how many of those were finished
+        self.last_key: Optional[str] = None  # a dict's last shown key
+
+
+class _JsonStream:
+    """An incremental JSON parser whose snapshots match langchain_core's partial parse.
+
+    `feed(text)` consumes more text and says whether the snapshot changed; `snapshot()` is the
+    partial value: open containers shown with what they hold so far, a string growing by
+    prefix (trailing whitespace hidden until more text follows), a number as its longest valid
+    prefix, and a member dropped while its key, literal or `\\u` escape is incomplete. With
+    `markdown`, leading whitespace and backticks and a ```json fence are skipped. With `diff`,
+    `diff()` gives the JSON-patch ops from the last diff to now instead.
+
+    Each character is looked at a bounded number of times, and nothing is ever re-parsed or
+    compared whole: the open containers are a stack, and between two snapshots only its top
+    part can change (`low` is the shallowest level touched since the last diff). A snapshot
+    copies the open containers (the path to what changed); finished values are shared.
+
+    >>> p = _JsonStream()
+    >>> [(p.feed(t), p.snapshot()) for t in ['{"a', '": [1', '2, "x', ' ', '"]}']]
+    [(True, {}), (True, {'a': [1]}), (True, {'a': [12, 'x']}), (False, {'a': [12, 'x']}), (True, {'a': [12, 'x ']})]
+    """
+
+    def __init__(self, markdown: bool = True, diff: bool = False) -> None:
+        self.stack: List[_Open] = []  # the open containers, outermost first
+        self.mode = "start" if markdown else "value"
+        self.token = ""  # scalar in progress: "str", "key", "num", "lit" or ""
+        self.pieces: List[str] = []  # a string's decoded text so far
+        self._new_tail()  # a string's trailing whitespace/backticks, shown once more text follows
+        self.escape = ""  # an escape sequence not yet complete
+        self.raw = ""  # a number's or literal's text so far (a number's first _NUMBER_SHOWN)
+        self.more: List[str] = []  # the rest of a number longer than that
+        self.shown: Any = _MISSING  # a number's value as shown (its longest valid prefix)
+        self.length = 0  # a string's length so far (without its tail)
+        self.measure: Any = None  # what the scalar in progress showed after the last feed
+        self.result: Any = _MISSING  # the whole value, once complete
+        self.error = ""  # why the text is not JSON
+        self.offset = 0  # characters consumed, for error positions
+        self.preamble = ""  # what decides where a ```json fence starts (kept short)
+        self.strip = markdown
+        self.changed = False
+        self.in_trailing_string = self.trailing_escape = self.stray_closer = False
+        self.trailing_depth = 0
+        # diff mode: what the last diff showed (see `diff`)
+        self.diff_mode = diff
+        self.diffed = False  # whether a diff was made yet
+        self.low = 0  # the shallowest level changed since (-1: the root value itself)
+        self.depth = 0  # how many containers were open
+        self.scalar: Any = _MISSING  # the scalar in progress shown at the deepest level
+        self.closed: List[_Open] = []  # containers shown then and closed since, deepest first
+        self.pointer = ""  # the JSON pointer of the open containers' first `pointed` levels
+        self.pointed = 0
+        self.path_size = 0  # the length of the deepest open container's pointer
+        self.spent = 0  # what the diffs so far cost (see `diff_due`)
+        self.held = False  # whether a change waits for the next diff
+
+    # -- feeding -------------------------------------------------------------------------------
+
+    def feed(self, text: str) -> bool:
+        """Consume `text`; True if the snapshot changed."""
+        self.changed = False
+        i = 0
+        while i < len(text) and not self.error:
+            if self.mode == "done":  # after the value: only watch for a stray closer
+                i = self._trailing(text, i)
+                break
+            if self.token in ("str", "key"):
+                i = self._string(text, i)
+            elif self.token == "num":
+                i = self._number(text, i)
+            elif self.token == "lit":
+                i = self._literal(text, i)
+            elif self.mode == "start" and (text[i] == "`" or text[i].isspace()):
+                m = _SKIPPED.match(text, i)
+                self._keep_preamble(self.preamble + (m.group() if m else text[i]))
+                i = m.end() if m else i + 1
+            elif self.mode == "start" and text[i] in '{["-0123456789tfn':
+                self.mode = "value"
+            elif self.mode in ("start", "fence"):
+                # not JSON: look for a ```json fence, as langchain_core does, and go on after it
+                self.mode, self.preamble = "fence", self.preamble + text[i:]
+                self.offset += i
+                text, i = self._after_fence(), 0
+            else:
+                c = text[i]
+                i += 1
+                if c not in _WS:
+                    self._structure(c)
+        self.offset += i - 1 if self.error else i  # on an error: where it is
+        measure = self._measure()
+        if measure != self.measure:
+            self.changed, self.measure = True, measure
+        return self.changed
+
+    def _trailing(self, text: str, i: int) -> int:
+        """Text after the value is ignored, but a closer with no opener makes it invalid."""
+        for c in text[i:]:
+            if self.in_trailing_string:
+                self.in_trailing_string = c != '"' or self.trailing_escape
+                self.trailing_escape = c == "\\" and not self.trailing_escape
+            elif c == '"':
+                self.in_trailing_string = True
+            elif c in "{[":
+                self.trailing_depth += 1
+            elif c in "}]":
+                self.trailing_depth -= 1
+                self.stray_closer = self.stray_closer or self.trailing_depth < 0
+        return len(text)
+
+    def _keep_preamble(self, skipped: str) -> None:
+        """Keep of the whitespace and backticks skipped so far only what can still matter.
+        langchain_core's fence search takes the first ```; what follows it is skipped again
+        (and searched again) once the value does not start, so it alone is kept; with no ```,
+        only the last two characters can still begin one. (Keeping it all made prose and
+        whitespace quadratic: every chunk searched and copied everything before it.)"""
+        while True:
+            at = skipped.find("```")
+            if at < 0:
+                self.preamble = skipped[-2:]
+                return
+            if at + 3 == len(skipped):
+                self.preamble = "```"
+                return
+            skipped = skipped[at + 3:]
+
+    def _after_fence(self) -> str:
+        """The text after a ```json fence in the preamble ("" while there is none yet)."""
+        at = self.preamble.find("```")
+        if at < 0:
+            self.preamble = self.preamble[-2:]  # prose: only a ``` across chunks can matter
+            return ""
+        rest = self.preamble[at + 3:]
+        if len(rest) < 4 and "json".startswith(rest):
+            self.preamble = self.preamble[at:]
+            return ""  # wait for more: this may still become ```json
+        self.mode, self.preamble = "start", ""
+        return rest[4:] if rest.startswith("json") else rest
+
+    def _fail(self, why: str) -> None:
+        self.error = why
+        self.stack, self.token, self.mode = [], "", "dead"
+
+    def _structure(self, c: str) -> None:
+        mode, frame = self.mode, self.stack[-1] if self.stack else None
+        if mode in ("value", "value_or_end") and c not in "]}":
+            self._begin_value(c)
+        elif c in "]}" and mode in ("after", "key_or_end", "value_or_end"):
+            if frame is None or (c == "}") != isinstance(frame.value, dict):
+                return self._fail(f"unexpected {c!r}")
+            self.stack.pop()
+            if self.diff_mode:
+                self.pointed = min(self.pointed, len(self.stack))
+                self.path_size -= len(frame.seg)
+                if frame.shown >= 0:
+                    self.closed.append(frame)
+            self._complete(frame.value, changed=False)
+        elif c == "," and mode == "after" and frame is not None:
+            self.mode = "key" if isinstance(frame.value, dict) else "value"
+        elif c == '"' and mode in ("key", "key_or_end"):
+            self.token, self.pieces = "key", []
+            self._new_tail()
+        elif c == ":" and mode == "colon":
+            self.mode = "value"
+        else:
+            self._fail(f"unexpected {c!r}")
+
+    def _begin_value(self, c: str) -> None:
+        self.low = min(self.low, len(self.stack) - 1)  # the value is a new member there
+        if c == "{" or c == "[":  # an open container shows at once, empty
+            seg = ""
+            if self.diff_mode and self.stack:
+                parent = self.stack[-1]
+                at = parent.key if isinstance(parent.value, dict) else str(len(parent.value))
+                seg = "/" + _escape(cast(str, at))
+                self.path_size += len(seg)
+            self.stack.append(_Open({} if c == "{" else [], seg))
+            self.mode = "key_or_end" if c == "{" else "value_or_end"
+            self.changed = True
+            return
+        self.measure = None  # a new scalar: nothing of it shown yet
+        if c == '"':  # an open string shows as '' and grows by prefix
+            self.token, self.pieces, self.length = "str", [], 0
+            self._new_tail()
+        elif c in "-0123456789":  # a number shows its longest valid prefix
+            self.token, self.raw, self.more = "num", c, []
+            self._show_number()
+        elif c in "tfn":  # a literal shows once complete
+            self.token, self.raw = "lit", c
+        else:
+            self._fail(f"unexpected {c!r} where a value should start")
+
+    def _complete(self, value: Any, changed: bool) -> None:
+        """A value is finished: store it in its container (or as the result)."""
+        self.token, self.measure = "", None
+        self.changed = self.changed or changed
+        self.low = min(self.low, len(self.stack) - 1)
+        if not self.stack:
+            self.result, self.mode = value, "done"
+            return
+        frame = self.stack[-1]
+        if isinstance(frame.value, dict):
+            frame.value[frame.key] = value
+            frame.key = None
+        else:
+            frame.value.append(value)
+        self.mode = "after"
+
+    def _measure(self) -> Any:
+        """What the scalar in progress shows, in a form cheap to compare (None: nothing)."""
+        if self.token == "num":
+            return None if self.shown is _MISSING else self.shown
+        if self.token != "str" or self.escape.startswith("\\u"):
+            return None
+        if self.escape or not self.strip:  # the whole tail shows
+            shown, last = self.tail_len, self.tail[-1][-1:] if self.tail else ""
+        else:
+            shown, last = self.tail_cut, self.tail_cut_char
+        if not shown:
+            last = self.pieces[-1][-1:] if self.pieces else ""
+        return (self.length + shown, last)
+
+    def _new_tail(self) -> None:
+        self.tail: List[str] = []  # pieces of the run of whitespace/backticks the string ends with
+        self.tail_len = 0
+        # langchain_core strips Unicode whitespace, then " \t\n\r`": of the tail, what is left
+        # ends at the last other whitespace (\xa0, \u2028...) that comes before a backtick
+        self.tail_cut, self.tail_cut_char = 0, ""
+        self.other_end, self.other_char = 0, ""  # the last such whitespace seen in the tail
+
+    def _add_tail(self, run: str) -> None:
+        """Add a run of whitespace and backticks to the tail, keeping where the strip cuts it
+        (so that neither growing it nor measuring it reads it all again)."""
+        tick = run.rfind("`")
+        if tick >= 0:
+            other = _LAST_OTHER_SPACE.match(run, 0, tick)
+            if other:
+                self.tail_cut, self.tail_cut_char = self.tail_len + other.end(), run[other.end() - 1]
+            else:
+                self.tail_cut, self.tail_cut_char = self.other_end, self.other_char
+        other = _LAST_OTHER_SPACE.match(run)
+        if other:
+            self.other_end, self.other_char = self.tail_len + other.end(), run[other.end() - 1]
+        self.tail.append(run)
+        self.tail_len += len(run)
+
+    def _take_tail(self) -> str:
+        """The whole tail, which joins the string's text (more text came after it)."""
+        tail = "".join(self.tail)
+        self._new_tail()
+        return tail
+
+    def _shown_tail(self) -> str:
+        """The part of a string's trailing whitespace that langchain_core's strip leaves."""
+        tail = "".join(self.tail)
+        if self.escape or not self.strip:
+            return tail  # the text ends in a backslash: nothing is stripped
+        return tail[:self.tail_cut]
+
+    def _string(self, text: str, i: int) -> int:
+        if self.escape:
+            i = self._escape(text, i)
+            if self.escape or self.error:
+                return i
+        while i < len(text):
+            m = _STRING_STOP.search(text, i)
+            end = m.start() if m else len(text)
+            if end > i:
+                segment = text[i:end]
+                if self.strip:  # up to its last character that is not whitespace or a backtick
+                    last = _LAST_SHOWN.match(segment)
+                    shown = segment[:last.end()] if last else ""
+                else:
+                    shown = segment
+                if shown:
+                    tail = self._take_tail()
+                    self.pieces.append(tail + shown)
+                    self.length += len(tail) + len(shown)
+                    if len(shown) < len(segment):
+                        self._add_tail(segment[len(shown):])
+                else:
+                    self._add_tail(segment)
+            if m is None:
+                return len(text)
+            i = end + 1
+            if text[end] == '"':
+                value = "".join(self.pieces) + self._take_tail()
+                if self.token == "key":
+                    self.token, self.mode = "", "colon"
+                    self.stack[-1].key = value
+                else:
+                    self._complete(value, changed=self.measure != (len(value), value[-1:]))
+                return i
+            self.escape = "\\"
+            i = self._escape(text, i)
+            if self.escape or self.error:
+                return i
+        return i
+
+    def _escape(self, text: str, i: int) -> int:
+        """Continue an escape sequence; complete ones join the string's text."""
+        while i < len(text) and self.escape:
+            self.escape += text[i]
+            i += 1
+            esc = self.escape
+            if len(esc) == 2 and esc[1] != "u":
+                if esc[1] not in _ESCAPES:
+                    self._fail(f"invalid escape {esc!r} in a string")
+                    return i
+                self._commit(_ESCAPES[esc[1]])
+            elif len(esc) == 6:
+                try:
+                    code = int(esc[2:], 16)
+                except ValueError:
+                    self._fail(f"invalid escape {esc!r} in a string")
+                    return i
+                self._commit(chr(code))
+        return i
+
+    def _commit(self, decoded: str) -> None:
+        """Add an escaped character (joining a surrogate pair, as json.loads does)."""
+        self.escape = ""
+        if self.tail:
+            tail = self._take_tail()
+            self.pieces.append(tail)
+            self.length += len(tail)
+        last = self.pieces[-1] if self.pieces else ""
+        if 0xDC00 <= ord(decoded) <= 0xDFFF and last and 0xD800 <= ord(last[-1]) <= 0xDBFF:
+            pair = (last[-1] + decoded).encode("utf-16", "surrogatepass").decode("utf-16")
+            self.pieces[-1] = last[:-1] + pair
+        else:
+            self.pieces.append(decoded)
+            self.length += 1
+
+    def _number(self, text: str, i: int) -> int:
+        end = _NUMBER_CHARS.match(text, i).end()  # type: ignore[union-attr]  # `*` always matches
+        if self.more or len(self.raw) + end - i > _NUMBER_SHOWN:
+            # deviation: past 4,300 characters a number shows no new value until it ends (one
+            # digit can still change it, so langchain_core re-reads it all at every chunk)
+            self.more.append(text[i:end])
+        else:
+            self.raw += text[i:end]
+            self._show_number()
+        if end < len(text):  # the number ended
+            self._end_number()
+        return end
+
+    def _end_number(self) -> None:
+        raw = self.raw + "".join(self.more)
+        if _NUMBER.fullmatch(raw) is None:
+            return self._fail(f"invalid number {_short(raw)}")
+        value = self._number_value(raw)
+        self._complete(value, changed=self.measure is None or self.measure != value)
+
+    @staticmethod
+    def _number_value(text: str) -> Any:
+        if any(c in text for c in ".eE"):
+            return float(text)
+        try:
+            return int(text)
+        except ValueError as exc:  # over Python's limit on digits (3.11+): not a JSON error
+            # deviation: an OutputParserException (langchain_core lets int()'s ValueError out)
+            raise OutputParserException(f"the JSON number {_short(text, 40)} is too long to "
+                                        f"convert to an int: {exc}") from None
+
+    def _show_number(self) -> None:
+        m = _NUMBER.match(self.raw)
+        self.shown = self._number_value(m.group()) if m and m.group() not in ("", "-") else _MISSING
+
+    def _literal(self, text: str, i: int) -> int:
+        while i < len(text) and self.token == "lit":
+            self.raw += text[i]
+            i += 1
+            if self.raw in _LITERALS:
+                self._complete(_LITERALS[self.raw], changed=True)
+            elif not any(name.startswith(self.raw) for name in _LITERALS):
+                if self.stack or not self.strip:
+                    self._fail(f"invalid literal {self.raw!r}")
+                else:  # prose, not a literal: a ```json fence may still follow
+                    self.token, self.mode, self.preamble = "", "fence", self.raw
+                    return i
+        return i
+
+    def finish(self) -> None:
+        """The text has ended: a number at the very end is complete."""
+        if self.token == "num" and _NUMBER.fullmatch(self.raw + "".join(self.more)):
+            self._end_number()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _scalar(self) -> Any:
+        """The in-progress scalar as shown, or _MISSING where it is hidden."""
+        if self.token == "str":
+            if self.escape.startswith("\\u"):
+                return _MISSING
+            joined = "".join(self.pieces)
+            self.pieces = [joined] if joined else []
+            return joined + self._shown_tail()
+        if self.token == "num":
+            return self.shown
+        return _MISSING
+
+    def _scalar_shown(self) -> bool:
+        """Whether a snapshot shows a scalar in progress (without building it)."""
+        if self.token == "str":
+            return not self.escape.startswith("\\u")
+        return self.token == "num" and self.shown is not _MISSING
+
+    def showing(self) -> bool:
+        """Whether there is a snapshot to show (false before the value starts, or after an error)."""
+        return self.result is not _MISSING or bool(self.stack) or self._scalar_shown()
+
+    def snapshot(self, level: int = 0) -> Any:
+        """The partial value now (`_MISSING` if nothing can be shown yet); with `level`, the
+        part of it that starts at that depth of the open containers."""
+        if self.result is not _MISSING:
+            return self.result
+        inner = self._scalar()
+        for frame in reversed(self.stack[level:]):
+            # deviation: only the open containers are copied: finished members are shared between
+            # snapshots (langchain_core parses each snapshot afresh)
+            copy: Any = dict(frame.value) if isinstance(frame.value, dict) else list(frame.value)
+            if inner is not _MISSING:
+                if isinstance(copy, dict):
+                    if frame.key is not None:
+                        copy[frame.key] = inner
+                else:
+                    copy.append(inner)
+            inner = copy
+        return inner
+
+    # -- diff mode -----------------------------------------------------------------------------
+
+    def diff_due(self) -> bool:
+        """Whether to diff now, or hold the change for a later diff that will include it.
+
+        Each op carries a whole growing string and a full path, so diffing after every chunk
+        costs the square of the input for a long string arriving a character at a time, or a
+        deep document a bracket at a time. Ops are held while what they would carry (the path
+        and the string in progress) would take the total past `_DIFF_FREE` characters plus
+        `_DIFF_RATIO` per character read: below that every change is sent, as langchain_core
+        does; past it a change is sent once the input has grown by a sixteenth of its cost.
+        """
+        cost = self.path_size + (self.length if self.token == "str" else 0) + 1
+        if self.spent + cost > _DIFF_FREE + _DIFF_RATIO * self.offset:
+            self.held = True
+            return False
+        self.spent += cost
+        self.held = False
+        return True
+
+    def diff(self) -> List[Dict[str, Any]]:
+        """JSON-patch ops from what the last diff showed to what a snapshot shows now, as
+        jsonpatch makes them from two snapshots (langchain_core's diff mode), without making
+        or comparing snapshots: only the levels changed since the last diff are visited.
+
+        >>> p = _JsonStream(diff=True)
+        >>> [(p.feed(t), p.diff()) for t in ['{"a": [1', ', 2], "b": "x']][1][1]
+        [{'op': 'add', 'path': '/b', 'value': 'x'}, {'op': 'add', 'path': '/a/1', 'value': 2}]
+        """
+        low = max(min(self.low, len(self.stack) - 1), 0)  # the levels above it are as shown
+        if not self.diffed:
+            self.diffed, low = True, 0
+            ops = [{"op": "replace", "path": "", "value": self.snapshot()}]
+        elif self.depth == 0:  # the root was a scalar
+            value = self.result if self.result is not _MISSING else self._scalar()
+            ops = [] if _same(self.scalar, value) else [{"op": "replace", "path": "", "value": value}]
+        else:
+            ops = self._level_ops(low)
+        self._remember(low)
+        return ops
+
+    def _level_ops(self, level: int) -> List[Dict[str, Any]]:
+        """The ops from `level` down: at each level, what was added after the members shown
+        last time, and what became of the last of those (it may have grown, or been hidden)."""
+        stack = self.stack
+        frame = stack[level] if level < len(stack) else self.closed.pop()
+        path = self._pointer(level) if level < len(stack) else ""
+        # deviation: where several members change in one chunk, a list's ops may differ from the
+        # ones jsonpatch picks (same result).
+        # jsonpatch puts an object's own ops before its last member's, a list's after them:
+        # `before` is in order, `after` reversed, and the deeper levels' ops go between
+        before: List[Dict[str, Any]] = []
+        after: List[Dict[str, Any]] = []
+        while True:
+            value, is_dict = frame.value, isinstance(frame.value, dict)
+            is_open = level < len(stack) and stack[level] is frame
+            done = len(value)
+            growing = is_open and (level < len(stack) - 1 or self._scalar_shown())
+            count = done + growing
+            was_open = frame.shown > frame.done  # the last shown member was in progress
+            last: Any = frame.last_key if is_dict else frame.shown - 1
+            own: List[Dict[str, Any]] = []
+            if was_open and count < frame.shown:  # hidden again (a partial \u escape)
+                own.append({"op": "remove", "path": _member(path, last)})
+            elif count > frame.shown:
+                keys: Iterable[Any] = self._new_keys(frame, done - frame.shown) if is_dict \
+                    else range(frame.shown, done)
+                own += [{"op": "add", "path": _member(path, k), "value": value[k]} for k in keys]
+                if growing and done >= frame.shown:  # the member in progress is new too
+                    own.append({"op": "add", "path": _member(path, frame.key if is_dict else done),
+                                "value": self.snapshot(level + 1)})
+            if is_dict:
+                before.extend(own)
+            else:
+                after.extend(reversed(own))
+            if not was_open or count < frame.shown:
+                break
+            path = _member(path, last)
+            if level + 1 < self.depth:  # the last member was an open container: go down
+                level += 1
+                child = stack[level] if level < len(stack) else None
+                frame = child if child is not None and child.shown >= 0 else self.closed.pop()
+                continue
+            # the last member was the scalar in progress: it grew, or it ended
+            now = value[last] if done >= frame.shown else self._scalar()
+            if not _same(self.scalar, now):
+                before.append({"op": "replace", "path": path, "value": now})
+            break
+        return before + after[::-1]
+
+    @staticmethod
+    def _new_keys(frame: _Open, n: int) -> List[str]:
+        """The last `n` keys of a dict, in order (without looking at the others)."""
+        keys: List[str] = []
+        for key in reversed(frame.value):
+            if len(keys) >= n:
+                break
+            keys.append(key)
+        return keys[::-1]
+
+    def _pointer(self, level: int) -> str:
+        """The JSON pointer of the open container at `level`. The pointer of the outer levels
+        is kept, so a deep document's pointer is built once, not once per diff."""
+        if level >= self.pointed:
+            base = self.pointer[:self.stack[self.pointed - 1].end] if self.pointed else ""
+            end, segs = len(base), []
+            for frame in self.stack[self.pointed:level + 1]:
+                end += len(frame.seg)
+                frame.end = end
+                segs.append(frame.seg)
+            self.pointer, self.pointed = base + "".join(segs), level + 1
+        return self.pointer[:self.stack[level].end]
+
+    def _remember(self, low: int) -> None:
+        """Note what is shown now, on the levels that may have changed (`low` and deeper)."""
+        top = len(self.stack) - 1
+        for level in range(low, top + 1):
+            frame = self.stack[level]
+            frame.done = len(frame.value)
+            growing = level < top or self._scalar_shown()
+            frame.shown = frame.done + growing
+            if isinstance(frame.value, dict):
+                frame.last_key = frame.key if growing else next(reversed(frame.value), None)
+        self.depth, self.low = len(self.stack), len(self.stack)
+        self.scalar = self._scalar() if self.token else self.result
+        self.closed.clear()
+
+
+def _member(path: str, key: Any) -> str:
+    """The JSON pointer of a container's member (a dict's key or a list's index)."""
+    return f"{path}/{_escape(str(key))}"
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two scalars are the same JSON value (1, 1.0 and True are not)."""
+    return type(a) is type(b) and a == b
+
+
+# ==============================================================================================
+# Appendix B. Modules imported on first use
 # ==============================================================================================
 
 class _LazyModule:
