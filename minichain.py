@@ -27,19 +27,20 @@ Sections (each relies only on the ones above it, but where a comment says why no
   1. Messages and documents
   2. Config, runs, events and the fold
   3. The Runnable protocol: transform, stream, invoke, batch
-  4. Composition: sequence, parallel, lambda, generator, passthrough, @chain, fallbacks...
+  4. Composition: sequence, parallel, lambda, generator, passthrough, assign, @chain
   5. Event streaming: astream_events, stream_events, custom events, astream_log
   6. Prompts: values and templates
   7. Chat models, LLMs and fakes
-  8. Output parsers: str, incremental JSON and lists
+  8. Output parsers: str and incremental JSON
  The batteries:
-  9. LangChain-style callback handlers and run listeners
- 10. Retrieval
- 11. Tools
- 12. Model servers over HTTP: OpenAI-compatible, Ollama, Anthropic
- 13. Server-sent events out: streaming a run to a browser
- 14. Remote runnables: LangServe's protocol, from both ends
- 15. Demo (`python -m minichain`)
+  9. Past the guide: fallbacks, retry, branch, pick, list parsers, fakes that list
+ 10. LangChain-style callback handlers and run listeners
+ 11. Retrieval
+ 12. Tools
+ 13. Model servers over HTTP: OpenAI-compatible, Ollama, Anthropic
+ 14. Server-sent events out: streaming a run to a browser
+ 15. Remote runnables: LangServe's protocol, from both ends
+ 16. Demo (`python -m minichain`)
  Appendices (plumbing a reader can skip):
   A. The incremental JSON parser
   B. Modules imported on first use
@@ -72,8 +73,7 @@ __all__ = [
     "RunnableConfig", "ensure_config", "Run", "Runnable",
     # 4. composition
     "RunnableSequence", "RunnableParallel", "RunnableLambda", "RunnableGenerator",
-    "RunnablePassthrough", "RunnableAssign", "RunnablePick", "RunnableBinding", "RunnableWithFallbacks",
-    "RunnableRetry", "RunnableBranch", "chain", "coerce_to_runnable",
+    "RunnablePassthrough", "RunnableAssign", "RunnableBinding", "chain", "coerce_to_runnable",
     # 5. events
     "dispatch_custom_event", "adispatch_custom_event", "RunLogPatch", "RunLog",
     # 6. prompts
@@ -82,25 +82,28 @@ __all__ = [
     "AIMessagePromptTemplate",
     # 7. models
     "BaseChatModel", "BaseLLM", "GenericFakeChatModel", "FakeListChatModel",
-    "FakeListChatModelError", "FakeListLLM", "FakeStreamingListLLM", "FakeListLLMError",
+    "FakeListChatModelError",
     # 8. parsers
     "OutputParserException", "BaseOutputParser", "StrOutputParser", "JsonOutputParser",
-    "parse_partial_json", "parse_json_markdown", "CommaSeparatedListOutputParser",
-    "NumberedListOutputParser", "MarkdownListOutputParser",
-    # 9. callback handlers and run listeners
+    "parse_partial_json", "parse_json_markdown",
+    # 9. past the guide
+    "RunnablePick", "RunnableWithFallbacks", "RunnableRetry", "RunnableBranch",
+    "CommaSeparatedListOutputParser", "NumberedListOutputParser", "MarkdownListOutputParser",
+    "FakeListLLM", "FakeStreamingListLLM", "FakeListLLMError",
+    # 10. callback handlers and run listeners
     "BaseCallbackHandler", "AsyncCallbackHandler", "StdOutCallbackHandler",
     "StreamingStdOutCallbackHandler", "LLMResult", "Generation", "GenerationChunk", "ChatGeneration",
     "ChatGenerationChunk", "RunTree",
-    # 10. retrieval
+    # 11. retrieval
     "BaseRetriever", "LexicalEmbeddings", "InMemoryVectorStore", "VectorStoreRetriever",
-    # 11. tools
+    # 12. tools
     "BaseTool", "tool", "ToolException",
-    # 12. model servers
+    # 13. model servers
     "ChatOpenAI", "ChatOllama", "ChatAnthropic", "APIError", "APITimeoutError", "APIConnectionError",
     "IncompleteStreamError", "demo_model",
-    # 13. server-sent events
+    # 14. server-sent events
     "to_sse", "ato_sse", "read_sse",
-    # 14. remote runnables
+    # 15. remote runnables
     "RemoteRunnable", "asgi_app", "MAX_BODY_BYTES",
 ]
 
@@ -926,7 +929,7 @@ def _listener(h: Any) -> Listener:
     """
     if isinstance(h, _Channel):  # an event stream (section 5)
         return h  # minichain's own: it never calls runnables, and its errors are real
-    adapter = getattr(h, "_as_listener", None)  # a callback handler (section 9)
+    adapter = getattr(h, "_as_listener", None)  # a callback handler (section 10)
     if adapter is not None:
         call = adapter()
     elif callable(h):
@@ -1233,7 +1236,7 @@ class Runnable(Generic[Input, Output]):
     _cumulative = False  # each output chunk is the whole output so far: folds keep the last
     _opaque = False  # a subclass that writes `invoke` or `ainvoke` itself (no run of its own)
     _passes_through = False  # a run without stream events still passes its chunks on at once
-    # (RemoteRunnable, section 14: its remote run reports the events)
+    # (RemoteRunnable, section 15: its remote run reports the events)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -1484,7 +1487,7 @@ class Runnable(Generic[Input, Output]):
 
     # -- the public interface -----------------------------------------------------------------
     # (`|`, `assign`, `with_fallbacks`..., the event APIs and `with_listeners` return or call
-    # what sections 4, 5 and 9 build on this protocol: they are here so that every runnable
+    # what sections 4, 5, 9 and 10 build on this protocol: they are here so that every runnable
     # has them, as in langchain_core.)
 
     def get_name(self, suffix: Optional[str] = None, *, name: Optional[str] = None) -> str:
@@ -2155,7 +2158,7 @@ class RunnableBinding(Runnable[Input, Output]):
 
 
 # ==============================================================================================
-# 4. Composition: sequence, parallel, lambda, generator, passthrough, @chain, fallbacks...
+# 4. Composition: sequence, parallel, lambda, generator, passthrough, assign, @chain
 #
 # `|` builds a RunnableSequence, whose transform is its steps' transforms chained: each chunk
 # flows through every streaming step before the next is pulled. A dict becomes a parallel step,
@@ -2683,310 +2686,6 @@ class RunnableAssign(Runnable[Dict[str, Any], Dict[str, Any]]):
                     yield chunk
             finally:
                 await _aclose(mapped)
-
-
-class RunnablePick(Runnable[Dict[str, Any], Any]):
-    """Picks keys from a dict, chunk by chunk: one key gives its value, a list of keys a dict
-    of those present (a chunk with none of them is skipped). What `.pick(keys)` adds.
-
-    >>> RunnablePick("a").invoke({"a": 1, "b": 2}), RunnablePick(["a", "c"]).invoke({"a": 1, "b": 2})
-    (1, {'a': 1})
-    """
-
-    def __init__(self, keys: Union[str, List[str]]) -> None:
-        self.keys = keys
-
-    def _name(self) -> str:
-        keys = [self.keys] if isinstance(self.keys, str) else self.keys
-        return self.name or f"RunnablePick<{','.join(keys)}>"
-
-    def _pick(self, chunk: Any) -> Any:
-        if not isinstance(chunk, dict):
-            raise TypeError(f"{self.get_name()} needs dict input, got {type(chunk).__name__}: "
-                            f"{_short(chunk)}")
-        if isinstance(self.keys, str):
-            return chunk.get(self.keys)
-        return AddableDict({k: chunk[k] for k in self.keys if k in chunk}) or None
-
-    def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
-        for chunk in inputs:
-            picked = self._pick(chunk)
-            if picked is not None:
-                yield picked
-
-    async def _atransform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
-        try:
-            async for chunk in inputs:
-                picked = self._pick(chunk)
-                if picked is not None:
-                    yield picked
-        finally:
-            await _aclose(inputs)
-
-
-class RunnableWithFallbacks(Runnable[Input, Output]):
-    """A runnable that, when it fails with one of `exceptions_to_handle`, tries each of
-    `fallbacks` in turn on the same input; if all fail, the first error is raised. What
-    `with_fallbacks` makes. Streaming falls back only while nothing was yielded: once a
-    chunk is out, an error goes to the caller (as in langchain_core). With `exception_key`,
-    a fallback gets the input dict with the last error under that key.
-
-    >>> def broken(x):
-    ...     raise ValueError("down")
-    >>> RunnableLambda(broken).with_fallbacks([RunnableLambda(lambda x: f"backup: {x}")]).invoke(1)
-    'backup: 1'
-    """
-
-    input_in_start = True
-
-    def __init__(self: "RunnableWithFallbacks[Any, Any]", runnable: Any, fallbacks: Sequence[Any], *,
-                 exceptions_to_handle: Tuple[Type[BaseException], ...] = (Exception,),
-                 exception_key: Optional[str] = None) -> None:
-        self.runnable = coerce_to_runnable(runnable)
-        self.fallbacks = [coerce_to_runnable(f) for f in fallbacks]
-        self.exceptions_to_handle, self.exception_key = tuple(exceptions_to_handle), exception_key
-
-    @property
-    def runnables(self) -> List[Runnable[Any, Any]]:
-        """The runnable, then its fallbacks: the order they are tried in."""
-        return [self.runnable, *self.fallbacks]
-
-    def _input(self, value: Any, error: Optional[BaseException]) -> Any:
-        if self.exception_key is None or error is None:
-            return value
-        if not isinstance(value, dict):
-            raise TypeError(f"with_fallbacks(exception_key={self.exception_key!r}) needs a dict "
-                            f"input to add the error to, got {type(value).__name__}: {_short(value)}")
-        return {**value, self.exception_key: error}
-
-    def _tries(self, value: Any, errors: List[BaseException]) -> Iterator[Tuple[Runnable[Any, Any], Any]]:
-        """Each runnable in turn with its input (with `exception_key`, the last of `errors`
-        added); when all have failed, the first error is raised."""
-        for runnable in self.runnables:
-            yield runnable, self._input(value, errors[-1] if errors else None)
-        raise errors[0]
-
-    def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
-        errors: List[BaseException] = []
-        for runnable, arg in self._tries(_fold(inputs), errors):
-            chunks = runnable._stream_run(iter([arg]), config, None, arg)
-            try:
-                head = next(chunks, _MISSING)
-            except self.exceptions_to_handle as exc:
-                _close(chunks)
-                errors.append(exc)
-                continue
-            try:
-                if head is not _MISSING:
-                    yield head
-                    yield from chunks
-            finally:
-                _close(chunks)
-            return
-
-    async def _atransform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
-        errors: List[BaseException] = []
-        for runnable, arg in self._tries(await _afold(inputs), errors):
-            chunks = runnable._astream_run(_aiter([arg]), config, None, arg)
-            try:
-                head = await chunks.__anext__()
-            except StopAsyncIteration:
-                return
-            except self.exceptions_to_handle as exc:
-                await _aclose(chunks)
-                errors.append(exc)
-                continue
-            try:
-                yield head
-                async for chunk in chunks:
-                    yield chunk
-            finally:
-                await _aclose(chunks)
-            return
-
-    def _invoke_transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
-        errors: List[BaseException] = []
-        for runnable, arg in self._tries(_fold(inputs), errors):  # a failure at any point
-            try:
-                out = runnable._invoke(arg, config)
-            except self.exceptions_to_handle as exc:
-                errors.append(exc)
-                continue
-            yield out
-            return
-
-    async def _ainvoke_transform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
-        errors: List[BaseException] = []
-        for runnable, arg in self._tries(await _afold(inputs), errors):
-            try:
-                out = await runnable._ainvoke(arg, config)
-            except self.exceptions_to_handle as exc:
-                errors.append(exc)
-                continue
-            yield out
-            return
-
-    def __repr__(self) -> str:
-        return f"{self.runnable!r}.with_fallbacks({self.fallbacks!r})"
-
-
-class RunnableRetry(RunnableBinding[Input, Output]):
-    """A runnable retried when it fails with one of `retry_exception_types`, at most
-    `max_attempt_number` attempts, waiting exponentially longer (with jitter) between them.
-    What `with_retry` makes. As in langchain_core, `invoke`/`batch` (and their async twins)
-    retry, each attempt a child run tagged `retry:attempt:N` from the second on; `stream`
-    and the event APIs run the runnable once, without retrying: a retry could not take back
-    chunks already yielded.
-
-    >>> calls = []
-    >>> def flaky(x):
-    ...     calls.append(x)
-    ...     if len(calls) < 3:
-    ...         raise ValueError("try again")
-    ...     return f"ok after {len(calls)}"
-    >>> RunnableLambda(flaky).with_retry(wait_exponential_jitter=False).invoke(1)
-    'ok after 3'
-    """
-
-    def __init__(self, bound: Runnable[Input, Output], *,
-                 retry_exception_types: Tuple[Type[BaseException], ...] = (Exception,), max_attempt_number: int = 3,
-                 wait_exponential_jitter: bool = True,
-                 exponential_jitter_params: Optional[Dict[str, float]] = None) -> None:
-        super().__init__(bound, {})
-        if not isinstance(max_attempt_number, int) or max_attempt_number < 1:
-            raise ValueError(f"with_retry: stop_after_attempt must be an int >= 1, not "
-                             f"{_short(max_attempt_number)}")
-        self.retry_exception_types = tuple(retry_exception_types)
-        self.max_attempt_number, self.wait_exponential_jitter = max_attempt_number, wait_exponential_jitter
-        self.exponential_jitter_params = exponential_jitter_params
-
-    def _wait(self, attempt: int) -> float:
-        """Seconds to wait after failed attempt `attempt`: tenacity's exponential jitter
-        (`initial * exp_base ** (attempt - 1)` plus up to `jitter`, at most `max`)."""
-        if not self.wait_exponential_jitter:
-            return 0.0
-        import random
-        p = {"initial": 1.0, "max": 60.0, "exp_base": 2.0, "jitter": 1.0,
-             **(self.exponential_jitter_params or {})}
-        return min(p["initial"] * p["exp_base"] ** (attempt - 1) + random.uniform(0, p["jitter"]), p["max"])
-
-    def _attempts(self, config: RunnableConfig) -> Iterator[Tuple[int, RunnableConfig]]:
-        kwargs = {**self.kwargs, **_call_kwargs(self, config)}
-        if kwargs:  # the bound runnable is called with them
-            config = {**config, "_kwargs": (self.bound, kwargs)}
-        for n in range(1, self.max_attempt_number + 1):
-            yield n, config if n == 1 else _merge_configs(config, {"tags": [f"retry:attempt:{n}"]})
-
-    def _stream_run(self, inputs: Iterator[Any], config: RunnableConfig, tag: Optional[str] = None,
-                    known: Any = _MISSING, invoked: bool = False) -> Iterator[Any]:
-        if not invoked:  # streaming runs once (langchain_core's retry wraps invoke only)
-            return super()._stream_run(inputs, config, tag, known, invoked)
-        return Runnable._stream_run(self, inputs, self._bind(config), tag, known, invoked)
-
-    def _astream_run(self, inputs: AsyncIterator[Any], config: RunnableConfig,
-                     tag: Optional[str] = None, known: Any = _MISSING,
-                     invoked: bool = False) -> AsyncIterator[Any]:
-        if not invoked:
-            return super()._astream_run(inputs, config, tag, known, invoked)
-        return Runnable._astream_run(self, inputs, self._bind(config), tag, known, invoked)
-
-    def _invoke_transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
-        value = _fold(inputs)
-        for n, attempt in self._attempts(config):
-            try:
-                out = self.bound._invoke(value, attempt)
-            except self.retry_exception_types:
-                if n == self.max_attempt_number:
-                    raise
-                time.sleep(self._wait(n))
-                continue
-            yield out
-            return
-
-    async def _ainvoke_transform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
-        value = await _afold(inputs)
-        for n, attempt in self._attempts(config):
-            try:
-                out = await self.bound._ainvoke(value, attempt)
-            except self.retry_exception_types:
-                if n == self.max_attempt_number:
-                    raise
-                await asyncio.sleep(self._wait(n))
-                continue
-            yield out
-            return
-
-    def __repr__(self) -> str:
-        return f"{self.bound!r}.with_retry(stop_after_attempt={self.max_attempt_number})"
-
-
-class RunnableBranch(Runnable[Input, Output]):
-    """Runs the first branch whose condition holds for the input, else the default:
-    `RunnableBranch((condition, runnable), ..., default)`. Conditions and branches may be
-    runnables, functions or dicts; the conditions run one by one (tagged `condition:N`)
-    until one is true, then the chosen branch streams (tagged `branch:N` or `branch:default`).
-
-    >>> sign = RunnableBranch((lambda x: x > 0, lambda x: "positive"), (lambda x: x < 0, lambda x: "negative"), lambda x: "zero")
-    >>> sign.invoke(5), sign.invoke(-1), list(sign.stream(0))
-    ('positive', 'negative', ['zero'])
-    """
-
-    input_in_start = True
-
-    def __init__(self: "RunnableBranch[Any, Any]", *branches: Any) -> None:
-        if len(branches) < 2:
-            raise ValueError(f"RunnableBranch needs at least one (condition, runnable) pair and "
-                             f"a default, got {len(branches)} argument{'s' * (len(branches) != 1)}: "
-                             "RunnableBranch((lambda x: ..., runnable), default)")
-        self.branches: List[Tuple[Runnable[Any, Any], Runnable[Any, Any]]] = []
-        for i, pair in enumerate(branches[:-1], 1):
-            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-                got = f"a {type(pair).__name__} of {len(pair)}" if isinstance(pair, (tuple, list)) \
-                    else _short(pair)
-                raise TypeError(f"RunnableBranch branch {i} must be a (condition, runnable) pair, "
-                                f"not {got}")
-            self.branches.append((coerce_to_runnable(pair[0]), coerce_to_runnable(pair[1])))
-        if isinstance(branches[-1], (tuple, list)):
-            raise TypeError("RunnableBranch's last argument is the default: a runnable, function "
-                            f"or dict, not the pair {_short(branches[-1])}")
-        self.default = coerce_to_runnable(branches[-1])
-
-    def _branch(self, value: Any, config: RunnableConfig) -> Tuple[Runnable[Any, Any], str]:
-        for i, (condition, runnable) in enumerate(self.branches, 1):
-            if condition._invoke(value, config, f"condition:{i}"):
-                return runnable, f"branch:{i}"
-        return self.default, "branch:default"
-
-    async def _abranch(self, value: Any, config: RunnableConfig) -> Tuple[Runnable[Any, Any], str]:
-        for i, (condition, runnable) in enumerate(self.branches, 1):
-            if await condition._ainvoke(value, config, f"condition:{i}"):
-                return runnable, f"branch:{i}"
-        return self.default, "branch:default"
-
-    def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
-        value = _fold(inputs)
-        runnable, tag = self._branch(value, config)
-        yield from runnable._stream_run(iter([value]), config, tag, value)
-
-    async def _atransform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
-        value = await _afold(inputs)
-        runnable, tag = await self._abranch(value, config)
-        chunks = runnable._astream_run(_aiter([value]), config, tag, value)
-        try:
-            async for chunk in chunks:
-                yield chunk
-        finally:
-            await _aclose(chunks)
-
-    def _invoke_transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
-        value = _fold(inputs)
-        runnable, tag = self._branch(value, config)
-        yield runnable._invoke(value, config, tag)
-
-    async def _ainvoke_transform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
-        value = await _afold(inputs)
-        runnable, tag = await self._abranch(value, config)
-        yield await runnable._ainvoke(value, config, tag)
 
 
 # ==============================================================================================
@@ -4359,97 +4058,8 @@ class FakeListChatModel(BaseChatModel):
             yield chunk
 
 
-class FakeListLLM(BaseLLM):
-    """A fake LLM that cycles through `responses`; it does not stream (one chunk per call).
-
-    >>> llm = FakeListLLM(responses=["hello world"])
-    >>> list(llm.stream("hi")), llm.invoke("hi")
-    (['hello world'], 'hello world')
-    """
-
-    def __init__(self, *, responses: List[str], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.responses, self.turns = list(responses), itertools.count()
-
-    def _call(self, prompt: str, **kwargs: Any) -> str:
-        return self.responses[next(self.turns) % len(self.responses)]
-
-
-class FakeListLLMError(Exception):
-    """Raised by `FakeStreamingListLLM` at `error_on_chunk_number`.
-
-    >>> list(FakeStreamingListLLM(responses=["abc"], error_on_chunk_number=1).stream("x"))
-    Traceback (most recent call last):
-    ...
-    minichain.FakeListLLMError: FakeStreamingListLLM raised at chunk 1 as configured
-    """
-
-
-# deviation: not a subclass of FakeListLLM (langchain_core's is), to keep classes at most three
-# levels below object; it shares FakeListLLM's code instead.
-class FakeStreamingListLLM(BaseLLM):
-    """A `FakeListLLM` whose `stream` gives the answer one character per chunk.
-
-    As langchain_core's, it streams by invoking: its run ends with the whole answer (no
-    `on_llm_stream` events), then the characters move on, after `sleep` seconds each;
-    `error_on_chunk_number=k` raises `FakeListLLMError` at character k (0-based) of a stream,
-    never in `invoke`.
-
-    >>> llm = FakeStreamingListLLM(responses=["hi", "yo"])
-    >>> list(llm.stream("x")), llm.invoke("x")
-    (['h', 'i'], 'yo')
-    """
-
-    def __init__(self, *, responses: List[str], sleep: Optional[float] = None,
-                 error_on_chunk_number: Optional[int] = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.responses, self.turns = list(responses), itertools.count()
-        self.sleep, self.error_on = sleep, error_on_chunk_number
-
-    _call = FakeListLLM._call
-
-    def _check(self, i: int) -> None:
-        # deviation: the error reaches astream_events' caller too (langchain_core's root
-        # astream_events ends quietly after on_llm_end)
-        if i == self.error_on:
-            raise FakeListLLMError(f"FakeStreamingListLLM raised at chunk {i} as configured")
-
-    def _stream_run(self, inputs: Iterator[Any], config: RunnableConfig, tag: Optional[str] = None,
-                    known: Any = _MISSING, invoked: bool = False) -> Iterator[Any]:
-        answers = super()._stream_run(inputs, config, tag, known, invoked)
-        return answers if invoked else self._characters(answers)
-
-    def _characters(self, answers: Iterator[str]) -> Iterator[str]:
-        try:
-            for answer in answers:
-                for i, c in enumerate(answer):
-                    if self.sleep is not None:
-                        time.sleep(self.sleep)
-                    self._check(i)
-                    yield c
-        finally:
-            _close(answers)
-
-    def _astream_run(self, inputs: AsyncIterator[Any], config: RunnableConfig,
-                     tag: Optional[str] = None, known: Any = _MISSING,
-                     invoked: bool = False) -> AsyncIterator[Any]:
-        answers = super()._astream_run(inputs, config, tag, known, invoked)
-        return answers if invoked else self._acharacters(answers)
-
-    async def _acharacters(self, answers: AsyncIterator[str]) -> AsyncIterator[str]:
-        try:
-            async for answer in answers:
-                for i, c in enumerate(answer):
-                    if self.sleep is not None:
-                        await asyncio.sleep(self.sleep)
-                    self._check(i)
-                    yield c
-        finally:
-            await _aclose(answers)
-
-
 # ==============================================================================================
-# 8. Output parsers: str, incremental JSON and lists
+# 8. Output parsers: str and incremental JSON
 #
 # A parser is a push machine (`feed` text, read what changed) driven by the transform loops
 # below. `JsonOutputParser` yields a new snapshot of the partial object each time it grows:
@@ -4686,6 +4296,318 @@ def parse_json_markdown(text: str) -> Any:
     return value
 
 
+# ==============================================================================================
+# 9. Past the guide: fallbacks, retry, branch, pick, list parsers, fakes that list
+#
+# What LCEL code reaches for after the guide, built on the protocol above and on nothing else:
+# a runnable that falls back or retries, one that picks a branch or some keys, parsers that
+# stream the items of a list, and fake LLMs that answer from a list. The core does not use them.
+# ==============================================================================================
+
+class RunnablePick(Runnable[Dict[str, Any], Any]):
+    """Picks keys from a dict, chunk by chunk: one key gives its value, a list of keys a dict
+    of those present (a chunk with none of them is skipped). What `.pick(keys)` adds.
+
+    >>> RunnablePick("a").invoke({"a": 1, "b": 2}), RunnablePick(["a", "c"]).invoke({"a": 1, "b": 2})
+    (1, {'a': 1})
+    """
+
+    def __init__(self, keys: Union[str, List[str]]) -> None:
+        self.keys = keys
+
+    def _name(self) -> str:
+        keys = [self.keys] if isinstance(self.keys, str) else self.keys
+        return self.name or f"RunnablePick<{','.join(keys)}>"
+
+    def _pick(self, chunk: Any) -> Any:
+        if not isinstance(chunk, dict):
+            raise TypeError(f"{self.get_name()} needs dict input, got {type(chunk).__name__}: "
+                            f"{_short(chunk)}")
+        if isinstance(self.keys, str):
+            return chunk.get(self.keys)
+        return AddableDict({k: chunk[k] for k in self.keys if k in chunk}) or None
+
+    def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        for chunk in inputs:
+            picked = self._pick(chunk)
+            if picked is not None:
+                yield picked
+
+    async def _atransform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        try:
+            async for chunk in inputs:
+                picked = self._pick(chunk)
+                if picked is not None:
+                    yield picked
+        finally:
+            await _aclose(inputs)
+
+
+class RunnableWithFallbacks(Runnable[Input, Output]):
+    """A runnable that, when it fails with one of `exceptions_to_handle`, tries each of
+    `fallbacks` in turn on the same input; if all fail, the first error is raised. What
+    `with_fallbacks` makes. Streaming falls back only while nothing was yielded: once a
+    chunk is out, an error goes to the caller (as in langchain_core). With `exception_key`,
+    a fallback gets the input dict with the last error under that key.
+
+    >>> def broken(x):
+    ...     raise ValueError("down")
+    >>> RunnableLambda(broken).with_fallbacks([RunnableLambda(lambda x: f"backup: {x}")]).invoke(1)
+    'backup: 1'
+    """
+
+    input_in_start = True
+
+    def __init__(self: "RunnableWithFallbacks[Any, Any]", runnable: Any, fallbacks: Sequence[Any], *,
+                 exceptions_to_handle: Tuple[Type[BaseException], ...] = (Exception,),
+                 exception_key: Optional[str] = None) -> None:
+        self.runnable = coerce_to_runnable(runnable)
+        self.fallbacks = [coerce_to_runnable(f) for f in fallbacks]
+        self.exceptions_to_handle, self.exception_key = tuple(exceptions_to_handle), exception_key
+
+    @property
+    def runnables(self) -> List[Runnable[Any, Any]]:
+        """The runnable, then its fallbacks: the order they are tried in."""
+        return [self.runnable, *self.fallbacks]
+
+    def _input(self, value: Any, error: Optional[BaseException]) -> Any:
+        if self.exception_key is None or error is None:
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"with_fallbacks(exception_key={self.exception_key!r}) needs a dict "
+                            f"input to add the error to, got {type(value).__name__}: {_short(value)}")
+        return {**value, self.exception_key: error}
+
+    def _tries(self, value: Any, errors: List[BaseException]) -> Iterator[Tuple[Runnable[Any, Any], Any]]:
+        """Each runnable in turn with its input (with `exception_key`, the last of `errors`
+        added); when all have failed, the first error is raised."""
+        for runnable in self.runnables:
+            yield runnable, self._input(value, errors[-1] if errors else None)
+        raise errors[0]
+
+    def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        errors: List[BaseException] = []
+        for runnable, arg in self._tries(_fold(inputs), errors):
+            chunks = runnable._stream_run(iter([arg]), config, None, arg)
+            try:
+                head = next(chunks, _MISSING)
+            except self.exceptions_to_handle as exc:
+                _close(chunks)
+                errors.append(exc)
+                continue
+            try:
+                if head is not _MISSING:
+                    yield head
+                    yield from chunks
+            finally:
+                _close(chunks)
+            return
+
+    async def _atransform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        errors: List[BaseException] = []
+        for runnable, arg in self._tries(await _afold(inputs), errors):
+            chunks = runnable._astream_run(_aiter([arg]), config, None, arg)
+            try:
+                head = await chunks.__anext__()
+            except StopAsyncIteration:
+                return
+            except self.exceptions_to_handle as exc:
+                await _aclose(chunks)
+                errors.append(exc)
+                continue
+            try:
+                yield head
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                await _aclose(chunks)
+            return
+
+    def _invoke_transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        errors: List[BaseException] = []
+        for runnable, arg in self._tries(_fold(inputs), errors):  # a failure at any point
+            try:
+                out = runnable._invoke(arg, config)
+            except self.exceptions_to_handle as exc:
+                errors.append(exc)
+                continue
+            yield out
+            return
+
+    async def _ainvoke_transform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        errors: List[BaseException] = []
+        for runnable, arg in self._tries(await _afold(inputs), errors):
+            try:
+                out = await runnable._ainvoke(arg, config)
+            except self.exceptions_to_handle as exc:
+                errors.append(exc)
+                continue
+            yield out
+            return
+
+    def __repr__(self) -> str:
+        return f"{self.runnable!r}.with_fallbacks({self.fallbacks!r})"
+
+
+class RunnableRetry(RunnableBinding[Input, Output]):
+    """A runnable retried when it fails with one of `retry_exception_types`, at most
+    `max_attempt_number` attempts, waiting exponentially longer (with jitter) between them.
+    What `with_retry` makes. As in langchain_core, `invoke`/`batch` (and their async twins)
+    retry, each attempt a child run tagged `retry:attempt:N` from the second on; `stream`
+    and the event APIs run the runnable once, without retrying: a retry could not take back
+    chunks already yielded.
+
+    >>> calls = []
+    >>> def flaky(x):
+    ...     calls.append(x)
+    ...     if len(calls) < 3:
+    ...         raise ValueError("try again")
+    ...     return f"ok after {len(calls)}"
+    >>> RunnableLambda(flaky).with_retry(wait_exponential_jitter=False).invoke(1)
+    'ok after 3'
+    """
+
+    def __init__(self, bound: Runnable[Input, Output], *,
+                 retry_exception_types: Tuple[Type[BaseException], ...] = (Exception,), max_attempt_number: int = 3,
+                 wait_exponential_jitter: bool = True,
+                 exponential_jitter_params: Optional[Dict[str, float]] = None) -> None:
+        super().__init__(bound, {})
+        if not isinstance(max_attempt_number, int) or max_attempt_number < 1:
+            raise ValueError(f"with_retry: stop_after_attempt must be an int >= 1, not "
+                             f"{_short(max_attempt_number)}")
+        self.retry_exception_types = tuple(retry_exception_types)
+        self.max_attempt_number, self.wait_exponential_jitter = max_attempt_number, wait_exponential_jitter
+        self.exponential_jitter_params = exponential_jitter_params
+
+    def _wait(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt `attempt`: tenacity's exponential jitter
+        (`initial * exp_base ** (attempt - 1)` plus up to `jitter`, at most `max`)."""
+        if not self.wait_exponential_jitter:
+            return 0.0
+        import random
+        p = {"initial": 1.0, "max": 60.0, "exp_base": 2.0, "jitter": 1.0,
+             **(self.exponential_jitter_params or {})}
+        return min(p["initial"] * p["exp_base"] ** (attempt - 1) + random.uniform(0, p["jitter"]), p["max"])
+
+    def _attempts(self, config: RunnableConfig) -> Iterator[Tuple[int, RunnableConfig]]:
+        kwargs = {**self.kwargs, **_call_kwargs(self, config)}
+        if kwargs:  # the bound runnable is called with them
+            config = {**config, "_kwargs": (self.bound, kwargs)}
+        for n in range(1, self.max_attempt_number + 1):
+            yield n, config if n == 1 else _merge_configs(config, {"tags": [f"retry:attempt:{n}"]})
+
+    def _stream_run(self, inputs: Iterator[Any], config: RunnableConfig, tag: Optional[str] = None,
+                    known: Any = _MISSING, invoked: bool = False) -> Iterator[Any]:
+        if not invoked:  # streaming runs once (langchain_core's retry wraps invoke only)
+            return super()._stream_run(inputs, config, tag, known, invoked)
+        return Runnable._stream_run(self, inputs, self._bind(config), tag, known, invoked)
+
+    def _astream_run(self, inputs: AsyncIterator[Any], config: RunnableConfig,
+                     tag: Optional[str] = None, known: Any = _MISSING,
+                     invoked: bool = False) -> AsyncIterator[Any]:
+        if not invoked:
+            return super()._astream_run(inputs, config, tag, known, invoked)
+        return Runnable._astream_run(self, inputs, self._bind(config), tag, known, invoked)
+
+    def _invoke_transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        value = _fold(inputs)
+        for n, attempt in self._attempts(config):
+            try:
+                out = self.bound._invoke(value, attempt)
+            except self.retry_exception_types:
+                if n == self.max_attempt_number:
+                    raise
+                time.sleep(self._wait(n))
+                continue
+            yield out
+            return
+
+    async def _ainvoke_transform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        value = await _afold(inputs)
+        for n, attempt in self._attempts(config):
+            try:
+                out = await self.bound._ainvoke(value, attempt)
+            except self.retry_exception_types:
+                if n == self.max_attempt_number:
+                    raise
+                await asyncio.sleep(self._wait(n))
+                continue
+            yield out
+            return
+
+    def __repr__(self) -> str:
+        return f"{self.bound!r}.with_retry(stop_after_attempt={self.max_attempt_number})"
+
+
+class RunnableBranch(Runnable[Input, Output]):
+    """Runs the first branch whose condition holds for the input, else the default:
+    `RunnableBranch((condition, runnable), ..., default)`. Conditions and branches may be
+    runnables, functions or dicts; the conditions run one by one (tagged `condition:N`)
+    until one is true, then the chosen branch streams (tagged `branch:N` or `branch:default`).
+
+    >>> sign = RunnableBranch((lambda x: x > 0, lambda x: "positive"), (lambda x: x < 0, lambda x: "negative"), lambda x: "zero")
+    >>> sign.invoke(5), sign.invoke(-1), list(sign.stream(0))
+    ('positive', 'negative', ['zero'])
+    """
+
+    input_in_start = True
+
+    def __init__(self: "RunnableBranch[Any, Any]", *branches: Any) -> None:
+        if len(branches) < 2:
+            raise ValueError(f"RunnableBranch needs at least one (condition, runnable) pair and "
+                             f"a default, got {len(branches)} argument{'s' * (len(branches) != 1)}: "
+                             "RunnableBranch((lambda x: ..., runnable), default)")
+        self.branches: List[Tuple[Runnable[Any, Any], Runnable[Any, Any]]] = []
+        for i, pair in enumerate(branches[:-1], 1):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                got = f"a {type(pair).__name__} of {len(pair)}" if isinstance(pair, (tuple, list)) \
+                    else _short(pair)
+                raise TypeError(f"RunnableBranch branch {i} must be a (condition, runnable) pair, "
+                                f"not {got}")
+            self.branches.append((coerce_to_runnable(pair[0]), coerce_to_runnable(pair[1])))
+        if isinstance(branches[-1], (tuple, list)):
+            raise TypeError("RunnableBranch's last argument is the default: a runnable, function "
+                            f"or dict, not the pair {_short(branches[-1])}")
+        self.default = coerce_to_runnable(branches[-1])
+
+    def _branch(self, value: Any, config: RunnableConfig) -> Tuple[Runnable[Any, Any], str]:
+        for i, (condition, runnable) in enumerate(self.branches, 1):
+            if condition._invoke(value, config, f"condition:{i}"):
+                return runnable, f"branch:{i}"
+        return self.default, "branch:default"
+
+    async def _abranch(self, value: Any, config: RunnableConfig) -> Tuple[Runnable[Any, Any], str]:
+        for i, (condition, runnable) in enumerate(self.branches, 1):
+            if await condition._ainvoke(value, config, f"condition:{i}"):
+                return runnable, f"branch:{i}"
+        return self.default, "branch:default"
+
+    def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        value = _fold(inputs)
+        runnable, tag = self._branch(value, config)
+        yield from runnable._stream_run(iter([value]), config, tag, value)
+
+    async def _atransform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        value = await _afold(inputs)
+        runnable, tag = await self._abranch(value, config)
+        chunks = runnable._astream_run(_aiter([value]), config, tag, value)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await _aclose(chunks)
+
+    def _invoke_transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        value = _fold(inputs)
+        runnable, tag = self._branch(value, config)
+        yield runnable._invoke(value, config, tag)
+
+    async def _ainvoke_transform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        value = await _afold(inputs)
+        runnable, tag = await self._abranch(value, config)
+        yield await runnable._ainvoke(value, config, tag)
+
+
 class _CsvItems:
     """Comma-separated items as a push machine: `feed(text)` returns the items completed,
     `finish()` the rest. It reads as Python's `csv` module does with `skipinitialspace=True`
@@ -4882,8 +4804,97 @@ class MarkdownListOutputParser(_ListParser, BaseOutputParser[List[str]]):
         return _LineItems(r"\s*[-*]\s([^\n]+)$", r"^\s*[-*]$", r"[-*]\s.", anchored=True)
 
 
+class FakeListLLM(BaseLLM):
+    """A fake LLM that cycles through `responses`; it does not stream (one chunk per call).
+
+    >>> llm = FakeListLLM(responses=["hello world"])
+    >>> list(llm.stream("hi")), llm.invoke("hi")
+    (['hello world'], 'hello world')
+    """
+
+    def __init__(self, *, responses: List[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.responses, self.turns = list(responses), itertools.count()
+
+    def _call(self, prompt: str, **kwargs: Any) -> str:
+        return self.responses[next(self.turns) % len(self.responses)]
+
+
+class FakeListLLMError(Exception):
+    """Raised by `FakeStreamingListLLM` at `error_on_chunk_number`.
+
+    >>> list(FakeStreamingListLLM(responses=["abc"], error_on_chunk_number=1).stream("x"))
+    Traceback (most recent call last):
+    ...
+    minichain.FakeListLLMError: FakeStreamingListLLM raised at chunk 1 as configured
+    """
+
+
+# deviation: not a subclass of FakeListLLM (langchain_core's is), to keep classes at most three
+# levels below object; it shares FakeListLLM's code instead.
+class FakeStreamingListLLM(BaseLLM):
+    """A `FakeListLLM` whose `stream` gives the answer one character per chunk.
+
+    As langchain_core's, it streams by invoking: its run ends with the whole answer (no
+    `on_llm_stream` events), then the characters move on, after `sleep` seconds each;
+    `error_on_chunk_number=k` raises `FakeListLLMError` at character k (0-based) of a stream,
+    never in `invoke`.
+
+    >>> llm = FakeStreamingListLLM(responses=["hi", "yo"])
+    >>> list(llm.stream("x")), llm.invoke("x")
+    (['h', 'i'], 'yo')
+    """
+
+    def __init__(self, *, responses: List[str], sleep: Optional[float] = None,
+                 error_on_chunk_number: Optional[int] = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.responses, self.turns = list(responses), itertools.count()
+        self.sleep, self.error_on = sleep, error_on_chunk_number
+
+    _call = FakeListLLM._call
+
+    def _check(self, i: int) -> None:
+        # deviation: the error reaches astream_events' caller too (langchain_core's root
+        # astream_events ends quietly after on_llm_end)
+        if i == self.error_on:
+            raise FakeListLLMError(f"FakeStreamingListLLM raised at chunk {i} as configured")
+
+    def _stream_run(self, inputs: Iterator[Any], config: RunnableConfig, tag: Optional[str] = None,
+                    known: Any = _MISSING, invoked: bool = False) -> Iterator[Any]:
+        answers = super()._stream_run(inputs, config, tag, known, invoked)
+        return answers if invoked else self._characters(answers)
+
+    def _characters(self, answers: Iterator[str]) -> Iterator[str]:
+        try:
+            for answer in answers:
+                for i, c in enumerate(answer):
+                    if self.sleep is not None:
+                        time.sleep(self.sleep)
+                    self._check(i)
+                    yield c
+        finally:
+            _close(answers)
+
+    def _astream_run(self, inputs: AsyncIterator[Any], config: RunnableConfig,
+                     tag: Optional[str] = None, known: Any = _MISSING,
+                     invoked: bool = False) -> AsyncIterator[Any]:
+        answers = super()._astream_run(inputs, config, tag, known, invoked)
+        return answers if invoked else self._acharacters(answers)
+
+    async def _acharacters(self, answers: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            async for answer in answers:
+                for i, c in enumerate(answer):
+                    if self.sleep is not None:
+                        await asyncio.sleep(self.sleep)
+                    self._check(i)
+                    yield c
+        finally:
+            await _aclose(answers)
+
+
 # ==============================================================================================
-# 9. LangChain-style callback handlers and run listeners
+# 10. LangChain-style callback handlers and run listeners
 #
 # Adapters over the events of section 2: a handler's methods (`on_chat_model_start`,
 # `on_llm_new_token`, ...) are called with langchain_core's arguments, and `with_listeners`
@@ -5216,7 +5227,7 @@ def _takes_two(func: Callable[..., Any]) -> bool:
 
 
 # ==============================================================================================
-# 10. Retrieval
+# 11. Retrieval
 #
 # A retriever is a step from a query to a list of documents (one chunk). The in-memory store
 # with a lexical embedding lets the guide's retrieval example run with nothing installed.
@@ -5387,7 +5398,7 @@ class VectorStoreRetriever(BaseRetriever):
 
 
 # ==============================================================================================
-# 11. Tools
+# 12. Tools
 #
 # A tool is a function a model can call: a name, a description, a JSON schema of its
 # arguments. As a step it takes a string, a dict of arguments, or a tool call from a model.
@@ -5610,7 +5621,7 @@ def tool(func: Any = None, *, name: Optional[str] = None,
 
 
 # ==============================================================================================
-# 12. Model servers over HTTP: OpenAI-compatible, Ollama, Anthropic
+# 13. Model servers over HTTP: OpenAI-compatible, Ollama, Anthropic
 #
 # Bytes come in through a tiny transport (http.client for sync, asyncio streams for async);
 # a framing decoder (SSE or NDJSON) turns them into frames and a protocol mapping turns frames
@@ -6665,10 +6676,10 @@ class ChatAnthropic(_ServerChatModel, BaseChatModel):
 
 
 # ==============================================================================================
-# 13. Server-sent events out: streaming a run to a browser
+# 14. Server-sent events out: streaming a run to a browser
 #
 # `to_sse` turns what `stream_events`, `astream_events` or `stream` yields into the bytes of a
-# `text/event-stream` response; `read_sse` reads them back with the decoder of section 12.
+# `text/event-stream` response; `read_sse` reads them back with the decoder of section 13.
 # ==============================================================================================
 
 def _jsonable(value: Any) -> Any:
@@ -6778,7 +6789,7 @@ def read_sse(chunks: Iterable[bytes]) -> Iterator[Tuple[str, Any]]:
 
 
 # ==============================================================================================
-# 14. Remote runnables: LangServe's protocol, from both ends
+# 15. Remote runnables: LangServe's protocol, from both ends
 #
 # A chain served by LangServe answers `POST {path}/invoke`, `/batch`, `/stream`,
 # `/stream_events` and `/stream_log` with JSON bodies and server-sent events. `RemoteRunnable`
@@ -7382,7 +7393,7 @@ async def _serve_stream(runnable: Runnable[Any, Any], endpoint: str, request: Di
 
 
 # ==============================================================================================
-# 15. Demo: `python -m minichain`
+# 16. Demo: `python -m minichain`
 # ==============================================================================================
 
 def demo_model() -> BaseChatModel:

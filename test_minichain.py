@@ -694,71 +694,6 @@ def test_call_arguments_reach_the_model_itself_not_a_copy() -> None:
     assert seen[-1] == (["tags"], 3)
 
 
-def test_with_fallbacks_matches_langchain_core_in_every_mode() -> None:
-    def make() -> Any:
-        return RunnableLambda(_boom).with_fallbacks([RunnableLambda(lambda x: "ok")])
-    assert every_mode(make, 1) == {"invoke": "ok", "stream": ["ok"], "astream": ["ok"],
-                                   "ainvoke": "ok", "stream_events_output": ["ok"]}
-    assert make().get_name() == "RunnableWithFallbacks"
-    assert events_both(make, 1) == [
-        ("on_chain_start", "RunnableWithFallbacks", "R0", [], [], "{'input': 1}"),
-        ("on_chain_start", "_boom", "R1", ["R0"], [], "{}"),
-        ("on_chain_start", "RunnableLambda", "R2", ["R0"], [], "{}"),
-        ("on_chain_stream", "RunnableLambda", "R2", ["R0"], [], "{'chunk': 'ok'}"),
-        ("on_chain_stream", "RunnableWithFallbacks", "R0", [], [], "{'chunk': 'ok'}"),
-        ("on_chain_end", "RunnableLambda", "R2", ["R0"], [], "{'output': 'ok', 'input': 1}"),
-        ("on_chain_end", "RunnableWithFallbacks", "R0", [], [], "{'output': 'ok'}")]
-    # an error it does not handle, or the last fallback's, raises the first error
-    def unhandled() -> Any:
-        return RunnableLambda(_boom).with_fallbacks([lambda x: 1], exceptions_to_handle=(KeyError,))
-    assert events_both(unhandled, 1)[-1] == ("raised", "ValueError('boom')")
-
-    def key_error(x: Any) -> Any:
-        raise KeyError("k2")
-    with pytest.raises(ValueError, match="boom"):
-        RunnableLambda(_boom).with_fallbacks([key_error]).invoke(1)
-
-
-def test_with_fallbacks_streams_fall_back_only_before_the_first_chunk() -> None:
-    def broken_late(x: Any) -> Iterator[str]:
-        yield "a"
-        raise ValueError("midstream")
-
-    def broken_early(x: Any) -> Iterator[str]:
-        raise ValueError("early")
-        yield "never"
-
-    def backup(x: Any) -> Iterator[str]:
-        yield from ["F1", "F2"]
-    late = RunnableLambda(broken_late).with_fallbacks([RunnableLambda(backup)])
-    got: List[str] = []
-    with pytest.raises(ValueError, match="midstream"):
-        for chunk in late.stream(1):
-            got.append(chunk)
-    assert got == ["a"] and late.invoke(1) == "F1F2"  # invoke falls back on any failure
-    def early() -> Any:
-        return RunnableLambda(broken_early).with_fallbacks([RunnableLambda(backup)])
-    assert list(early().stream(1)) == ["F1", "F2"]
-    assert short(events_both(early, 1)) == [
-        ("on_chain_start", "RunnableWithFallbacks"), ("on_chain_start", "broken_early"),
-        ("on_chain_start", "backup"), ("on_chain_stream", "backup"),
-        ("on_chain_stream", "RunnableWithFallbacks"), ("on_chain_stream", "backup"),
-        ("on_chain_stream", "RunnableWithFallbacks"), ("on_chain_end", "backup"),
-        ("on_chain_end", "RunnableWithFallbacks")]
-
-
-def test_with_fallbacks_exception_key_hands_the_last_error_on() -> None:
-    def first_backup(d: Dict[str, Any]) -> Any:
-        raise KeyError("fb1")
-
-    def handled(d: Dict[str, Any]) -> str:
-        return f"handled {d['exc']!r} for {d['q']}"
-    chain_ = RunnableLambda(_boom).with_fallbacks([first_backup, handled], exception_key="exc")
-    assert chain_.invoke({"q": 1}) == "handled KeyError('fb1') for 1"
-    with pytest.raises(TypeError, match=r"with_fallbacks\(exception_key='exc'\) needs a dict input to add the error to, got int: 1"):
-        chain_.invoke(1)
-
-
 def _flaky(fails: int) -> Any:
     calls = {"n": 0}
 
@@ -769,89 +704,6 @@ def _flaky(fails: int) -> Any:
         return f"ok after {calls['n']}"
     return RunnableLambda(flaky).with_retry(retry_if_exception_type=(ValueError,),
                                             wait_exponential_jitter=False)
-
-
-def test_with_retry_retries_invoke_each_attempt_a_tagged_child_run() -> None:
-    assert _flaky(2).invoke(1) == "ok after 3" and run(_flaky(2).ainvoke(1)) == "ok after 3"
-    assert _flaky(2).batch([1]) == ["ok after 3"] and run(_flaky(2).abatch([1])) == ["ok after 3"]
-    seen: List[Dict[str, Any]] = []
-    assert _flaky(2).invoke(1, {"callbacks": [seen.append]}) == "ok after 3"
-    assert [(e["event"], e["name"], e["tags"]) for e in seen] == [
-        ("on_chain_start", "flaky", []), ("on_chain_start", "flaky", []),
-        ("on_chain_start", "flaky", ["retry:attempt:2"]), ("on_chain_start", "flaky", ["retry:attempt:3"]),
-        ("on_chain_end", "flaky", ["retry:attempt:3"]), ("on_chain_end", "flaky", [])]
-    with pytest.raises(ValueError, match="fail 3"):
-        _flaky(5).invoke(1)
-    with pytest.raises(KeyError):  # not a type it retries: one attempt
-        RunnableLambda(lambda x: {"a": 1}[x]).with_retry(retry_if_exception_type=(ValueError,)).invoke(1)
-
-
-def test_with_retry_streams_once_as_langchain_core() -> None:
-    # langchain_core's retry wraps invoke only: streaming and events run the runnable once
-    with pytest.raises(ValueError, match="fail 1"):
-        list(_flaky(2).stream(1))
-    assert events_both(lambda: _flaky(2), 1) == [
-        ("on_chain_start", "flaky", "R0", [], [], "{'input': 1}"), ("raised", "ValueError('fail 1')")]
-
-
-def test_with_retry_waits_exponentially_with_jitter(monkeypatch: Any) -> None:
-    waits: List[float] = []
-    monkeypatch.setattr(time, "sleep", waits.append)
-    flaky = _flaky(2)
-    flaky.wait_exponential_jitter, flaky.exponential_jitter_params = True, {"jitter": 0.0}
-    assert flaky.invoke(1) == "ok after 3" and waits == [1.0, 2.0]
-    with pytest.raises(ValueError, match="stop_after_attempt must be an int >= 1, not 0"):
-        RunnableLambda(lambda x: x).with_retry(stop_after_attempt=0)
-
-
-def test_runnable_branch_matches_langchain_core() -> None:
-    def make() -> Any:
-        return RunnableBranch((lambda x: x > 0, RunnableLambda(lambda x: "pos")), RunnableLambda(lambda x: "neg"))
-    assert every_mode(make, -1) == {"invoke": "neg", "stream": ["neg"], "astream": ["neg"],
-                                    "ainvoke": "neg", "stream_events_output": ["neg"]}
-    assert events_both(make, 1) == [
-        ("on_chain_start", "RunnableBranch", "R0", [], [], "{'input': 1}"),
-        ("on_chain_start", "RunnableLambda", "R1", ["R0"], ["condition:1"], "{'input': 1}"),
-        ("on_chain_end", "RunnableLambda", "R1", ["R0"], ["condition:1"], "{'output': True, 'input': 1}"),
-        ("on_chain_start", "RunnableLambda", "R2", ["R0"], ["branch:1"], "{}"),
-        ("on_chain_stream", "RunnableLambda", "R2", ["R0"], ["branch:1"], "{'chunk': 'pos'}"),
-        ("on_chain_stream", "RunnableBranch", "R0", [], [], "{'chunk': 'pos'}"),
-        ("on_chain_end", "RunnableLambda", "R2", ["R0"], ["branch:1"], "{'output': 'pos', 'input': 1}"),
-        ("on_chain_end", "RunnableBranch", "R0", [], [], "{'output': 'pos'}")]
-    seen: List[Dict[str, Any]] = []
-    make().invoke(-1, {"callbacks": [seen.append]})  # invoked, the branch shows its input
-    assert [(e["event"], e["tags"], e["data"]) for e in seen][3] == ("on_chain_start", ["branch:default"], {"input": -1})
-
-    def letters(x: Any) -> Iterator[str]:
-        yield from "ab"
-    assert list(RunnableBranch((lambda x: True, letters), lambda x: "no").stream(1)) == ["a", "b"]
-
-
-@pytest.mark.parametrize("args, error", [
-    ((lambda x: 1,), "RunnableBranch needs at least one (condition, runnable) pair and a default, got 1 argument"),
-    (("notatuple", lambda x: 2), "RunnableBranch branch 1 must be a (condition, runnable) pair, not 'notatuple'"),
-    (((bool, str, 3), str), "RunnableBranch branch 1 must be a (condition, runnable) pair, not a tuple of 3"),
-    (((bool, str), (bool, str)), "RunnableBranch's last argument is the default: a runnable, function or dict"),
-])
-def test_runnable_branch_refuses_bad_arguments(args: Tuple[Any, ...], error: str) -> None:
-    with pytest.raises((TypeError, ValueError), match=re.escape(error)):
-        RunnableBranch(*args)
-
-
-def test_assign_and_pick_on_any_runnable() -> None:
-    def make() -> Any:
-        return RunnableLambda(lambda x: {"a": x}).assign(b=lambda d: d["a"] * 2)
-    assert every_mode(make, 1) == {"invoke": {"a": 1, "b": 2}, "stream": [{"a": 1}, {"b": 2}],
-                                   "astream": [{"a": 1}, {"b": 2}], "ainvoke": {"a": 1, "b": 2},
-                                   "stream_events_output": [{"a": 1, "b": 2}]}
-    assert every_mode(lambda: make().pick("b"), 1)["stream"] == [2]
-    assert every_mode(lambda: make().pick(["b"]), 1)["astream"] == [{"b": 2}]
-    assert make().pick(["a", "b"]).invoke(1) == {"a": 1, "b": 2}
-    assert make().pick("zzz").invoke(1) is None
-    assert short(events_both(lambda: make().pick(["a"]), 1))[5:7] == [
-        ("on_chain_start", "RunnablePick<a>"), ("on_chain_stream", "RunnablePick<a>")]
-    with pytest.raises(TypeError, match="RunnablePick<a> needs dict input, got int: 3"):
-        RunnablePick("a").invoke(3)  # type: ignore[arg-type]
 
 
 def test_recursion_limit_stops_functions_that_return_runnables() -> None:
@@ -2179,57 +2031,6 @@ def test_fake_list_models() -> None:
     assert list(llm.stream("x")) == ["hello world"] and llm.invoke("x") == "hello world"
 
 
-def test_fake_streaming_list_llm_streams_characters_after_invoking() -> None:
-    assert every_mode(lambda: mc.FakeStreamingListLLM(responses=["ab"]), "x") == {
-        "invoke": "ab", "stream": ["a", "b"], "astream": ["a", "b"], "ainvoke": "ab",
-        "stream_events_output": [{"generations": [[{"text": "ab", "generation_info": None, "type": "Generation"}]],
-                                  "llm_output": None}]}
-    llm = mc.FakeStreamingListLLM(responses=["ab", "cd"])
-    assert (list(llm.stream("x")), llm.invoke("x"), llm.invoke("x")) == (["a", "b"], "cd", "ab")
-    broken = mc.FakeStreamingListLLM(responses=["abc"], error_on_chunk_number=1)
-    assert broken.invoke("x") == "abc"  # as langchain_core: only streaming raises
-    got: List[str] = []
-    with pytest.raises(mc.FakeListLLMError, match="^FakeStreamingListLLM raised at chunk 1 as configured$"):
-        for c in broken.stream("x"):
-            got.append(c)
-
-    async def collect() -> None:
-        async for c in broken.astream("x"):
-            got.append(c)
-    with pytest.raises(mc.FakeListLLMError):
-        run(collect())
-    assert got == ["a", "a"]
-    assert list(mc.FakeStreamingListLLM(responses=[""]).stream("x")) == []
-    # deviation (README): a BaseLLM beside FakeListLLM, not below it (classes stay shallow)
-    assert isinstance(llm, mc.BaseLLM) and not isinstance(llm, mc.FakeListLLM)
-
-
-def test_fake_streaming_list_llm_events_end_before_its_characters_stream() -> None:
-    def make() -> Any:
-        return PromptTemplate.from_template("{q}") | mc.FakeStreamingListLLM(responses=["ab"]) | StrOutputParser()
-    gen = "{'generations': [[{'text': 'ab', 'generation_info': None, 'type': 'Generation'}]], 'llm_output': None}"
-    expected = [  # as langchain_core 1.7.2: no on_llm_stream; the parser streams each character
-        ("on_chain_start", "RunnableSequence", "R0", [], [], "{'input': {'q': 'hi'}}"),
-        ("on_prompt_start", "PromptTemplate", "R1", ["R0"], ["seq:step:1"], "{'input': {'q': 'hi'}}"),
-        ("on_prompt_end", "PromptTemplate", "R1", ["R0"], ["seq:step:1"], "{'output': StringPromptValue(text='hi'), 'input': {'q': 'hi'}}"),
-        ("on_llm_start", "FakeStreamingListLLM", "R2", ["R0"], ["seq:step:2"], "{'input': {'prompts': ['hi']}}"),
-        ("on_llm_end", "FakeStreamingListLLM", "R2", ["R0"], ["seq:step:2"], "{'output': " + gen + ", 'input': {'prompts': ['hi']}}"),
-        ("on_parser_start", "StrOutputParser", "R3", ["R0"], ["seq:step:3"], "{}"),
-        ("on_parser_stream", "StrOutputParser", "R3", ["R0"], ["seq:step:3"], "{'chunk': 'a'}"),
-        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': 'a'}"),
-        ("on_parser_stream", "StrOutputParser", "R3", ["R0"], ["seq:step:3"], "{'chunk': 'b'}"),
-        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': 'b'}"),
-        ("on_parser_end", "StrOutputParser", "R3", ["R0"], ["seq:step:3"], "{'output': 'ab', 'input': 'ab'}"),
-        ("on_chain_end", "RunnableSequence", "R0", [], [], "{'output': 'ab'}"),
-    ]
-    assert events_both(make, {"q": "hi"}) == expected
-    assert trace(list(make().stream_events({"q": "hi"}))) == expected
-    meta = trace(list(mc.FakeStreamingListLLM(responses=["ab"]).stream_events("x")), meta=True)
-    assert [(r[0], r[5], r[6]) for r in meta] == [
-        ("on_llm_start", "{'input': 'x'}", {"ls_provider": "fakestreaminglist", "ls_model_type": "llm"}),
-        ("on_llm_end", "{'output': " + gen + "}", {"ls_provider": "fakestreaminglist", "ls_model_type": "llm"})]
-
-
 def test_a_model_with_only_sync_stream_works_under_astream_off_the_loop() -> None:
     threads = []
 
@@ -2562,6 +2363,221 @@ def test_a_parallel_branch_of_json_snapshots_folds_to_its_last_snapshot() -> Non
 
 # -- list parsers --------------------------------------------------------------------------------
 
+def _lines_run(call: Any) -> int:
+    """How many lines of minichain.py `call()` runs (work that does not depend on timing)."""
+    here, count = mc.__file__, [0]
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        count[0] += event == "line"
+        return local
+
+    def calls(frame: Any, event: str, arg: Any) -> Any:
+        return local if frame.f_code.co_filename == here else None
+    sys.settrace(calls)
+    try:
+        call()
+    finally:
+        sys.settrace(None)
+    return count[0]
+
+
+def test_format_instructions_are_langchain_cores() -> None:
+    assert JsonOutputParser().get_format_instructions() == "Return a JSON object."
+    assert mc.CommaSeparatedListOutputParser().get_format_instructions() == (
+        "Your response should be a list of comma separated values, eg: `foo, bar, baz` or `foo,bar,baz`")
+    assert mc.NumberedListOutputParser().get_format_instructions() == (
+        "Your response should be a numbered list with each item on a new line. For example: \n\n1. foo\n\n2. bar\n\n3. baz")
+    assert mc.MarkdownListOutputParser().get_format_instructions() == (
+        "Your response should be a markdown list, eg: `- foo\n- bar\n- baz`")
+
+
+@pytest.mark.parametrize("text, expected", [  # each as langchain_core 1.7.2's parse_json_markdown
+    ('```json\n{"a": 1}\n```', {"a": 1}), ('{"a": 1', {"a": 1}), ('text ```{"a": [1, 2]}``` after', {"a": [1, 2]}),
+    ('  {"a": "b"}  ', {"a": "b"}), ("```\n[1, 2]\n```", [1, 2]), ('{"a": "x\ny"}', {"a": "x\ny"}),
+    ('```json\n{"a": 1}\n```\n```json\n{"b": 2}\n```', {"a": 1}),
+])
+def test_parse_json_markdown(text: str, expected: Any) -> None:
+    assert mc.parse_json_markdown(text) == expected
+
+
+def test_parse_json_markdown_raises_json_decode_error_where_there_is_no_json() -> None:
+    for text in ["", "nothing"]:
+        with pytest.raises(json.JSONDecodeError, match="^no JSON value found: line 1 column"):
+            mc.parse_json_markdown(text)
+
+
+def test_json_diff_mode_patches_rebuild_every_snapshot() -> None:
+    import copy
+    rng = random.Random(5)
+    doc = {"name": "Fr\u00e9", "n": [1, -2.5, {"x": [True, None]}], "e": {}, "s": "a b "}
+    for ascii_ in (True, False):
+        text = json.dumps(doc, ensure_ascii=ascii_)
+        for _ in range(100):
+            pieces = _random_splits(text, rng)
+            snapshots = list(JsonOutputParser().transform(iter(pieces)))
+            patches = list(JsonOutputParser(diff=True).transform(iter(pieces)))
+            assert len(patches) == len(snapshots) and patches[0][0]["path"] == ""
+            state = None
+            for ops, snapshot in zip(patches, snapshots):
+                state = mc._apply_ops(state, copy.deepcopy(ops))
+                assert state == snapshot
+    assert list(JsonOutputParser(diff=True).transform(iter(['{"a": "x', '\\u00', 'e9"}']))) == [
+        [{"op": "replace", "path": "", "value": {"a": "x"}}], [{"op": "remove", "path": "/a"}],
+        [{"op": "add", "path": "/a", "value": "x\u00e9"}]]
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Past the guide: fallbacks, retry, branch, pick, list parsers, fakes that list
+# ---------------------------------------------------------------------------------------------
+
+def test_with_fallbacks_matches_langchain_core_in_every_mode() -> None:
+    def make() -> Any:
+        return RunnableLambda(_boom).with_fallbacks([RunnableLambda(lambda x: "ok")])
+    assert every_mode(make, 1) == {"invoke": "ok", "stream": ["ok"], "astream": ["ok"],
+                                   "ainvoke": "ok", "stream_events_output": ["ok"]}
+    assert make().get_name() == "RunnableWithFallbacks"
+    assert events_both(make, 1) == [
+        ("on_chain_start", "RunnableWithFallbacks", "R0", [], [], "{'input': 1}"),
+        ("on_chain_start", "_boom", "R1", ["R0"], [], "{}"),
+        ("on_chain_start", "RunnableLambda", "R2", ["R0"], [], "{}"),
+        ("on_chain_stream", "RunnableLambda", "R2", ["R0"], [], "{'chunk': 'ok'}"),
+        ("on_chain_stream", "RunnableWithFallbacks", "R0", [], [], "{'chunk': 'ok'}"),
+        ("on_chain_end", "RunnableLambda", "R2", ["R0"], [], "{'output': 'ok', 'input': 1}"),
+        ("on_chain_end", "RunnableWithFallbacks", "R0", [], [], "{'output': 'ok'}")]
+    # an error it does not handle, or the last fallback's, raises the first error
+    def unhandled() -> Any:
+        return RunnableLambda(_boom).with_fallbacks([lambda x: 1], exceptions_to_handle=(KeyError,))
+    assert events_both(unhandled, 1)[-1] == ("raised", "ValueError('boom')")
+
+    def key_error(x: Any) -> Any:
+        raise KeyError("k2")
+    with pytest.raises(ValueError, match="boom"):
+        RunnableLambda(_boom).with_fallbacks([key_error]).invoke(1)
+
+
+def test_with_fallbacks_streams_fall_back_only_before_the_first_chunk() -> None:
+    def broken_late(x: Any) -> Iterator[str]:
+        yield "a"
+        raise ValueError("midstream")
+
+    def broken_early(x: Any) -> Iterator[str]:
+        raise ValueError("early")
+        yield "never"
+
+    def backup(x: Any) -> Iterator[str]:
+        yield from ["F1", "F2"]
+    late = RunnableLambda(broken_late).with_fallbacks([RunnableLambda(backup)])
+    got: List[str] = []
+    with pytest.raises(ValueError, match="midstream"):
+        for chunk in late.stream(1):
+            got.append(chunk)
+    assert got == ["a"] and late.invoke(1) == "F1F2"  # invoke falls back on any failure
+    def early() -> Any:
+        return RunnableLambda(broken_early).with_fallbacks([RunnableLambda(backup)])
+    assert list(early().stream(1)) == ["F1", "F2"]
+    assert short(events_both(early, 1)) == [
+        ("on_chain_start", "RunnableWithFallbacks"), ("on_chain_start", "broken_early"),
+        ("on_chain_start", "backup"), ("on_chain_stream", "backup"),
+        ("on_chain_stream", "RunnableWithFallbacks"), ("on_chain_stream", "backup"),
+        ("on_chain_stream", "RunnableWithFallbacks"), ("on_chain_end", "backup"),
+        ("on_chain_end", "RunnableWithFallbacks")]
+
+
+def test_with_fallbacks_exception_key_hands_the_last_error_on() -> None:
+    def first_backup(d: Dict[str, Any]) -> Any:
+        raise KeyError("fb1")
+
+    def handled(d: Dict[str, Any]) -> str:
+        return f"handled {d['exc']!r} for {d['q']}"
+    chain_ = RunnableLambda(_boom).with_fallbacks([first_backup, handled], exception_key="exc")
+    assert chain_.invoke({"q": 1}) == "handled KeyError('fb1') for 1"
+    with pytest.raises(TypeError, match=r"with_fallbacks\(exception_key='exc'\) needs a dict input to add the error to, got int: 1"):
+        chain_.invoke(1)
+
+
+def test_with_retry_retries_invoke_each_attempt_a_tagged_child_run() -> None:
+    assert _flaky(2).invoke(1) == "ok after 3" and run(_flaky(2).ainvoke(1)) == "ok after 3"
+    assert _flaky(2).batch([1]) == ["ok after 3"] and run(_flaky(2).abatch([1])) == ["ok after 3"]
+    seen: List[Dict[str, Any]] = []
+    assert _flaky(2).invoke(1, {"callbacks": [seen.append]}) == "ok after 3"
+    assert [(e["event"], e["name"], e["tags"]) for e in seen] == [
+        ("on_chain_start", "flaky", []), ("on_chain_start", "flaky", []),
+        ("on_chain_start", "flaky", ["retry:attempt:2"]), ("on_chain_start", "flaky", ["retry:attempt:3"]),
+        ("on_chain_end", "flaky", ["retry:attempt:3"]), ("on_chain_end", "flaky", [])]
+    with pytest.raises(ValueError, match="fail 3"):
+        _flaky(5).invoke(1)
+    with pytest.raises(KeyError):  # not a type it retries: one attempt
+        RunnableLambda(lambda x: {"a": 1}[x]).with_retry(retry_if_exception_type=(ValueError,)).invoke(1)
+
+
+def test_with_retry_streams_once_as_langchain_core() -> None:
+    # langchain_core's retry wraps invoke only: streaming and events run the runnable once
+    with pytest.raises(ValueError, match="fail 1"):
+        list(_flaky(2).stream(1))
+    assert events_both(lambda: _flaky(2), 1) == [
+        ("on_chain_start", "flaky", "R0", [], [], "{'input': 1}"), ("raised", "ValueError('fail 1')")]
+
+
+def test_with_retry_waits_exponentially_with_jitter(monkeypatch: Any) -> None:
+    waits: List[float] = []
+    monkeypatch.setattr(time, "sleep", waits.append)
+    flaky = _flaky(2)
+    flaky.wait_exponential_jitter, flaky.exponential_jitter_params = True, {"jitter": 0.0}
+    assert flaky.invoke(1) == "ok after 3" and waits == [1.0, 2.0]
+    with pytest.raises(ValueError, match="stop_after_attempt must be an int >= 1, not 0"):
+        RunnableLambda(lambda x: x).with_retry(stop_after_attempt=0)
+
+
+def test_runnable_branch_matches_langchain_core() -> None:
+    def make() -> Any:
+        return RunnableBranch((lambda x: x > 0, RunnableLambda(lambda x: "pos")), RunnableLambda(lambda x: "neg"))
+    assert every_mode(make, -1) == {"invoke": "neg", "stream": ["neg"], "astream": ["neg"],
+                                    "ainvoke": "neg", "stream_events_output": ["neg"]}
+    assert events_both(make, 1) == [
+        ("on_chain_start", "RunnableBranch", "R0", [], [], "{'input': 1}"),
+        ("on_chain_start", "RunnableLambda", "R1", ["R0"], ["condition:1"], "{'input': 1}"),
+        ("on_chain_end", "RunnableLambda", "R1", ["R0"], ["condition:1"], "{'output': True, 'input': 1}"),
+        ("on_chain_start", "RunnableLambda", "R2", ["R0"], ["branch:1"], "{}"),
+        ("on_chain_stream", "RunnableLambda", "R2", ["R0"], ["branch:1"], "{'chunk': 'pos'}"),
+        ("on_chain_stream", "RunnableBranch", "R0", [], [], "{'chunk': 'pos'}"),
+        ("on_chain_end", "RunnableLambda", "R2", ["R0"], ["branch:1"], "{'output': 'pos', 'input': 1}"),
+        ("on_chain_end", "RunnableBranch", "R0", [], [], "{'output': 'pos'}")]
+    seen: List[Dict[str, Any]] = []
+    make().invoke(-1, {"callbacks": [seen.append]})  # invoked, the branch shows its input
+    assert [(e["event"], e["tags"], e["data"]) for e in seen][3] == ("on_chain_start", ["branch:default"], {"input": -1})
+
+    def letters(x: Any) -> Iterator[str]:
+        yield from "ab"
+    assert list(RunnableBranch((lambda x: True, letters), lambda x: "no").stream(1)) == ["a", "b"]
+
+
+@pytest.mark.parametrize("args, error", [
+    ((lambda x: 1,), "RunnableBranch needs at least one (condition, runnable) pair and a default, got 1 argument"),
+    (("notatuple", lambda x: 2), "RunnableBranch branch 1 must be a (condition, runnable) pair, not 'notatuple'"),
+    (((bool, str, 3), str), "RunnableBranch branch 1 must be a (condition, runnable) pair, not a tuple of 3"),
+    (((bool, str), (bool, str)), "RunnableBranch's last argument is the default: a runnable, function or dict"),
+])
+def test_runnable_branch_refuses_bad_arguments(args: Tuple[Any, ...], error: str) -> None:
+    with pytest.raises((TypeError, ValueError), match=re.escape(error)):
+        RunnableBranch(*args)
+
+
+def test_assign_and_pick_on_any_runnable() -> None:
+    def make() -> Any:
+        return RunnableLambda(lambda x: {"a": x}).assign(b=lambda d: d["a"] * 2)
+    assert every_mode(make, 1) == {"invoke": {"a": 1, "b": 2}, "stream": [{"a": 1}, {"b": 2}],
+                                   "astream": [{"a": 1}, {"b": 2}], "ainvoke": {"a": 1, "b": 2},
+                                   "stream_events_output": [{"a": 1, "b": 2}]}
+    assert every_mode(lambda: make().pick("b"), 1)["stream"] == [2]
+    assert every_mode(lambda: make().pick(["b"]), 1)["astream"] == [{"b": 2}]
+    assert make().pick(["a", "b"]).invoke(1) == {"a": 1, "b": 2}
+    assert make().pick("zzz").invoke(1) is None
+    assert short(events_both(lambda: make().pick(["a"]), 1))[5:7] == [
+        ("on_chain_start", "RunnablePick<a>"), ("on_chain_stream", "RunnablePick<a>")]
+    with pytest.raises(TypeError, match="RunnablePick<a> needs dict input, got int: 3"):
+        RunnablePick("a").invoke(3)  # type: ignore[arg-type]
+
+
 def test_list_parsers_stream_each_item_once_the_next_begins() -> None:
     # (parser, chunks, what langchain_core 1.7.2 yields before each chunk is read, and at the end)
     cases = [
@@ -2614,24 +2630,6 @@ def test_list_parsers_read_as_csv_and_findall_however_the_text_is_split() -> Non
                 assert [c[0] for c in parser.transform(iter(pieces))] == items, pieces
 
 
-def _lines_run(call: Any) -> int:
-    """How many lines of minichain.py `call()` runs (work that does not depend on timing)."""
-    here, count = mc.__file__, [0]
-
-    def local(frame: Any, event: str, arg: Any) -> Any:
-        count[0] += event == "line"
-        return local
-
-    def calls(frame: Any, event: str, arg: Any) -> Any:
-        return local if frame.f_code.co_filename == here else None
-    sys.settrace(calls)
-    try:
-        call()
-    finally:
-        sys.settrace(None)
-    return count[0]
-
-
 @pytest.mark.parametrize("parser, text", [  # one item that never ends, an item after a long line, deep indentation
     (mc.CommaSeparatedListOutputParser(), lambda n: "a" * n),
     (mc.CommaSeparatedListOutputParser(), lambda n: '"' + "a," * (n // 2)),
@@ -2669,53 +2667,59 @@ def test_events_of_model_then_comma_separated_list_parser() -> None:
     assert events_both(chain_, "x") == expected
 
 
-def test_format_instructions_are_langchain_cores() -> None:
-    assert JsonOutputParser().get_format_instructions() == "Return a JSON object."
-    assert mc.CommaSeparatedListOutputParser().get_format_instructions() == (
-        "Your response should be a list of comma separated values, eg: `foo, bar, baz` or `foo,bar,baz`")
-    assert mc.NumberedListOutputParser().get_format_instructions() == (
-        "Your response should be a numbered list with each item on a new line. For example: \n\n1. foo\n\n2. bar\n\n3. baz")
-    assert mc.MarkdownListOutputParser().get_format_instructions() == (
-        "Your response should be a markdown list, eg: `- foo\n- bar\n- baz`")
+def test_fake_streaming_list_llm_streams_characters_after_invoking() -> None:
+    assert every_mode(lambda: mc.FakeStreamingListLLM(responses=["ab"]), "x") == {
+        "invoke": "ab", "stream": ["a", "b"], "astream": ["a", "b"], "ainvoke": "ab",
+        "stream_events_output": [{"generations": [[{"text": "ab", "generation_info": None, "type": "Generation"}]],
+                                  "llm_output": None}]}
+    llm = mc.FakeStreamingListLLM(responses=["ab", "cd"])
+    assert (list(llm.stream("x")), llm.invoke("x"), llm.invoke("x")) == (["a", "b"], "cd", "ab")
+    broken = mc.FakeStreamingListLLM(responses=["abc"], error_on_chunk_number=1)
+    assert broken.invoke("x") == "abc"  # as langchain_core: only streaming raises
+    got: List[str] = []
+    with pytest.raises(mc.FakeListLLMError, match="^FakeStreamingListLLM raised at chunk 1 as configured$"):
+        for c in broken.stream("x"):
+            got.append(c)
+
+    async def collect() -> None:
+        async for c in broken.astream("x"):
+            got.append(c)
+    with pytest.raises(mc.FakeListLLMError):
+        run(collect())
+    assert got == ["a", "a"]
+    assert list(mc.FakeStreamingListLLM(responses=[""]).stream("x")) == []
+    # deviation (README): a BaseLLM beside FakeListLLM, not below it (classes stay shallow)
+    assert isinstance(llm, mc.BaseLLM) and not isinstance(llm, mc.FakeListLLM)
 
 
-@pytest.mark.parametrize("text, expected", [  # each as langchain_core 1.7.2's parse_json_markdown
-    ('```json\n{"a": 1}\n```', {"a": 1}), ('{"a": 1', {"a": 1}), ('text ```{"a": [1, 2]}``` after', {"a": [1, 2]}),
-    ('  {"a": "b"}  ', {"a": "b"}), ("```\n[1, 2]\n```", [1, 2]), ('{"a": "x\ny"}', {"a": "x\ny"}),
-    ('```json\n{"a": 1}\n```\n```json\n{"b": 2}\n```', {"a": 1}),
-])
-def test_parse_json_markdown(text: str, expected: Any) -> None:
-    assert mc.parse_json_markdown(text) == expected
-
-
-def test_parse_json_markdown_raises_json_decode_error_where_there_is_no_json() -> None:
-    for text in ["", "nothing"]:
-        with pytest.raises(json.JSONDecodeError, match="^no JSON value found: line 1 column"):
-            mc.parse_json_markdown(text)
-
-
-def test_json_diff_mode_patches_rebuild_every_snapshot() -> None:
-    import copy
-    rng = random.Random(5)
-    doc = {"name": "Fr\u00e9", "n": [1, -2.5, {"x": [True, None]}], "e": {}, "s": "a b "}
-    for ascii_ in (True, False):
-        text = json.dumps(doc, ensure_ascii=ascii_)
-        for _ in range(100):
-            pieces = _random_splits(text, rng)
-            snapshots = list(JsonOutputParser().transform(iter(pieces)))
-            patches = list(JsonOutputParser(diff=True).transform(iter(pieces)))
-            assert len(patches) == len(snapshots) and patches[0][0]["path"] == ""
-            state = None
-            for ops, snapshot in zip(patches, snapshots):
-                state = mc._apply_ops(state, copy.deepcopy(ops))
-                assert state == snapshot
-    assert list(JsonOutputParser(diff=True).transform(iter(['{"a": "x', '\\u00', 'e9"}']))) == [
-        [{"op": "replace", "path": "", "value": {"a": "x"}}], [{"op": "remove", "path": "/a"}],
-        [{"op": "add", "path": "/a", "value": "x\u00e9"}]]
+def test_fake_streaming_list_llm_events_end_before_its_characters_stream() -> None:
+    def make() -> Any:
+        return PromptTemplate.from_template("{q}") | mc.FakeStreamingListLLM(responses=["ab"]) | StrOutputParser()
+    gen = "{'generations': [[{'text': 'ab', 'generation_info': None, 'type': 'Generation'}]], 'llm_output': None}"
+    expected = [  # as langchain_core 1.7.2: no on_llm_stream; the parser streams each character
+        ("on_chain_start", "RunnableSequence", "R0", [], [], "{'input': {'q': 'hi'}}"),
+        ("on_prompt_start", "PromptTemplate", "R1", ["R0"], ["seq:step:1"], "{'input': {'q': 'hi'}}"),
+        ("on_prompt_end", "PromptTemplate", "R1", ["R0"], ["seq:step:1"], "{'output': StringPromptValue(text='hi'), 'input': {'q': 'hi'}}"),
+        ("on_llm_start", "FakeStreamingListLLM", "R2", ["R0"], ["seq:step:2"], "{'input': {'prompts': ['hi']}}"),
+        ("on_llm_end", "FakeStreamingListLLM", "R2", ["R0"], ["seq:step:2"], "{'output': " + gen + ", 'input': {'prompts': ['hi']}}"),
+        ("on_parser_start", "StrOutputParser", "R3", ["R0"], ["seq:step:3"], "{}"),
+        ("on_parser_stream", "StrOutputParser", "R3", ["R0"], ["seq:step:3"], "{'chunk': 'a'}"),
+        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': 'a'}"),
+        ("on_parser_stream", "StrOutputParser", "R3", ["R0"], ["seq:step:3"], "{'chunk': 'b'}"),
+        ("on_chain_stream", "RunnableSequence", "R0", [], [], "{'chunk': 'b'}"),
+        ("on_parser_end", "StrOutputParser", "R3", ["R0"], ["seq:step:3"], "{'output': 'ab', 'input': 'ab'}"),
+        ("on_chain_end", "RunnableSequence", "R0", [], [], "{'output': 'ab'}"),
+    ]
+    assert events_both(make, {"q": "hi"}) == expected
+    assert trace(list(make().stream_events({"q": "hi"}))) == expected
+    meta = trace(list(mc.FakeStreamingListLLM(responses=["ab"]).stream_events("x")), meta=True)
+    assert [(r[0], r[5], r[6]) for r in meta] == [
+        ("on_llm_start", "{'input': 'x'}", {"ls_provider": "fakestreaminglist", "ls_model_type": "llm"}),
+        ("on_llm_end", "{'output': " + gen + "}", {"ls_provider": "fakestreaminglist", "ls_model_type": "llm"})]
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. Callback handlers and run listeners
+# 10. Callback handlers and run listeners
 # ---------------------------------------------------------------------------------------------
 
 class _Recorder(mc.BaseCallbackHandler):
@@ -2919,7 +2923,7 @@ def test_callbacks_bound_to_a_step_still_fire_inside_a_listened_run() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 10-11. Retrieval and tools
+# 11-12. Retrieval and tools
 # ---------------------------------------------------------------------------------------------
 
 def test_retriever_streams_its_documents_as_one_chunk() -> None:
@@ -2988,7 +2992,7 @@ def test_tool_errors_can_be_handled_into_output() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 12. Model servers over HTTP
+# 13. Model servers over HTTP
 # ---------------------------------------------------------------------------------------------
 
 FIXTURES = HERE / "examples" / "fixtures"
@@ -3558,7 +3562,7 @@ def test_ipv6_hosts_are_bracketed_and_ollama_defaults_its_port(monkeypatch: Any)
 
 
 # ---------------------------------------------------------------------------------------------
-# 13. Server-sent events out, and the served example page
+# 14. Server-sent events out, and the served example page
 # ---------------------------------------------------------------------------------------------
 
 def test_to_sse_frames_only_run_events_and_every_data_line_parses() -> None:
@@ -3702,7 +3706,7 @@ def test_read_sse_reports_a_cut_event() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 14. Remote runnables: LangServe's protocol, from both ends
+# 15. Remote runnables: LangServe's protocol, from both ends
 # ---------------------------------------------------------------------------------------------
 
 def asgi_call(app: Any, method: str, path: str, body: bytes = b"",
