@@ -3,9 +3,10 @@
 # minichain.py: https://github.com/minichain-dev/minichain (one file; copy it into your project)
 """minichain: LangChain's Runnable streaming interface in one file.
 
-Standard library only, Python >= 3.9, one file you can read in an hour. Code written for
-langchain_core's streaming guide ("How to stream runnables") runs here with only its imports
-changed, with the same chunks, the same events and the same names.
+Standard library only, Python >= 3.9, one file to read in order: the core that teaches
+streaming (sections 1 to 8) first, then the batteries. Code written for langchain_core's
+streaming guide ("How to stream runnables") runs here with only its imports changed, with
+the same chunks, the same events and the same names.
 
 The whole design is four identities::
 
