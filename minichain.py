@@ -982,8 +982,8 @@ class Run:
     """
 
     __slots__ = ("id", "name", "type", "tags", "inherited_tags", "metadata", "parent_ids",
-                 "listeners", "root", "streams", "input", "inputs", "outputs", "channel", "solo",
-                 "pending", "data_second", "failed")
+                 "listeners", "root", "streams", "input", "input_fold", "output_fold", "channel",
+                 "solo", "pending", "data_second", "failed")
 
     def __init__(self, name: str, run_type: str, tags: List[str], metadata: Dict[str, Any],
                  parent: Optional["Run"], listeners: Sequence[Listener], run_id: Any,
@@ -997,8 +997,8 @@ class Run:
         # till its end event: `Runnable._passes`)
         self.listeners, self.root, self.streams = listeners, parent is None, streams
         self.input: Any = _MISSING  # the whole input, where it was known or folded up front
-        self.inputs = _Fold()  # else the input chunks seen, folded as they come
-        self.outputs = _Fold()  # the output chunks, folded as they come
+        self.input_fold = _Fold()  # else the input chunks seen, folded as they come
+        self.output_fold = _Fold()  # the output chunks, folded as they come
         # the event stream this run reports to, if any (it may pause the run: backpressure;
         # `_Channel` is section 5's)
         self.channel: Optional[_Channel] = parent.channel if parent else next(
@@ -1074,7 +1074,7 @@ class Run:
 
     def chunk(self, chunk: Any) -> None:
         """Fold one output chunk; emit `on_<type>_stream` for it where this run streams."""
-        self.outputs.add(chunk)
+        self.output_fold.add(chunk)
         if not self.streams:
             return
         if self.data_second:
@@ -1107,8 +1107,8 @@ class Run:
         data = {"output": output}
         # deviation: only the root's end event goes without its input (langchain_core drops it from
         # the run of the first event that passes the filters, wherever that run is)
-        if not self.root and (self.input is not _MISSING or self.inputs.kind is not None):
-            data["input"] = self.input if self.input is not _MISSING else self.inputs.value()
+        if not self.root and (self.input is not _MISSING or self.input_fold.kind is not None):
+            data["input"] = self.input if self.input is not _MISSING else self.input_fold.value()
         if extra:
             data.update(extra)
         self.emit({"event": f"on_{self.type}_end", "data": data, "run_id": self.id,
@@ -1196,7 +1196,7 @@ def _open_run(runnable: "Runnable[Any, Any]", config: RunnableConfig, tag: Optio
               list(dict.fromkeys(tags)), metadata, parent, listeners, config.get("run_id"),
               streams, positional=bool(tag) and tags.count(tag) == 1)
     if runnable._cumulative:
-        run.outputs = _Latest()
+        run.output_fold = _Latest()
     return run
 
 
@@ -1393,7 +1393,7 @@ class Runnable(Generic[Input, Output]):
     def _begin(self, run: Run, known: Any, invoked: bool, first: Any, upstream: Any, chunks: Any) -> Any:
         """Start the run, given its first input chunk (for a step with `input_in_start`, its
         whole input), the `upstream` it came from and the input `chunks` for its transform
-        (which fold into the run as they pass: `_tap` reads `run.inputs` only then); return
+        (which fold into the run as they pass: `_tap` reads `run.input_fold` only then); return
         those. The start event shows the input where the call gave it whole (the
         root, or a nested invoke), or as `_event_input` says."""
         if self.input_in_start:
@@ -1405,7 +1405,7 @@ class Runnable(Generic[Input, Output]):
             return chunks
         run.start({"input": known} if known is not _MISSING and (run.root or invoked) else {})
         if isinstance(upstream, (_Snapshots, _ASnapshots)):  # the step before streams snapshots
-            run.inputs, chunks = _Latest(), type(upstream)(chunks)
+            run.input_fold, chunks = _Latest(), type(upstream)(chunks)
         return chunks
 
     def _passes(self, run: Run, chunk: Any, held: List[Any]) -> bool:
@@ -1418,7 +1418,7 @@ class Runnable(Generic[Input, Output]):
         return False
 
     def _end(self, run: Run, invoked: bool) -> None:
-        output = run.outputs.value()
+        output = run.output_fold.value()
         run.end(self._event_output(self._invoked(output) if invoked else output))
 
     def _astream_run(self, inputs: AsyncIterator[Any], config: RunnableConfig,
@@ -1905,10 +1905,10 @@ async def _ascoped(inner: AsyncIterator[T], config: RunnableConfig) -> AsyncIter
 def _tap(first: Any, rest: Iterator[Any], run: Run) -> Iterator[Any]:
     """Re-yield the input chunks, folding them for the end event's `input`."""
     try:
-        run.inputs.add(first)
+        run.input_fold.add(first)
         yield first
         for chunk in rest:
-            run.inputs.add(chunk)
+            run.input_fold.add(chunk)
             yield chunk
     finally:  # also when closed at the first chunk: the upstream closes with us
         _close(rest)
@@ -1917,10 +1917,10 @@ def _tap(first: Any, rest: Iterator[Any], run: Run) -> Iterator[Any]:
 async def _atap(first: Any, rest: AsyncIterator[Any], run: Run) -> AsyncIterator[Any]:
     """The async twin of `_tap`."""
     try:
-        run.inputs.add(first)
+        run.input_fold.add(first)
         yield first
         async for chunk in rest:
-            run.inputs.add(chunk)
+            run.input_fold.add(chunk)
             yield chunk
     finally:
         await _aclose(rest)
