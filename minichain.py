@@ -1419,6 +1419,9 @@ class Runnable(Generic[Input, Output]):
 
     def _end(self, run: Run, invoked: bool) -> None:
         output = run.output_fold.value()
+        if output is _MISSING:  # no output chunks: the end event shows None, as langchain_core's
+            run.end(None)
+            return
         run.end(self._event_output(self._invoked(output) if invoked else output))
 
     def _astream_run(self, inputs: AsyncIterator[Any], config: RunnableConfig,
@@ -2921,7 +2924,7 @@ async def _astream_events(runnable: Runnable[Any, Any], input: Any,
                 await asyncio.sleep(0)
                 continue
             if not asyncio.isfuture(awaited):  # as a task does: refuse what the loop cannot wait on
-                error = RuntimeError(f"a pull yielded {_short(awaited)} to the event loop; "
+                error = RuntimeError(f"a step yielded {_short(awaited)} to the event loop; "
                                      "await only futures, coroutines or tasks")
                 continue
             awaited._asyncio_future_blocking = False  # as a task does before it waits
@@ -4121,10 +4124,10 @@ class BaseOutputParser(Runnable[Any, Output]):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls._whole = cls._feed is BaseOutputParser._feed
-        if cls._whole:  # fold, then `_produce`: parse the whole text
-            cls.input_in_start = True
-            cls._transform, cls._atransform = Runnable._transform, Runnable._atransform  # type: ignore[method-assign]
+        cls._whole = cls._feed is BaseOutputParser._feed and cls._transform is \
+            BaseOutputParser._transform and cls._atransform is BaseOutputParser._atransform
+        if "input_in_start" not in cls.__dict__:  # a parser that folds shows its input at start
+            cls.input_in_start = cls._whole
 
     def _streams(self, invoked: bool) -> bool:
         return not self._whole and super()._streams(invoked)
@@ -4143,6 +4146,9 @@ class BaseOutputParser(Runnable[Any, Output]):
         raise NotImplementedError
 
     def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        if self._whole:  # fold, then parse the whole text (`_produce`)
+            yield from Runnable._transform(self, inputs, config)
+            return
         state = self._start()
         try:
             for chunk in inputs:
@@ -4152,6 +4158,11 @@ class BaseOutputParser(Runnable[Any, Output]):
         yield from self._finish(state)
 
     async def _atransform(self, inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        if self._whole:
+            value = await _afold(inputs)
+            if value is not _MISSING:
+                yield self.parse(_text_of(value))
+            return
         state = self._start()
         try:
             async for chunk in inputs:
@@ -4180,8 +4191,14 @@ class StrOutputParser(BaseOutputParser[str]):
     ['a', ' ', 'b']
     """
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.parse is not StrOutputParser.parse and "_transform" not in cls.__dict__:
+            # its own `parse` sees each chunk's text, as in langchain_core: the general loops
+            cls._transform, cls._atransform = BaseOutputParser._transform, BaseOutputParser._atransform  # type: ignore[method-assign]
+
     def _feed(self, state: Any, text: str) -> Iterable[str]:
-        return (text,)
+        return (self.parse(text),)
 
     def parse(self, text: str) -> str:
         return text

@@ -869,6 +869,16 @@ def test_filters_given_a_string_or_an_unknown_version_are_errors() -> None:
         RunnableLambda(str).stream_events("x", version="v1")
 
 
+def test_a_step_with_no_output_ends_with_none_as_in_langchain_core() -> None:
+    chain = RunnableLambda(lambda x: "not json") | JsonOutputParser()
+    assert events_both(chain, "q")[-3:] == [
+        ("on_chain_end", "RunnableLambda", "R1", ["R0"], ["seq:step:1"], "{'output': 'not json', 'input': 'q'}"),
+        ("on_parser_end", "JsonOutputParser", "R2", ["R0"], ["seq:step:2"], "{'output': None, 'input': 'not json'}"),
+        ("on_chain_end", "RunnableSequence", "R0", [], [], "{'output': None}")]
+    patches = run(alist(chain.astream_log("q")))
+    assert patches[-1].ops[0] == {"op": "add", "path": "/logs/JsonOutputParser/final_output", "value": {"output": None}}
+
+
 def test_events_of_a_chain_broken_by_a_non_streaming_function() -> None:
     def make() -> Any:
         model = GenericFakeChatModel(messages=iter(['{"countries": [{"name": "France"}, {"name": "Spain"}]}']))
@@ -1313,6 +1323,23 @@ def _tap_steps(seen: List[str], closed: List[str]) -> List[Any]:
         finally:
             closed.append("tap")
     return [tap, RunnableGenerator(atap, name="tap")]
+
+
+def test_a_step_that_yields_a_non_future_to_the_loop_gets_a_clear_error() -> None:
+    import types
+
+    @types.coroutine
+    def bare() -> Iterator[int]:
+        yield 5  # what only a hand-made awaitable does; asyncio's tasks refuse it too
+
+    async def step(x: int) -> int:
+        await bare()
+        return x
+
+    async def collect() -> List[Dict[str, Any]]:
+        return [e async for e in RunnableLambda(step).astream_events(1)]
+    with pytest.raises(RuntimeError, match=r"^a step yielded 5 to the event loop; await only futures, coroutines or tasks$"):
+        run(collect())
 
 
 @pytest.mark.parametrize("kind", ["sync step", "async step"])
@@ -2094,6 +2121,34 @@ def test_a_parser_that_writes_only_parse_parses_the_whole_output_without_streami
     assert events_both(Up(), "ab") == [
         ("on_parser_start", "Up", "R0", [], [], "{'input': 'ab'}"),
         ("on_parser_end", "Up", "R0", [], [], "{'output': 'AB'}")]
+
+
+def test_parser_subclasses_stream_as_their_methods_say() -> None:
+    class Up(mc.BaseOutputParser[str]):
+        def parse(self, text: str) -> str:
+            return text.upper()
+
+    class UpFeed(Up):  # adds `_feed`: it streams again
+        def _feed(self, state: Any, text: str) -> Iterable[str]:
+            return [text.upper()]
+
+    class UpTransform(Up):  # writes its own transform: it streams
+        def _transform(self, inputs: Iterator[Any], config: Any) -> Iterator[str]:
+            for chunk in inputs:
+                yield chunk.content.upper()
+
+    class Shout(StrOutputParser):  # its own `parse` sees each chunk, as in langchain_core 1.7.2
+        def parse(self, text: str) -> str:
+            return text.upper()
+
+    def streamed(parser: Any) -> List[Any]:
+        return list((GenericFakeChatModel(messages=iter(["a b"])) | parser).stream("x"))
+    assert [streamed(p) for p in (Up(), UpFeed(), UpTransform(), Shout())] == [
+        ["A B"], ["A", " ", "B"], ["A", " ", "B"], ["A", " ", "B"]]
+    assert (Up.input_in_start, UpFeed.input_in_start, UpTransform.input_in_start) == (True, False, False)
+    assert every_mode(lambda: GenericFakeChatModel(messages=iter(["a b"])) | Shout(), "x") == {
+        "invoke": "A B", "stream": ["A", " ", "B"], "astream": ["A", " ", "B"], "ainvoke": "A B",
+        "stream_events_output": ["A B"]}
 
 
 def test_str_output_parser_streams_text() -> None:
