@@ -4375,6 +4375,15 @@ class RunnableWithFallbacks(Runnable[Input, Output]):
     """
 
     input_in_start = True
+    _passes_through = True  # nested, its chunks move on at once, with no stream events of its own
+
+    def _open(self, config: RunnableConfig, tag: Optional[str], invoked: bool) -> Optional[Run]:
+        """As in langchain_core, only the root's stream is reported: nested, this run has no
+        stream events of its own (what it runs reports its own)."""
+        run = Runnable._open(self, config, tag, invoked)
+        if run is not None and not run.root:
+            run.streams = False
+        return run
 
     def __init__(self: "RunnableWithFallbacks[Any, Any]", runnable: Any, fallbacks: Sequence[Any], *,
                  exceptions_to_handle: Tuple[Type[BaseException], ...] = (Exception,),
@@ -4569,6 +4578,7 @@ class RunnableBranch(Runnable[Input, Output]):
     """
 
     input_in_start = True
+    _passes_through, _open = True, RunnableWithFallbacks._open  # nested: no stream events of its own
 
     def __init__(self: "RunnableBranch[Any, Any]", *branches: Any) -> None:
         if len(branches) < 2:

@@ -2550,6 +2550,30 @@ def test_with_fallbacks_exception_key_hands_the_last_error_on() -> None:
         chain_.invoke(1)
 
 
+def test_nested_fallbacks_and_branches_report_no_stream_of_their_own() -> None:
+    # as langchain_core 1.7.2, which reports only the root's stream: nested, the wrapper's
+    # chunks move on at once (the sequence streams before the inner run ends), unreported
+    def head(x: str) -> str:
+        return x
+    fallbacks = RunnableLambda(head) | RunnableLambda(lambda x: x + "!").with_fallbacks([RunnableLambda(str)])
+    branch = RunnableLambda(head) | RunnableBranch(
+        (lambda x: x == "x", RunnableLambda(lambda x: x + "!")), RunnableLambda(str))
+    inner: List[Tuple[str, str, List[str]]] = [
+        ("on_chain_start", "RunnableLambda", []), ("on_chain_stream", "RunnableLambda", []),
+        ("on_chain_stream", "RunnableSequence", []), ("on_chain_end", "RunnableLambda", [])]
+    assert [(r[0], r[1], r[4]) for r in events_both(fallbacks, "x")][4:] == [
+        ("on_chain_start", "RunnableWithFallbacks", ["seq:step:2"])] + inner + [
+        ("on_chain_end", "RunnableWithFallbacks", ["seq:step:2"]), ("on_chain_end", "RunnableSequence", [])]
+    assert [(r[0], r[1], r[4]) for r in events_both(branch, "x")][4:] == [
+        ("on_chain_start", "RunnableBranch", ["seq:step:2"]), ("on_chain_start", "RunnableLambda", ["condition:1"]),
+        ("on_chain_end", "RunnableLambda", ["condition:1"])] + [(e, n, ["branch:1"] if n == "RunnableLambda" else t)
+                                                             for e, n, t in inner] + [
+        ("on_chain_end", "RunnableBranch", ["seq:step:2"]), ("on_chain_end", "RunnableSequence", [])]
+    # at the root, the wrapper's stream is the root's, and is reported
+    assert ("on_chain_stream", "RunnableWithFallbacks") in [
+        r[:2] for r in events_both(RunnableLambda(str).with_fallbacks([RunnableLambda(str)]), "x")]
+
+
 def test_with_retry_retries_invoke_each_attempt_a_tagged_child_run() -> None:
     assert _flaky(2).invoke(1) == "ok after 3" and run(_flaky(2).ainvoke(1)) == "ok after 3"
     assert _flaky(2).batch([1]) == ["ok after 3"] and run(_flaky(2).abatch([1])) == ["ok after 3"]
