@@ -4145,6 +4145,8 @@ class BaseOutputParser(Runnable[Any, Output]):
         """Parse a whole output."""
         raise NotImplementedError
 
+    # deviation: `stream(text)` streams the text as one chunk, as `transform` would
+    # (langchain_core's parsers invoke there: one whole value, no stream events when nested)
     def _transform(self, inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
         if self._whole:  # fold, then parse the whole text (`_produce`)
             yield from Runnable._transform(self, inputs, config)
