@@ -2688,6 +2688,8 @@ def test_list_parsers_in_every_mode() -> None:
             "invoke": ["red", "green", "blue"], "stream": [["red"], ["green"], ["blue"]],
             "astream": [["red"], ["green"], ["blue"]], "ainvoke": ["red", "green", "blue"],
             "stream_events_output": [["red", "green", "blue"]]}
+    # deviation (README): stream(text) is the transform of one chunk (langchain_core invokes)
+    assert list(mc.CommaSeparatedListOutputParser().stream("red, green")) == [["red"], ["green"]]
 
 
 def test_list_parsers_read_as_csv_and_findall_however_the_text_is_split() -> None:
