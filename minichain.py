@@ -1339,7 +1339,7 @@ class Runnable(Generic[Input, Output]):
         until its end event has gone out, so that events come in langchain_core's order.
         """
         transform = self._invoke_transform if invoked else self._transform
-        run = self._open(config, tag, invoked)
+        run = self._open(config, tag, invoked) if config.get("callbacks") else None
         if run is not None:
             chunks = self._traced(transform, inputs, config, run, known, invoked)
         else:
@@ -1429,7 +1429,7 @@ class Runnable(Generic[Input, Output]):
                      invoked: bool = False) -> AsyncIterator[Any]:
         """Async twin of `_stream_run`."""
         transform = self._ainvoke_transform if invoked else self._atransform
-        run = self._open(config, tag, invoked)
+        run = self._open(config, tag, invoked) if config.get("callbacks") else None
         if run is not None:
             chunks = self._atraced(transform, inputs, config, run, known, invoked)
         else:
