@@ -1393,8 +1393,8 @@ class Runnable(Generic[Input, Output]):
     def _begin(self, run: Run, known: Any, invoked: bool, first: Any, upstream: Any, chunks: Any) -> Any:
         """Start the run, given its first input chunk (for a step with `input_in_start`, its
         whole input), the `upstream` it came from and the input `chunks` for its transform
-        (which fold into the run as they pass: `_tap` reads `run.input_fold` only then); return
-        those. The start event shows the input where the call gave it whole (the
+        (which fold into the run as they pass: `_tap` reads `run.input_fold` only then);
+        return those. The start event shows the input where the call gave it whole (the
         root, or a nested invoke), or as `_event_input` says."""
         if self.input_in_start:
             run.input = self._event_input(first, end=True)
