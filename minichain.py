@@ -4065,8 +4065,8 @@ class FakeListChatModel(BaseChatModel):
 # ==============================================================================================
 # 8. Output parsers: str and incremental JSON
 #
-# A parser is a push machine (`feed` text, read what changed) driven by the transform loops
-# below. `JsonOutputParser` yields a new snapshot of the partial object each time it grows:
+# A parser runs a push machine (`feed(text)` and `finish()` return what to yield), as the
+# decoders of section 13 do, driven by the transform loops below. `JsonOutputParser` yields a new snapshot of the partial object each time it grows:
 # the same snapshots as langchain_core's, at linear total cost (it never re-parses). The
 # incremental JSON parser it runs on, `_JsonStream`, is appendix A at the end of the file.
 # ==============================================================================================
@@ -4094,8 +4094,8 @@ def parse_partial_json(text: str) -> Any:
     ({'name': 'Fra'}, [1, {}])
     """
     stream = _JsonStream(markdown=False)
-    stream.feed(text)
-    stream.finish()
+    stream.read(text)
+    stream.end()
     value = stream.snapshot()
     if stream.error or value is _MISSING:
         raise json.JSONDecodeError(stream.error or "no JSON value yet", text, min(stream.offset, len(text)))
@@ -4105,9 +4105,10 @@ def parse_partial_json(text: str) -> Any:
 class BaseOutputParser(Runnable[Any, Output]):
     """A parser: model output (messages or text) in, parsed values out, chunk by chunk.
 
-    A subclass writes `_feed(state, text)` returning the values to yield, `_start()` for a
-    fresh state, and `parse(text)` for a whole output (what `invoke` returns). One that
-    writes only `parse` parses the whole output and does not stream, as in langchain_core.
+    A subclass gives a push machine for each run (`_start()`: an object whose `feed(text)`
+    and `finish()` return the values to yield), or writes `_feed(state, text)` itself; and
+    `parse(text)` for a whole output (what `invoke` returns). One that writes only `parse`
+    parses the whole output and does not stream, as in langchain_core.
 
     >>> class Words(BaseOutputParser):
     ...     def _feed(self, state, text):
@@ -4124,8 +4125,9 @@ class BaseOutputParser(Runnable[Any, Output]):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls._whole = cls._feed is BaseOutputParser._feed and cls._transform is \
-            BaseOutputParser._transform and cls._atransform is BaseOutputParser._atransform
+        base = BaseOutputParser  # it writes none of these: only `parse`
+        cls._whole = (cls._start, cls._feed, cls._transform, cls._atransform) == (
+            base._start, base._feed, base._transform, base._atransform)
         if "input_in_start" not in cls.__dict__:  # a parser that folds shows its input at start
             cls.input_in_start = cls._whole
 
@@ -4136,10 +4138,10 @@ class BaseOutputParser(Runnable[Any, Output]):
         return None
 
     def _feed(self, state: Any, text: str) -> Iterable[Any]:
-        raise NotImplementedError
+        return cast(Iterable[Any], state.feed(text))
 
     def _finish(self, state: Any) -> Iterable[Any]:
-        return ()
+        return () if state is None else cast(Iterable[Any], state.finish())
 
     def parse(self, text: str) -> Any:
         """Parse a whole output."""
@@ -4264,20 +4266,6 @@ class JsonOutputParser(BaseOutputParser[Any]):
     def _start(self) -> _JsonStream:
         return _JsonStream(diff=self.diff)
 
-    def _feed(self, state: _JsonStream, text: str) -> Iterable[Any]:
-        if not (state.feed(text) or state.held) or not state.showing():
-            return ()
-        if not self.diff:
-            return (state.snapshot(),)
-        # deviation: past a budget linear in the input, ops are held and sent with a later
-        # chunk's (langchain_core diffs every chunk: quadratic for a long string or deep nesting)
-        ops = state.diff() if state.diff_due() else None
-        return (ops,) if ops else ()
-
-    def _finish(self, state: _JsonStream) -> Iterable[Any]:
-        ops = state.diff() if state.held and state.showing() else None
-        return (ops,) if ops else ()
-
     def parse(self, text: str) -> Any:
         """Parse a whole output (a partial document gives its partial value)."""
         try:
@@ -4308,8 +4296,8 @@ def parse_json_markdown(text: str) -> Any:
     """
     state = _JsonStream()
     text = text.strip()
-    state.feed(text)
-    state.finish()
+    state.read(text)
+    state.end()
     value = state.snapshot()
     if state.error or value is _MISSING:
         raise json.JSONDecodeError(state.error or "no JSON value found", text, min(state.offset, len(text)))
@@ -7506,12 +7494,14 @@ class _Open:
 class _JsonStream:
     """An incremental JSON parser whose snapshots match langchain_core's partial parse.
 
-    `feed(text)` consumes more text and says whether the snapshot changed; `snapshot()` is the
-    partial value: open containers shown with what they hold so far, a string growing by
-    prefix (trailing whitespace hidden until more text follows), a number as its longest valid
-    prefix, and a member dropped while its key, literal or `\\u` escape is incomplete. With
-    `markdown`, leading whitespace and backticks and a ```json fence are skipped. With `diff`,
-    `diff()` gives the JSON-patch ops from the last diff to now instead.
+    A push machine, as the decoders are: `feed(text)` returns what to stream for it (the new
+    snapshot if the value changed; with `diff`, the JSON-patch ops since the last ones
+    instead), `finish()` what is left at the end. Underneath, `read(text)` consumes text and
+    says whether the value changed, and `snapshot()` is the partial value: open containers
+    shown with what they hold so far, a string growing by prefix (trailing whitespace hidden
+    until more text follows), a number as its longest valid prefix, and a member dropped while
+    its key, literal or `\\u` escape is incomplete. With `markdown`, leading whitespace and
+    backticks and a ```json fence are skipped.
 
     Each character is looked at a bounded number of times, and nothing is ever re-parsed or
     compared whole: the open containers are a stack, and between two snapshots only its top
@@ -7519,8 +7509,8 @@ class _JsonStream:
     copies the open containers (the path to what changed); finished values are shared.
 
     >>> p = _JsonStream()
-    >>> [(p.feed(t), p.snapshot()) for t in ['{"a', '": [1', '2, "x', ' ', '"]}']]
-    [(True, {}), (True, {'a': [1]}), (True, {'a': [12, 'x']}), (False, {'a': [12, 'x']}), (True, {'a': [12, 'x ']})]
+    >>> [p.feed(t) for t in ['{"a', '": [1', '2, "x', ' ', '"]}']] + [p.finish()]
+    [[{}], [{'a': [1]}], [{'a': [12, 'x']}], [], [{'a': [12, 'x ']}], []]
     """
 
     def __init__(self, markdown: bool = True, diff: bool = False) -> None:
@@ -7558,8 +7548,25 @@ class _JsonStream:
 
     # -- feeding -------------------------------------------------------------------------------
 
-    def feed(self, text: str) -> bool:
-        """Consume `text`; True if the snapshot changed."""
+    def feed(self, text: str) -> List[Any]:
+        """Consume `text`; return what to stream for it: the new snapshot if the value changed
+        (with `diff`, the ops since the last ones, once they are due), else nothing."""
+        if not (self.read(text) or self.held) or not self.showing():
+            return []
+        if not self.diff_mode:
+            return [self.snapshot()]
+        # deviation: past a budget linear in the input, ops are held and sent with a later
+        # chunk's (langchain_core diffs every chunk: quadratic for a long string or deep nesting)
+        ops = self.diff() if self.diff_due() else None
+        return [ops] if ops else []
+
+    def finish(self) -> List[Any]:
+        """The text has ended: what is left to stream (with `diff`, the ops still held)."""
+        ops = self.diff() if self.held and self.showing() else None
+        return [ops] if ops else []
+
+    def read(self, text: str) -> bool:
+        """Consume `text`; True if the value changed."""
         self.changed = False
         i = 0
         while i < len(text) and not self.error:
@@ -7882,8 +7889,8 @@ class _JsonStream:
                     return i
         return i
 
-    def finish(self) -> None:
-        """The text has ended: a number at the very end is complete."""
+    def end(self) -> None:
+        """The text has ended: a number at the very end is complete (for a whole document)."""
         if self.token == "num" and _NUMBER.fullmatch(self.raw + "".join(self.more)):
             self._end_number()
 
@@ -7956,7 +7963,7 @@ class _JsonStream:
         or comparing snapshots: only the levels changed since the last diff are visited.
 
         >>> p = _JsonStream(diff=True)
-        >>> [(p.feed(t), p.diff()) for t in ['{"a": [1', ', 2], "b": "x']][1][1]
+        >>> [(p.read(t), p.diff()) for t in ['{"a": [1', ', 2], "b": "x']][1][1]
         [{'op': 'add', 'path': '/b', 'value': 'x'}, {'op': 'add', 'path': '/a/1', 'value': 2}]
         """
         low = max(min(self.low, len(self.stack) - 1), 0)  # the levels above it are as shown
