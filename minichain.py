@@ -4066,9 +4066,10 @@ class FakeListChatModel(BaseChatModel):
 # 8. Output parsers: str and incremental JSON
 #
 # A parser runs a push machine (`feed(text)` and `finish()` return what to yield), as the
-# decoders of section 13 do, driven by the transform loops below. `JsonOutputParser` yields a new snapshot of the partial object each time it grows:
-# the same snapshots as langchain_core's, at linear total cost (it never re-parses). The
-# incremental JSON parser it runs on, `_JsonStream`, is appendix A at the end of the file.
+# decoders of section 13 do, driven by the transform loops below. `JsonOutputParser` yields a
+# new snapshot of the partial object each time it grows: the same snapshots as langchain_core's,
+# at linear total cost (it never re-parses). The incremental JSON parser it runs on,
+# `_JsonStream`, is appendix A at the end of the file.
 # ==============================================================================================
 
 class OutputParserException(ValueError):
