@@ -1371,7 +1371,7 @@ class Runnable(Generic[Input, Output]):
         except BaseException as exc:  # failed, or left early: closed, stopped, cancelled
             # deviation: listeners that take errors hear a stream left early as an error, as in
             # async code (langchain_core's sync runs end it with on_chain_end(None))
-            run.fail(exc)
+            run.fail(GeneratorExit() if isinstance(exc, _Stopped) else exc)  # ours stays ours
             raise
         finally:  # the input closes with this run, even if its transform never started
             _close(chunks)
@@ -1467,7 +1467,7 @@ class Runnable(Generic[Input, Output]):
                         await run.settle()
                     yield chunk
         except BaseException as exc:  # failed, or left early: closed, stopped, cancelled
-            run.fail(exc)
+            run.fail(GeneratorExit() if isinstance(exc, _Stopped) else exc)  # ours stays ours
             try:
                 await run.settle()
             except BaseException:  # cancelled again while settling: what is left is dropped
@@ -4129,7 +4129,9 @@ class BaseOutputParser(Runnable[Any, Output]):
         base = BaseOutputParser  # it writes none of these: only `parse`
         cls._whole = (cls._start, cls._feed, cls._transform, cls._atransform) == (
             base._start, base._feed, base._transform, base._atransform)
-        if "input_in_start" not in cls.__dict__:  # a parser that folds shows its input at start
+        # a parser that folds shows its input at start (unless a class says otherwise itself)
+        owner = next(c for c in cls.__mro__ if "input_in_start" in c.__dict__)
+        if owner is not cls and (cls._whole or getattr(owner, "_whole", False)):
             cls.input_in_start = cls._whole
 
     def _streams(self, invoked: bool) -> bool:
@@ -4139,10 +4141,17 @@ class BaseOutputParser(Runnable[Any, Output]):
         return None
 
     def _feed(self, state: Any, text: str) -> Iterable[Any]:
-        return cast(Iterable[Any], state.feed(text))
+        feed = getattr(state, "feed", None)
+        if feed is None:
+            raise TypeError(f"{type(self).__name__}._start() gave {_short(state)}, not a push "
+                            "machine (an object with feed(text) and finish()); return one, or "
+                            "write _feed(state, text)")
+        return cast(Iterable[Any], feed(text))
 
     def _finish(self, state: Any) -> Iterable[Any]:
-        return () if state is None else cast(Iterable[Any], state.finish())
+        if type(self)._feed is not BaseOutputParser._feed:  # it feeds its state itself
+            return ()
+        return cast(Iterable[Any], state.finish())
 
     def parse(self, text: str) -> Any:
         """Parse a whole output."""

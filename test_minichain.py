@@ -2146,6 +2146,26 @@ def test_parser_subclasses_stream_as_their_methods_say() -> None:
     assert [streamed(p) for p in (Up(), UpFeed(), UpTransform(), Shout())] == [
         ["A B"], ["A", " ", "B"], ["A", " ", "B"], ["A", " ", "B"]]
     assert (Up.input_in_start, UpFeed.input_in_start, UpTransform.input_in_start) == (True, False, False)
+
+    class Counting(mc.BaseOutputParser[int]):  # a state of its own, fed by its own _feed
+        input_in_start = True
+
+        def _start(self) -> List[str]:
+            return []
+
+        def _feed(self, state: List[str], text: str) -> Iterable[int]:
+            state.append(text)
+            return [len(state)]
+
+    class Counted(Counting):  # what a class says itself is inherited
+        pass
+
+    class NoMachine(mc.BaseOutputParser[str]):
+        def _start(self) -> None:
+            return None
+    assert list(Counting().transform(iter(["a", "b"]))) == [1, 2] and Counted.input_in_start
+    with pytest.raises(TypeError, match=r"^NoMachine._start\(\) gave None, not a push machine \(an object with feed\(text\) and finish\(\)\); return one, or write _feed\(state, text\)$"):
+        list(NoMachine().transform(iter(["a"])))
     assert every_mode(lambda: GenericFakeChatModel(messages=iter(["a b"])) | Shout(), "x") == {
         "invoke": "A B", "stream": ["A", " ", "B"], "astream": ["A", " ", "B"], "ainvoke": "A B",
         "stream_events_output": ["A B"]}
@@ -2971,6 +2991,28 @@ def test_a_stream_left_early_tells_handlers_and_listeners_and_forgets_the_run() 
         await chunks.aclose()
     run(leave())
     assert errors == ["GeneratorExit()"] * 4 and tracker.runs == {}
+
+def test_a_sibling_stopped_by_a_failure_is_told_generator_exit() -> None:
+    failed = threading.Event()
+
+    def fail(x: Any) -> Any:
+        failed.set()
+        raise ValueError("a failed")
+
+    def slow(inputs: Iterator[Any]) -> Iterator[str]:
+        for _ in inputs:
+            yield "b1"
+            failed.wait(5)
+            time.sleep(0.05)  # the failure has stopped the run by now: the next pull ends it
+            yield "b2"
+    h = _Recorder()
+    chain = RunnableLambda(lambda x: x) | {"a": RunnableLambda(fail), "b": RunnableGenerator(slow) | (lambda s: s)}
+    with pytest.raises(ValueError, match="^a failed$"):
+        list(chain.stream(1, {"callbacks": [h]}))
+    # the internal stop signal never reaches a handler: the stopped run hears GeneratorExit
+    assert sorted(c[1] for c in h.calls if c[0] == "on_chain_error") == [
+        "(GeneratorExit(),)"] + ["(ValueError('a failed'),)"] * 3
+
 
 def test_a_failing_tool_tells_each_listener_once() -> None:
     @tool
