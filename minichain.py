@@ -7489,7 +7489,7 @@ class _Open:
     finished member is never changed again. Only the last member of an open container grows.
     """
 
-    __slots__ = ("value", "key", "seg", "end", "shown", "done", "last_key")
+    __slots__ = ("value", "key", "seg", "end", "shown", "done", "last_key", "repeat")
 
     def __init__(self, value: Any, seg: str) -> None:
         self.value = value  # the dict or list, holding the finished members
@@ -7499,6 +7499,7 @@ class _Open:
         self.shown = -1  # members the last diff showed (-1: it was not open then)
         self.done = 0  # how many of those were finished
         self.last_key: Optional[str] = None  # a dict's last shown key
+        self.repeat = False  # a dict's member in progress repeats a key (diff mode)
 
 
 class _JsonStream:
@@ -7555,6 +7556,11 @@ class _JsonStream:
         self.path_size = 0  # the length of the deepest open container's pointer
         self.spent = 0  # what the diffs so far cost (see `diff_due`)
         self.held = False  # whether a change waits for the next diff
+        # an object repeated a key: that member changes in place, which the levels' diff does
+        # not follow (members only ever append), so while such members are in progress
+        # (`repeats`) and once after, a diff replaces the whole value
+        self.repeats = 0
+        self.rewritten = False
 
     # -- feeding -------------------------------------------------------------------------------
 
@@ -7720,6 +7726,9 @@ class _JsonStream:
         if isinstance(frame.value, dict):
             frame.value[frame.key] = value
             frame.key = None
+            if frame.repeat:  # a repeated key's member is finished: one more whole diff
+                frame.repeat, self.rewritten = False, True
+                self.repeats -= 1
         else:
             frame.value.append(value)
         self.mode = "after"
@@ -7806,6 +7815,9 @@ class _JsonStream:
                 if self.token == "key":
                     self.token, self.mode = "", "colon"
                     self.stack[-1].key = value
+                    if self.diff_mode and value in self.stack[-1].value:
+                        self.stack[-1].repeat = True
+                        self.repeats += 1
                 else:
                     self._complete(value, changed=self.measure != (len(value), value[-1:]))
                 return i
@@ -7960,6 +7972,8 @@ class _JsonStream:
         does; past it a change is sent once the input has grown by a sixteenth of its cost.
         """
         cost = self.path_size + (self.length if self.token == "str" else 0) + 1
+        if self.rewritten or self.repeats:  # a whole value: at most what was read
+            cost += self.offset
         if self.spent + cost > _DIFF_FREE + _DIFF_RATIO * self.offset:
             self.held = True
             return False
@@ -7977,8 +7991,8 @@ class _JsonStream:
         [{'op': 'add', 'path': '/b', 'value': 'x'}, {'op': 'add', 'path': '/a/1', 'value': 2}]
         """
         low = max(min(self.low, len(self.stack) - 1), 0)  # the levels above it are as shown
-        if not self.diffed:
-            self.diffed, low = True, 0
+        if not self.diffed or self.rewritten or self.repeats:
+            self.diffed, self.rewritten, low = True, False, 0
             ops = [{"op": "replace", "path": "", "value": self.snapshot()}]
         elif self.depth == 0:  # the root was a scalar
             value = self.result if self.result is not _MISSING else self._scalar()

@@ -2501,6 +2501,25 @@ def test_json_diff_mode_patches_rebuild_every_snapshot() -> None:
         [{"op": "add", "path": "/a", "value": "x\u00e9"}]]
 
 
+def test_json_diff_mode_follows_a_repeated_key() -> None:
+    import copy
+    # a repeated key changes its member in place: the diff replaces the whole value (the ops
+    # differ from jsonpatch's, the result is the same); the internal marker never leaks
+    assert list(JsonOutputParser(diff=True).transform(iter(list('{"a":1,"a":0,"a":{'))))[-2:] == [
+        [{"op": "replace", "path": "", "value": {"a": 0}}], [{"op": "replace", "path": "", "value": {"a": {}}}]]
+    assert list(JsonOutputParser(diff=True).transform(iter(['{"a":{"b":1,"b"', ':0}}'])))[-1] == [
+        {"op": "replace", "path": "", "value": {"a": {"b": 0}}}]
+    rng = random.Random(7)
+    for doc in ['{"a":{"b":{"c":1},"b":{"c":[2,3]}},"d":4,"a":5}', '[{"k":1,"k":{"k":2,"k":[3]}}]',
+                '{"x":[1],"x":[1,2]}', '{"a":"xy","a":"x"}', '{"a":1,"a"']:
+        for _ in range(100):
+            pieces = _random_splits(doc, rng)
+            state = None
+            for ops in JsonOutputParser(diff=True).transform(iter(pieces)):
+                state = mc._apply_ops(state, copy.deepcopy(ops))
+            assert state == list(JsonOutputParser().transform(iter(pieces)))[-1], pieces
+
+
 # ---------------------------------------------------------------------------------------------
 # 9. Past the guide: fallbacks, retry, branch, pick, list parsers, fakes that list
 # ---------------------------------------------------------------------------------------------
