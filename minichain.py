@@ -7991,6 +7991,7 @@ class _JsonStream:
         [{'op': 'add', 'path': '/b', 'value': 'x'}, {'op': 'add', 'path': '/a/1', 'value': 2}]
         """
         low = max(min(self.low, len(self.stack) - 1), 0)  # the levels above it are as shown
+        # deviation: after a repeated key, a whole-value replace (jsonpatch replaces the member)
         if not self.diffed or self.rewritten or self.repeats:
             self.diffed, self.rewritten, low = True, False, 0
             ops = [{"op": "replace", "path": "", "value": self.snapshot()}]
