@@ -4141,17 +4141,24 @@ class BaseOutputParser(Runnable[Any, Output]):
         return None
 
     def _feed(self, state: Any, text: str) -> Iterable[Any]:
-        feed = getattr(state, "feed", None)
-        if feed is None:
+        out: Iterable[Any] = state.feed(text)  # (no `cast`: it is a call, and this runs per chunk)
+        return out
+
+    def _machine(self) -> Any:
+        """A fresh state from `_start()`, checked once to be a push machine where `_feed`
+        drives it."""
+        state = self._start()
+        if type(self)._feed is BaseOutputParser._feed and not callable(getattr(state, "feed", None)):
             raise TypeError(f"{type(self).__name__}._start() gave {_short(state)}, not a push "
                             "machine (an object with feed(text) and finish()); return one, or "
                             "write _feed(state, text)")
-        return cast(Iterable[Any], feed(text))
+        return state
 
     def _finish(self, state: Any) -> Iterable[Any]:
         if type(self)._feed is not BaseOutputParser._feed:  # it feeds its state itself
             return ()
-        return cast(Iterable[Any], state.finish())
+        out: Iterable[Any] = state.finish()
+        return out
 
     def parse(self, text: str) -> Any:
         """Parse a whole output."""
@@ -4163,7 +4170,7 @@ class BaseOutputParser(Runnable[Any, Output]):
         if self._whole:  # fold, then parse the whole text (`_produce`)
             yield from Runnable._transform(self, inputs, config)
             return
-        state = self._start()
+        state = self._machine()
         try:
             for chunk in inputs:
                 yield from self._feed(state, _text_of(chunk))
@@ -4177,7 +4184,7 @@ class BaseOutputParser(Runnable[Any, Output]):
             if value is not _MISSING:
                 yield self.parse(_text_of(value))
             return
-        state = self._start()
+        state = self._machine()
         try:
             async for chunk in inputs:
                 for out in self._feed(state, _text_of(chunk)):
@@ -7521,7 +7528,7 @@ class _JsonStream:
 
     >>> p = _JsonStream()
     >>> [p.feed(t) for t in ['{"a', '": [1', '2, "x', ' ', '"]}']] + [p.finish()]
-    [[{}], [{'a': [1]}], [{'a': [12, 'x']}], [], [{'a': [12, 'x ']}], []]
+    [({},), ({'a': [1]},), ({'a': [12, 'x']},), (), ({'a': [12, 'x ']},), ()]
     """
 
     def __init__(self, markdown: bool = True, diff: bool = False) -> None:
@@ -7564,22 +7571,22 @@ class _JsonStream:
 
     # -- feeding -------------------------------------------------------------------------------
 
-    def feed(self, text: str) -> List[Any]:
+    def feed(self, text: str) -> Tuple[Any, ...]:
         """Consume `text`; return what to stream for it: the new snapshot if the value changed
         (with `diff`, the ops since the last ones, once they are due), else nothing."""
         if not (self.read(text) or self.held) or not self.showing():
-            return []
+            return ()
         if not self.diff_mode:
-            return [self.snapshot()]
+            return (self.snapshot(),)
         # deviation: past a budget linear in the input, ops are held and sent with a later
         # chunk's (langchain_core diffs every chunk: quadratic for a long string or deep nesting)
         ops = self.diff() if self.diff_due() else None
-        return [ops] if ops else []
+        return (ops,) if ops else ()
 
-    def finish(self) -> List[Any]:
+    def finish(self) -> Tuple[Any, ...]:
         """The text has ended: what is left to stream (with `diff`, the ops still held)."""
         ops = self.diff() if self.held and self.showing() else None
-        return [ops] if ops else []
+        return (ops,) if ops else ()
 
     def read(self, text: str) -> bool:
         """Consume `text`; True if the value changed."""
