@@ -1236,8 +1236,10 @@ class Runnable(Generic[Input, Output]):
     _user_code = False  # runs user code, which may call runnables or dispatch custom events
     _cumulative = False  # each output chunk is the whole output so far: folds keep the last
     _opaque = False  # a subclass that writes `invoke` or `ainvoke` itself (no run of its own)
-    _passes_through = False  # a run without stream events still passes its chunks on at once
-    # (RemoteRunnable, section 15: its remote run reports the events)
+    # it only passes on what it runs: nested, it reports no stream events of its own (as in
+    # langchain_core, whose event stream taps only such a runnable at the root), and its chunks
+    # move on at once (fallbacks and branches, section 9; RemoteRunnable, section 15)
+    _passes_through = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -1388,7 +1390,10 @@ class Runnable(Generic[Input, Output]):
         its own, as in langchain_core."""
         if not config.get("callbacks") or self._opaque:
             return None
-        return _open_run(self, config, tag, self._streams(invoked))
+        run = _open_run(self, config, tag, self._streams(invoked))
+        if self._passes_through and run is not None and not run.root:
+            run.streams = False
+        return run
 
     def _begin(self, run: Run, known: Any, invoked: bool, first: Any, upstream: Any, chunks: Any) -> Any:
         """Start the run, given its first input chunk (for a step with `input_in_start`, its
@@ -4382,15 +4387,7 @@ class RunnableWithFallbacks(Runnable[Input, Output]):
     """
 
     input_in_start = True
-    _passes_through = True  # nested, its chunks move on at once, with no stream events of its own
-
-    def _open(self, config: RunnableConfig, tag: Optional[str], invoked: bool) -> Optional[Run]:
-        """As in langchain_core, only the root's stream is reported: nested, this run has no
-        stream events of its own (what it runs reports its own)."""
-        run = Runnable._open(self, config, tag, invoked)
-        if run is not None and not run.root:
-            run.streams = False
-        return run
+    _passes_through = True  # what it runs reports the stream
 
     def __init__(self: "RunnableWithFallbacks[Any, Any]", runnable: Any, fallbacks: Sequence[Any], *,
                  exceptions_to_handle: Tuple[Type[BaseException], ...] = (Exception,),
@@ -4585,7 +4582,7 @@ class RunnableBranch(Runnable[Input, Output]):
     """
 
     input_in_start = True
-    _passes_through, _open = True, RunnableWithFallbacks._open  # nested: no stream events of its own
+    _passes_through = True  # what it runs reports the stream
 
     def __init__(self: "RunnableBranch[Any, Any]", *branches: Any) -> None:
         if len(branches) < 2:
